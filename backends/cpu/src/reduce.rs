@@ -1,0 +1,119 @@
+//! Reductions over the last axis of a contiguous `[outer, k]` buffer. The
+//! frontend permutes the reduced dimensions to the end first, so every
+//! reduction (sum, mean, var, max/argmax, softmax...) is a row kernel here.
+
+use crate::element::Float;
+use rayon::prelude::*;
+
+fn rows<T: Float, U: Send>(x: &[T], k: usize, f: impl Fn(&[T]) -> U + Sync + Send) -> Vec<U> {
+    debug_assert!(k > 0, "callers handle empty rows");
+    if x.len() >= crate::PAR_THRESHOLD {
+        x.par_chunks(k).map(f).collect()
+    } else {
+        x.chunks(k).map(f).collect()
+    }
+}
+
+/// Sum of each row, accumulated in f64 for f32 inputs' accuracy (pairwise
+/// for long rows would be faster; accuracy first).
+pub fn sum_rows<T: Float>(x: &[T], outer: usize, k: usize) -> Vec<T> {
+    if k == 0 {
+        return vec![T::zero(); outer];
+    }
+    rows(x, k, |r| T::from_f64(r.iter().map(|v| v.as_f64()).sum::<f64>()))
+}
+
+pub fn prod_rows<T: Float>(x: &[T], outer: usize, k: usize) -> Vec<T> {
+    if k == 0 {
+        return vec![T::one(); outer];
+    }
+    rows(x, k, |r| r.iter().fold(T::one(), |a, &b| a * b))
+}
+
+/// Variance of each row with `correction` (1 = unbiased).
+pub fn var_rows<T: Float>(x: &[T], outer: usize, k: usize, correction: usize) -> Vec<T> {
+    if k == 0 {
+        return vec![T::nan(); outer];
+    }
+    rows(x, k, |r| {
+        let mean = r.iter().map(|v| v.as_f64()).sum::<f64>() / k as f64;
+        let ss: f64 = r.iter().map(|v| (v.as_f64() - mean).powi(2)).sum();
+        let denom = k as f64 - correction as f64;
+        T::from_f64(if denom <= 0.0 { f64::NAN } else { ss / denom })
+    })
+}
+
+/// Max (or min) of each row and the index of its first occurrence; NaN wins,
+/// as in PyTorch.
+pub fn argmax_rows<T: Float>(x: &[T], k: usize, min: bool) -> Vec<(T, i64)> {
+    rows(x, k, |r| {
+        let mut best = r[0];
+        let mut bi = 0usize;
+        for (i, &v) in r.iter().enumerate().skip(1) {
+            if best.is_nan() {
+                break;
+            }
+            let better = if min { v < best } else { v > best };
+            if better || v.is_nan() {
+                best = v;
+                bi = i;
+            }
+        }
+        (best, bi as i64)
+    })
+}
+
+/// Softmax (or log-softmax) of each row.
+pub fn softmax_rows<T: Float>(x: &[T], k: usize, log: bool) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    if k == 0 {
+        return out;
+    }
+    let body = |o: &mut [T], r: &[T]| {
+        let m = r.iter().fold(T::neg_infinity(), |a, &b| if b > a { b } else { a });
+        let mut s = T::zero();
+        for (o, &v) in o.iter_mut().zip(r) {
+            let e = (v - m).exp();
+            *o = e;
+            s += e;
+        }
+        if log {
+            let ls = s.ln();
+            for (o, &v) in o.iter_mut().zip(r) {
+                *o = v - m - ls;
+            }
+        } else {
+            let inv = T::one() / s;
+            for o in o.iter_mut() {
+                *o *= inv;
+            }
+        }
+    };
+    if x.len() >= crate::PAR_THRESHOLD {
+        out.par_chunks_mut(k)
+            .zip(x.par_chunks(k))
+            .for_each(|(o, r)| body(o, r));
+    } else {
+        for (o, r) in out.chunks_mut(k).zip(x.chunks(k)) {
+            body(o, r);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_reductions() {
+        let x = [1.0f64, 2.0, 3.0, 4.0, 0.0, -1.0];
+        assert_eq!(sum_rows(&x, 2, 3), vec![6.0, 3.0]);
+        assert_eq!(argmax_rows(&x, 3, false), vec![(3.0, 2), (4.0, 0)]);
+        assert_eq!(argmax_rows(&x, 3, true), vec![(1.0, 0), (-1.0, 2)]);
+        assert_eq!(var_rows(&x, 2, 3, 1), vec![1.0, 7.0]);
+        assert_eq!(var_rows(&x, 2, 3, 0), vec![2.0 / 3.0, 14.0 / 3.0]);
+        let s = softmax_rows(&[0.0f64, 0.0], 2, false);
+        assert_eq!(s, vec![0.5, 0.5]);
+    }
+}
