@@ -1,0 +1,228 @@
+//! Reductions: sum and mean over dims (with keepdim), the full reductions,
+//! and `sum_to_size`, which brings a broadcast gradient back to an input's
+//! shape. Each moves the reduced dims last and runs a row kernel.
+
+use super::float_op;
+use crate::autograd::record;
+use crate::error::{Error, Result};
+use crate::tensor::{normalize_dim, Tensor};
+use kiln_cpu::reduce as k;
+use kiln_ir::DType;
+
+/// Normalized, sorted, deduplicated reduction dims (all dims if empty).
+pub(crate) fn reduce_dims(op: &str, dims: &[isize], ndim: usize) -> Result<Vec<usize>> {
+    if dims.is_empty() {
+        return Ok((0..ndim).collect());
+    }
+    let mut out = Vec::with_capacity(dims.len());
+    for &d in dims {
+        let d = normalize_dim(d, ndim, op)?;
+        if out.contains(&d) {
+            return Err(Error::op(
+                op,
+                format!("dim {d} appears multiple times in the list of dims"),
+            ));
+        }
+        out.push(d);
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Output shape of a reduction over `dims`.
+pub(crate) fn reduced_shape(shape: &[usize], dims: &[usize], keepdim: bool) -> Vec<usize> {
+    let mut out = Vec::new();
+    for (i, &s) in shape.iter().enumerate() {
+        if dims.contains(&i) {
+            if keepdim {
+                out.push(1);
+            }
+        } else {
+            out.push(s);
+        }
+    }
+    out
+}
+
+impl Tensor {
+    /// The tensor permuted so `dims` come last, made contiguous: rows of
+    /// length prod(shape[dims]). Returns (tensor, outer, k). No autograd.
+    pub(crate) fn rows_over(&self, dims: &[usize]) -> Result<(Tensor, usize, usize)> {
+        let shape = self.shape();
+        let nd = shape.len();
+        let keep: Vec<usize> = (0..nd).filter(|d| !dims.contains(d)).collect();
+        let perm: Vec<isize> = keep
+            .iter()
+            .chain(dims.iter())
+            .map(|&d| d as isize)
+            .collect();
+        let x = crate::autograd::no_grad(|| -> Result<Tensor> {
+            let p = if nd == 0 {
+                self.clone()
+            } else {
+                self.permute(&perm)?
+            };
+            p.contiguous()
+        })?;
+        let kk: usize = dims.iter().map(|&d| shape[d]).product();
+        let outer: usize = keep.iter().map(|&d| shape[d]).product();
+        Ok((x, outer, kk))
+    }
+
+    /// `sum(dims, keepdim)`; an empty `dims` sums everything. Integer and
+    /// bool inputs sum to i64, as PyTorch.
+    pub fn sum_dims(&self, dims: &[isize], keepdim: bool) -> Result<Tensor> {
+        let shape = self.shape();
+        let rd = reduce_dims("sum", dims, shape.len())?;
+        let out_shape = reduced_shape(&shape, &rd, keepdim);
+        if !self.dtype().is_float() {
+            let f = self.to_dtype(DType::F64)?.sum_dims(dims, keepdim)?;
+            return f.to_dtype(DType::I64);
+        }
+        let (x, outer, kk) = self.rows_over(&rd)?;
+        let out = float_op(
+            "sum",
+            &x,
+            &out_shape,
+            |s| k::sum_rows(s, outer, kk),
+            |s| k::sum_rows(s, outer, kk),
+        )?;
+        let in_shape = shape.clone();
+        let name = if dims.is_empty() {
+            "SumBackward0"
+        } else {
+            "SumBackward1"
+        };
+        record(name, &[self], &[&out], move |g, _| {
+            let g = g[0].as_ref().unwrap();
+            let mut kshape = in_shape.clone();
+            for &d in &rd {
+                kshape[d] = 1;
+            }
+            Ok(vec![Some(
+                g.reshape_to(&kshape)?.expand_to(&in_shape)?.contiguous()?,
+            )])
+        });
+        Ok(out)
+    }
+
+    /// Sum of all elements (0-d result).
+    pub fn sum(&self) -> Result<Tensor> {
+        self.sum_dims(&[], false)
+    }
+
+    /// `mean(dims, keepdim)`; floating inputs only, as PyTorch.
+    pub fn mean_dims(&self, dims: &[isize], keepdim: bool) -> Result<Tensor> {
+        if !self.dtype().is_float() {
+            return Err(Error::op(
+                "mean",
+                format!("could not infer output dtype. Input dtype must be either a floating point or complex dtype. Got: {}", self.dtype()),
+            ));
+        }
+        let shape = self.shape();
+        let rd = reduce_dims("mean", dims, shape.len())?;
+        let count: usize = rd.iter().map(|&d| shape[d]).product();
+        let out_shape = reduced_shape(&shape, &rd, keepdim);
+        let (x, outer, kk) = self.rows_over(&rd)?;
+        let c = count as f64;
+        let out = float_op(
+            "mean",
+            &x,
+            &out_shape,
+            |s| {
+                k::sum_rows(s, outer, kk)
+                    .into_iter()
+                    .map(|v| (v as f64 / c) as f32)
+                    .collect()
+            },
+            |s| {
+                k::sum_rows(s, outer, kk)
+                    .into_iter()
+                    .map(|v| v / c)
+                    .collect()
+            },
+        )?;
+        let in_shape = shape.clone();
+        let name = if dims.is_empty() {
+            "MeanBackward0"
+        } else {
+            "MeanBackward1"
+        };
+        record(name, &[self], &[&out], move |g, _| {
+            let g = g[0].as_ref().unwrap();
+            let mut kshape = in_shape.clone();
+            for &d in &rd {
+                kshape[d] = 1;
+            }
+            Ok(vec![Some(
+                g.div_scalar(c)?
+                    .reshape_to(&kshape)?
+                    .expand_to(&in_shape)?
+                    .contiguous()?,
+            )])
+        });
+        Ok(out)
+    }
+
+    pub fn mean(&self) -> Result<Tensor> {
+        self.mean_dims(&[], false)
+    }
+
+    /// Sums a broadcast result back to `shape` (PyTorch's `sum_to_size`):
+    /// leading extra dims are summed away, dims where `shape` has 1 are
+    /// summed with keepdim.
+    pub fn sum_to_size(&self, shape: &[usize]) -> Result<Tensor> {
+        let cur = self.shape();
+        if cur == shape {
+            return Ok(self.clone());
+        }
+        if shape.len() > cur.len() {
+            return Err(Error::op(
+                "sum_to_size",
+                format!("size {shape:?} is not expandable to size {cur:?}"),
+            ));
+        }
+        let lead = cur.len() - shape.len();
+        let mut dims: Vec<isize> = (0..lead as isize).collect();
+        for (i, &s) in shape.iter().enumerate() {
+            if s == 1 && cur[lead + i] != 1 {
+                dims.push((lead + i) as isize);
+            } else if s != cur[lead + i] {
+                return Err(Error::op(
+                    "sum_to_size",
+                    format!("size {shape:?} is not expandable to size {cur:?}"),
+                ));
+            }
+        }
+        if dims.is_empty() {
+            return self.reshape_to(shape);
+        }
+        self.sum_dims(&dims, true)?.reshape_to(shape)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sum_and_mean_over_dims() {
+        let x = Tensor::arange(0.0, 24.0, 1.0, DType::F64)
+            .unwrap()
+            .reshape(&[2, 3, 4])
+            .unwrap();
+        let s = x.sum_dims(&[1], false).unwrap();
+        assert_eq!(s.shape(), vec![2, 4]);
+        assert_eq!(
+            s.to_vec::<f64>(),
+            vec![12.0, 15.0, 18.0, 21.0, 48.0, 51.0, 54.0, 57.0]
+        );
+        let m = x.mean_dims(&[0, 2], true).unwrap();
+        assert_eq!(m.shape(), vec![1, 3, 1]);
+        assert_eq!(m.to_vec::<f64>(), vec![7.5, 11.5, 15.5]);
+        assert_eq!(x.sum().unwrap().item().unwrap(), 276.0);
+        let b = x.sum_to_size(&[3, 1]).unwrap();
+        assert_eq!(b.to_vec::<f64>(), vec![60.0, 92.0, 124.0]);
+        assert!(x.sum_dims(&[3], false).is_err());
+    }
+}
