@@ -1,1 +1,13 @@
+//! kiln: a PyTorch-like `Module` system and a JIT compiler for it.
+//!
+//! This facade re-exports the user-facing API of the workspace crates:
+//! `Tensor`, autograd and (as they land) `nn`, `optim`, the tracer (`jit`)
+//! and the runtime. See README.md for a tour and ARCHITECTURE.md for how the
+//! crates fit together.
+
 pub use kiln_frontend::*;
+
+/// The CPU kernel library (shared by eager and compiled code).
+pub use kiln_cpu as cpu;
+/// The IR vocabulary: dtypes, shapes, ops.
+pub use kiln_ir as ir;
