@@ -46,7 +46,8 @@ macro_rules! element {
     };
 }
 
-element!(bool, Bool, |x: bool| if x { 1.0 } else { 0.0 }, |v: f64| v != 0.0);
+element!(bool, Bool, |x: bool| if x { 1.0 } else { 0.0 }, |v: f64| v
+    != 0.0);
 element!(i64, I64, |x: i64| x as f64, |v: f64| v as i64);
 element!(f16, F16, |x: f16| x.to_f64(), f16::from_f64);
 element!(bf16, BF16, |x: bf16| x.to_f64(), bf16::from_f64);

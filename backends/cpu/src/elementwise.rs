@@ -141,7 +141,13 @@ pub fn unary_fn<T: Float>(op: UnaryOp) -> impl Fn(T) -> T + Sync + Copy {
 pub fn unary<T: Float>(op: UnaryOp, x: &[T]) -> Vec<T> {
     // Specialise the hot activations so the per-element match disappears.
     match op {
-        UnaryOp::Relu => map(x, |v| if v > T::zero() || v.is_nan() { v } else { T::zero() }),
+        UnaryOp::Relu => map(x, |v| {
+            if v > T::zero() || v.is_nan() {
+                v
+            } else {
+                T::zero()
+            }
+        }),
         UnaryOp::Exp => map(x, |v: T| v.exp()),
         UnaryOp::Neg => map(x, |v: T| -v),
         _ => map(x, unary_fn::<T>(op)),
@@ -259,7 +265,9 @@ pub fn zip_strided<T: Copy + Sync, U: Copy + Send + Default>(
                 let d = &mut dst[w..w + len];
                 match (sa, sb) {
                     (1, 1) => {
-                        for ((o, &x), &y) in d.iter_mut().zip(&a[oa..oa + len]).zip(&b[ob..ob + len]) {
+                        for ((o, &x), &y) in
+                            d.iter_mut().zip(&a[oa..oa + len]).zip(&b[ob..ob + len])
+                        {
                             *o = f(x, y);
                         }
                     }

@@ -20,7 +20,9 @@ pub fn sum_rows<T: Float>(x: &[T], outer: usize, k: usize) -> Vec<T> {
     if k == 0 {
         return vec![T::zero(); outer];
     }
-    rows(x, k, |r| T::from_f64(r.iter().map(|v| v.as_f64()).sum::<f64>()))
+    rows(x, k, |r| {
+        T::from_f64(r.iter().map(|v| v.as_f64()).sum::<f64>())
+    })
 }
 
 pub fn prod_rows<T: Float>(x: &[T], outer: usize, k: usize) -> Vec<T> {
@@ -70,7 +72,9 @@ pub fn softmax_rows<T: Float>(x: &[T], k: usize, log: bool) -> Vec<T> {
         return out;
     }
     let body = |o: &mut [T], r: &[T]| {
-        let m = r.iter().fold(T::neg_infinity(), |a, &b| if b > a { b } else { a });
+        let m = r
+            .iter()
+            .fold(T::neg_infinity(), |a, &b| if b > a { b } else { a });
         let mut s = T::zero();
         for (o, &v) in o.iter_mut().zip(r) {
             let e = (v - m).exp();

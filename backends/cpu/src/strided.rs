@@ -89,10 +89,7 @@ pub fn for_each_row<const K: usize>(
         rem /= shape[d];
     }
     let mut cur: [usize; K] = std::array::from_fn(|k| {
-        offsets[k]
-            + (0..nd - 1)
-                .map(|d| idx[d] * strides[k][d])
-                .sum::<usize>()
+        offsets[k] + (0..nd - 1).map(|d| idx[d] * strides[k][d]).sum::<usize>()
     });
     let mut pos = start;
     while pos < end {
