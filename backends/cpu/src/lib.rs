@@ -5,8 +5,12 @@
 //! goes through the `gemm` crate, which picks AVX2/AVX-512 code at run time.
 //! Depends on kiln-ir only (for dtypes and the op vocabulary).
 
+pub mod conv;
 pub mod element;
 pub mod elementwise;
+pub mod matmul;
+pub mod norm;
+pub mod pool;
 pub mod reduce;
 pub mod storage;
 pub mod strided;
