@@ -6,6 +6,7 @@
 pub mod creation;
 pub mod elementwise;
 pub mod inplace;
+pub mod linalg;
 pub mod reduce;
 pub mod view;
 
