@@ -213,6 +213,22 @@ pub(crate) fn record(
     }
 }
 
+/// Marks `outputs`, computed by a fused backward kernel from `inputs`, as
+/// not differentiable again: if a graph of the gradient is being built
+/// (create_graph), differentiating through them is an error naming `what`
+/// instead of a silently wrong zero.
+pub(crate) fn record_no_double_backward(what: &str, inputs: &[&Tensor], outputs: &[&Tensor]) {
+    if !needs_grad(inputs) {
+        return;
+    }
+    let what = what.to_string();
+    record("NotImplemented", inputs, outputs, move |_, _| {
+        Err(Error::Autograd(format!(
+            "double backward through the backward of {what} is not supported yet"
+        )))
+    });
+}
+
 // -------------------------------------------------------------------- tensor API
 
 impl Tensor {

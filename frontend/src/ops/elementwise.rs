@@ -578,19 +578,7 @@ fn unary_backward(op: UnaryOp, saved: &Tensor, g: &Tensor) -> Result<Tensor> {
             return r.to_dtype(dtype);
         }
     };
-    if needs_grad(&[saved, g]) {
-        let name = op.name();
-        record(
-            "UnaryBackwardBackward",
-            &[saved, g],
-            &[&out],
-            move |_, _| {
-                Err(Error::Autograd(format!(
-                    "double backward through the backward of {name} is not supported yet"
-                )))
-            },
-        );
-    }
+    crate::autograd::record_no_double_backward(op.name(), &[saved, g], &[&out]);
     Ok(out)
 }
 

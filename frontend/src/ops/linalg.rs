@@ -45,7 +45,14 @@ fn mat_layout(l: &Layout, batch_stride: usize) -> MatLayout {
 
 /// Batched product of `a` [..., m, k] and `b` [..., k, n] whose batch dims
 /// are already equal (broadcast layouts allowed). No autograd.
-fn bmm_raw(a: &Tensor, b: &Tensor, batch_shape: &[usize], m: usize, k: usize, n: usize) -> Result<Tensor> {
+fn bmm_raw(
+    a: &Tensor,
+    b: &Tensor,
+    batch_shape: &[usize],
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<Tensor> {
     let mut out_shape = batch_shape.to_vec();
     out_shape.extend([m, n]);
     let batch: usize = batch_shape.iter().product();
@@ -66,8 +73,19 @@ fn bmm_raw(a: &Tensor, b: &Tensor, batch_shape: &[usize], m: usize, k: usize, n:
     let (b, lb) = expand(b, k, n)?;
     let ma = mat_layout(&la, collapse_batch(&la).unwrap());
     let mb = mat_layout(&lb, collapse_batch(&lb).unwrap());
-    fn run<T: Float>(a: &Tensor, ma: MatLayout, b: &Tensor, mb: MatLayout, batch: usize, m: usize, k: usize, n: usize) -> Vec<T> {
-        a.with_slice::<T, _>(|sa, _| b.with_slice::<T, _>(|sb, _| mm_kernel(sa, ma, sb, mb, batch, m, k, n)))
+    fn run<T: Float>(
+        a: &Tensor,
+        ma: MatLayout,
+        b: &Tensor,
+        mb: MatLayout,
+        batch: usize,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Vec<T> {
+        a.with_slice::<T, _>(|sa, _| {
+            b.with_slice::<T, _>(|sb, _| mm_kernel(sa, ma, sb, mb, batch, m, k, n))
+        })
     }
     match a.dtype() {
         DType::F32 => Ok(Tensor::from_storage(
@@ -79,10 +97,20 @@ fn bmm_raw(a: &Tensor, b: &Tensor, batch_shape: &[usize], m: usize, k: usize, n:
             &out_shape,
         )),
         DType::F16 | DType::BF16 => {
-            let r = bmm_raw(&a.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?, batch_shape, m, k, n)?;
+            let r = bmm_raw(
+                &a.to_dtype(DType::F32)?,
+                &b.to_dtype(DType::F32)?,
+                batch_shape,
+                m,
+                k,
+                n,
+            )?;
             r.to_dtype(a.dtype())
         }
-        d => Err(Error::op("matmul", format!("expected floating point operands, got {d}"))),
+        d => Err(Error::op(
+            "matmul",
+            format!("expected floating point operands, got {d}"),
+        )),
     }
 }
 
@@ -114,14 +142,22 @@ impl Tensor {
                 format!(
                     "shapes {sa:?} and {sb:?} cannot be multiplied ({} vs {})",
                     sa.last().copied().unwrap_or(0),
-                    if sb.len() >= 2 { sb[sb.len() - 2] } else { sb.first().copied().unwrap_or(0) }
+                    if sb.len() >= 2 {
+                        sb[sb.len() - 2]
+                    } else {
+                        sb.first().copied().unwrap_or(0)
+                    }
                 ),
             )
         };
         match (sa.len(), sb.len()) {
             (0, _) | (_, 0) => Err(Error::op(
                 "matmul",
-                format!("both arguments to matmul need to be at least 1D, but they are {}D and {}D", sa.len(), sb.len()),
+                format!(
+                    "both arguments to matmul need to be at least 1D, but they are {}D and {}D",
+                    sa.len(),
+                    sb.len()
+                ),
             )),
             (1, 1) => {
                 if sa[0] != sb[0] {
@@ -144,17 +180,33 @@ impl Tensor {
                 if k != k2 {
                     return Err(mismatch());
                 }
-                let batch = kiln_ir::broadcast_shapes(&sa[..sa.len() - 2], &sb[..sb.len() - 2]).map_err(|_| {
-                    Error::op("matmul", format!("batch dimensions of {sa:?} and {sb:?} cannot be broadcast"))
-                })?;
+                let batch = kiln_ir::broadcast_shapes(&sa[..sa.len() - 2], &sb[..sb.len() - 2])
+                    .map_err(|_| {
+                        Error::op(
+                            "matmul",
+                            format!("batch dimensions of {sa:?} and {sb:?} cannot be broadcast"),
+                        )
+                    })?;
                 let out = bmm_raw(self, other, &batch, m, k, n)?;
-                let name = if sa.len() == 3 && sb.len() == 3 && sa[0] == sb[0] { "BmmBackward0" } else { "UnsafeViewBackward0" };
+                let name = if sa.len() == 3 && sb.len() == 3 && sa[0] == sb[0] {
+                    "BmmBackward0"
+                } else {
+                    "UnsafeViewBackward0"
+                };
                 let (a, b) = (self.detach(), other.detach());
                 record(name, &[self, other], &[&out], move |g, needs| {
                     let g = g[0].as_ref().unwrap();
                     Ok(vec![
-                        if needs[0] { Some(g.matmul(&b.transpose(-1, -2)?)?.sum_to_size(&sa)?) } else { None },
-                        if needs[1] { Some(a.transpose(-1, -2)?.matmul(g)?.sum_to_size(&sb)?) } else { None },
+                        if needs[0] {
+                            Some(g.matmul(&b.transpose(-1, -2)?)?.sum_to_size(&sa)?)
+                        } else {
+                            None
+                        },
+                        if needs[1] {
+                            Some(a.transpose(-1, -2)?.matmul(g)?.sum_to_size(&sb)?)
+                        } else {
+                            None
+                        },
                     ])
                 });
                 Ok(out)
@@ -169,7 +221,13 @@ impl Tensor {
         if sa.len() != 2 || sb.len() != 2 || sa[1] != sb[0] {
             return Err(Error::op(
                 "mm",
-                format!("mat1 and mat2 shapes cannot be multiplied ({}x{} and {}x{})", sa.first().unwrap_or(&0), sa.get(1).unwrap_or(&0), sb.first().unwrap_or(&0), sb.get(1).unwrap_or(&0)),
+                format!(
+                    "mat1 and mat2 shapes cannot be multiplied ({}x{} and {}x{})",
+                    sa.first().unwrap_or(&0),
+                    sa.get(1).unwrap_or(&0),
+                    sb.first().unwrap_or(&0),
+                    sb.get(1).unwrap_or(&0)
+                ),
             ));
         }
         let out = bmm_raw(self, other, &[], sa[0], sa[1], sb[1])?;
@@ -202,25 +260,59 @@ impl Tensor {
         if sa.len() != 2 || sb.len() != 2 || sa[1] != sb[0] {
             return Err(Error::op(
                 "addmm",
-                format!("mat1 and mat2 shapes cannot be multiplied ({}x{} and {}x{})", sa.first().unwrap_or(&0), sa.get(1).unwrap_or(&0), sb.first().unwrap_or(&0), sb.get(1).unwrap_or(&0)),
+                format!(
+                    "mat1 and mat2 shapes cannot be multiplied ({}x{} and {}x{})",
+                    sa.first().unwrap_or(&0),
+                    sa.get(1).unwrap_or(&0),
+                    sb.first().unwrap_or(&0),
+                    sb.get(1).unwrap_or(&0)
+                ),
             ));
         }
         let (m, k, n) = (sa[0], sa[1], sb[1]);
         let bshape = bias.shape();
         if kiln_ir::broadcast_shapes(&bshape, &[m, n]).ok().as_deref() != Some(&[m, n][..]) {
-            return Err(Error::op("addmm", format!("bias of shape {bshape:?} cannot be broadcast to the result {:?}", [m, n])));
+            return Err(Error::op(
+                "addmm",
+                format!(
+                    "bias of shape {bshape:?} cannot be broadcast to the result {:?}",
+                    [m, n]
+                ),
+            ));
         }
         let bias_c = bias.to_dtype(mat1.dtype())?;
         let filled = crate::autograd::no_grad(|| bias_c.expand_to(&[m, n])?.contiguous_copy())?;
         let ma = mat_layout(&mat1.layout(), 0);
         let mb = mat_layout(&mat2.layout(), 0);
-        fn run<T: Float>(c: &Tensor, a: &Tensor, ma: MatLayout, b: &Tensor, mb: MatLayout, m: usize, k: usize, n: usize) {
+        fn run<T: Float>(
+            c: &Tensor,
+            a: &Tensor,
+            ma: MatLayout,
+            b: &Tensor,
+            mb: MatLayout,
+            m: usize,
+            k: usize,
+            n: usize,
+        ) {
             let d = c.data();
             let mut buf = d.storage.buf.write();
             let cs = T::slice_mut(&mut buf).unwrap();
             a.with_slice::<T, _>(|sa, _| {
                 b.with_slice::<T, _>(|sb, _| {
-                    matmul_into(cs, MatLayout::contiguous(m, n), T::one(), T::one(), sa, ma, sb, mb, 1, m, k, n)
+                    matmul_into(
+                        cs,
+                        MatLayout::contiguous(m, n),
+                        T::one(),
+                        T::one(),
+                        sa,
+                        ma,
+                        sb,
+                        mb,
+                        1,
+                        m,
+                        k,
+                        n,
+                    )
                 })
             });
         }
@@ -229,26 +321,42 @@ impl Tensor {
             DType::F64 => run::<f64>(&filled, mat1, ma, mat2, mb, m, k, n),
             _ => {
                 // Half types: compute in f32.
-                let r = Tensor::addmm(&bias.to_dtype(DType::F32)?, &mat1.to_dtype(DType::F32)?, &mat2.to_dtype(DType::F32)?)?;
+                let r = Tensor::addmm(
+                    &bias.to_dtype(DType::F32)?,
+                    &mat1.to_dtype(DType::F32)?,
+                    &mat2.to_dtype(DType::F32)?,
+                )?;
                 return r.to_dtype(mat1.dtype());
             }
         }
         let out = filled;
         let (a, b) = (mat1.detach(), mat2.detach());
-        record("AddmmBackward0", &[bias, mat1, mat2], &[&out], move |g, needs| {
-            let g = g[0].as_ref().unwrap();
-            Ok(vec![
-                if needs[0] { Some(g.sum_to_size(&bshape)?) } else { None },
-                if needs[1] { Some(g.mm(&b.t()?)?) } else { None },
-                if needs[2] { Some(a.t()?.mm(g)?) } else { None },
-            ])
-        });
+        record(
+            "AddmmBackward0",
+            &[bias, mat1, mat2],
+            &[&out],
+            move |g, needs| {
+                let g = g[0].as_ref().unwrap();
+                Ok(vec![
+                    if needs[0] {
+                        Some(g.sum_to_size(&bshape)?)
+                    } else {
+                        None
+                    },
+                    if needs[1] { Some(g.mm(&b.t()?)?) } else { None },
+                    if needs[2] { Some(a.t()?.mm(g)?) } else { None },
+                ])
+            },
+        );
         Ok(out)
     }
 
     /// A fresh contiguous copy with no autograd (internal buffer helper).
     pub(crate) fn contiguous_copy(&self) -> Result<Tensor> {
-        Ok(Tensor::from_storage(self.contiguous_storage(), &self.shape()))
+        Ok(Tensor::from_storage(
+            self.contiguous_storage(),
+            &self.shape(),
+        ))
     }
 }
 
@@ -269,7 +377,10 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     }
     if let Some(b) = bias {
         if b.shape() != [ws[0]] {
-            return Err(Error::op("linear", format!("bias of shape {:?} does not match weight {ws:?}", b.shape())));
+            return Err(Error::op(
+                "linear",
+                format!("bias of shape {:?} does not match weight {ws:?}", b.shape()),
+            ));
         }
     }
     let wt = weight.t()?;
@@ -293,7 +404,6 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -322,7 +432,13 @@ mod tests {
         // transposed operand as a view
         let bt = Tensor::randn(&[5, 4], DType::F64);
         let c2 = a.matmul(&bt.t().unwrap()).unwrap();
-        let want2 = naive(&a.to_vec_f64(), &bt.t().unwrap().contiguous().unwrap().to_vec_f64(), 3, 4, 5);
+        let want2 = naive(
+            &a.to_vec_f64(),
+            &bt.t().unwrap().contiguous().unwrap().to_vec_f64(),
+            3,
+            4,
+            5,
+        );
         for (x, y) in c2.to_vec_f64().iter().zip(&want2) {
             assert!((x - y).abs() < 1e-12);
         }
@@ -355,9 +471,15 @@ mod tests {
     #[test]
     fn linear_and_grads() {
         crate::manual_seed(2);
-        let x = Tensor::randn(&[6, 4], DType::F64).requires_grad_(true).unwrap();
-        let w = Tensor::randn(&[3, 4], DType::F64).requires_grad_(true).unwrap();
-        let b = Tensor::randn(&[3], DType::F64).requires_grad_(true).unwrap();
+        let x = Tensor::randn(&[6, 4], DType::F64)
+            .requires_grad_(true)
+            .unwrap();
+        let w = Tensor::randn(&[3, 4], DType::F64)
+            .requires_grad_(true)
+            .unwrap();
+        let b = Tensor::randn(&[3], DType::F64)
+            .requires_grad_(true)
+            .unwrap();
         let y = linear(&x, &w, Some(&b)).unwrap();
         assert_eq!(y.grad_fn_name().as_deref(), Some("AddmmBackward0"));
         let y2 = x.matmul(&w.t().unwrap()).unwrap().add(&b).unwrap();
@@ -367,7 +489,9 @@ mod tests {
         y.sum().unwrap().backward().unwrap();
         // d sum / d b = number of rows; d/dx = sum of w rows; d/dw = column sums of x
         assert_eq!(b.grad().unwrap().to_vec_f64(), vec![6.0; 3]);
-        let wsum: Vec<f64> = (0..4).map(|j| (0..3).map(|i| w.to_vec_f64()[i * 4 + j]).sum()).collect();
+        let wsum: Vec<f64> = (0..4)
+            .map(|j| (0..3).map(|i| w.to_vec_f64()[i * 4 + j]).sum())
+            .collect();
         for row in x.grad().unwrap().to_vec_f64().chunks(4) {
             for (g, want) in row.iter().zip(&wsum) {
                 assert!((g - want).abs() < 1e-12);

@@ -3,6 +3,7 @@
 //! double backward works). Grouped by family: creation, view, elementwise,
 //! reduce, in-place.
 
+pub mod conv;
 pub mod creation;
 pub mod elementwise;
 pub mod inplace;
