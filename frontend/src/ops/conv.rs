@@ -63,16 +63,12 @@ fn check_conv(
             format!("groups, stride and dilation must be positive (got {p:?})"),
         ));
     }
-    let (in_per_group, out_total) = if transposed {
+    let (expected_cin, out_total) = if transposed {
         (ws[0], ws[1] * p.groups)
     } else {
         (ws[1] * p.groups, ws[0])
     };
-    let expected_cin = if transposed { ws[0] } else { in_per_group };
-    if s[1] != expected_cin
-        || (!transposed && ws[0] % p.groups != 0)
-        || (transposed && ws[0] % p.groups != 0)
-    {
+    if s[1] != expected_cin || !ws[0].is_multiple_of(p.groups) {
         return Err(Error::op(
             op,
             format!(
@@ -325,7 +321,7 @@ mod tests {
                                 for kj in 0..2 {
                                     let hi = (i * 2 + ki) as isize - 1;
                                     let wj = (j + kj * 2) as isize - 1;
-                                    if hi >= 0 && hi < 7 && wj >= 0 && wj < 6 {
+                                    if (0..7).contains(&hi) && (0..6).contains(&wj) {
                                         s += xv[((n * 4 + g * 2 + ci) * 7 + hi as usize) * 6
                                             + wj as usize]
                                             * wv[((co * 2 + ci) * 3 + ki) * 2 + kj];

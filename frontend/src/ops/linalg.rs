@@ -73,6 +73,7 @@ fn bmm_raw(
     let (b, lb) = expand(b, k, n)?;
     let ma = mat_layout(&la, collapse_batch(&la).unwrap());
     let mb = mat_layout(&lb, collapse_batch(&lb).unwrap());
+    #[allow(clippy::too_many_arguments)]
     fn run<T: Float>(
         a: &Tensor,
         ma: MatLayout,
@@ -284,6 +285,7 @@ impl Tensor {
         let filled = crate::autograd::no_grad(|| bias_c.expand_to(&[m, n])?.contiguous_copy())?;
         let ma = mat_layout(&mat1.layout(), 0);
         let mb = mat_layout(&mat2.layout(), 0);
+        #[allow(clippy::too_many_arguments)]
         fn run<T: Float>(
             c: &Tensor,
             a: &Tensor,
