@@ -3,7 +3,7 @@
 
 use crate::storage::CpuStorage;
 use half::{bf16, f16};
-use kiln_ir::DType;
+use kiln_ir::{DType, UnaryOp};
 
 /// A type that can live in a `CpuStorage`.
 pub trait Element: Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + 'static {
@@ -62,11 +62,35 @@ pub trait Float:
     fn c(v: f64) -> Self {
         Self::from_f64(v)
     }
+    /// e^x by the fastest accurate route (vectorizable polynomial for f32).
+    fn exp_fast(self) -> Self {
+        self.exp()
+    }
+    /// A vectorized whole-slice kernel for `op`, where one exists.
+    fn fast_unary(_op: UnaryOp, _x: &[Self]) -> Option<Vec<Self>> {
+        None
+    }
 }
 
 impl Float for f32 {
     fn erf(self) -> Self {
-        libm::erff(self)
+        crate::fastmath::erf(self)
+    }
+    fn exp_fast(self) -> Self {
+        crate::fastmath::exp(self)
+    }
+    fn fast_unary(op: UnaryOp, x: &[Self]) -> Option<Vec<Self>> {
+        use crate::fastmath::{map, FastFn};
+        let f = match op {
+            UnaryOp::Exp => FastFn::Exp,
+            UnaryOp::Sigmoid => FastFn::Sigmoid,
+            UnaryOp::Tanh => FastFn::Tanh,
+            UnaryOp::Erf => FastFn::Erf,
+            UnaryOp::GeluErf => FastFn::Gelu,
+            UnaryOp::GeluTanh => FastFn::GeluTanh,
+            _ => return None,
+        };
+        Some(map(f, x))
     }
 }
 

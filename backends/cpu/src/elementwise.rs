@@ -137,6 +137,9 @@ pub fn unary_fn<T: Float>(op: UnaryOp) -> impl Fn(T) -> T + Sync + Copy {
 
 /// A unary float op over a contiguous slice.
 pub fn unary<T: Float>(op: UnaryOp, x: &[T]) -> Vec<T> {
+    if let Some(v) = T::fast_unary(op, x) {
+        return v;
+    }
     // Specialise the hot activations so the per-element match disappears.
     match op {
         UnaryOp::Relu => map(x, |v| {

@@ -8,6 +8,7 @@
 pub mod conv;
 pub mod element;
 pub mod elementwise;
+pub mod fastmath;
 pub mod matmul;
 pub mod norm;
 pub mod pool;

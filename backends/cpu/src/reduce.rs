@@ -77,7 +77,7 @@ pub fn softmax_rows<T: Float>(x: &[T], k: usize, log: bool) -> Vec<T> {
             .fold(T::neg_infinity(), |a, &b| if b > a { b } else { a });
         let mut s = T::zero();
         for (o, &v) in o.iter_mut().zip(r) {
-            let e = (v - m).exp();
+            let e = (v - m).exp_fast();
             *o = e;
             s += e;
         }
@@ -119,5 +119,56 @@ mod tests {
         assert_eq!(var_rows(&x, 2, 3, 0), vec![2.0 / 3.0, 14.0 / 3.0]);
         let s = softmax_rows(&[0.0f64, 0.0], 2, false);
         assert_eq!(s, vec![0.5, 0.5]);
+    }
+}
+
+/// Sum over the rows of a contiguous `[r, c]` buffer (a reduction over
+/// leading dims): `out[j] = sum_i x[i*c + j]`, accumulated in f64 per block
+/// of columns, the blocks spread over rayon threads. Avoids transposing the
+/// input as `sum_rows` would need.
+pub fn sum_cols<T: Float>(x: &[T], r: usize, c: usize) -> Vec<T> {
+    const BLOCK: usize = 256;
+    let mut out = vec![T::zero(); c];
+    if c == 0 {
+        return out;
+    }
+    let body = |j0: usize, o: &mut [T]| {
+        let w = o.len();
+        let mut acc = [0.0f64; BLOCK];
+        for i in 0..r {
+            let row = &x[i * c + j0..i * c + j0 + w];
+            for (a, v) in acc.iter_mut().zip(row) {
+                *a += v.as_f64();
+            }
+        }
+        for (o, a) in o.iter_mut().zip(&acc) {
+            *o = T::from_f64(*a);
+        }
+    };
+    if r * c >= crate::PAR_THRESHOLD {
+        out.par_chunks_mut(BLOCK)
+            .enumerate()
+            .for_each(|(b, o)| body(b * BLOCK, o));
+    } else {
+        for (b, o) in out.chunks_mut(BLOCK).enumerate() {
+            body(b * BLOCK, o);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod col_tests {
+    use super::*;
+
+    #[test]
+    fn sum_cols_matches_naive() {
+        let (r, c) = (37, 600);
+        let x: Vec<f64> = (0..r * c).map(|i| (i % 13) as f64 - 6.0).collect();
+        let got = sum_cols(&x, r, c);
+        for j in 0..c {
+            let want: f64 = (0..r).map(|i| x[i * c + j]).sum();
+            assert_eq!(got[j], want);
+        }
     }
 }

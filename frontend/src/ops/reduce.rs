@@ -69,6 +69,35 @@ impl Tensor {
         Ok((x, outer, kk))
     }
 
+    /// Sum over sorted `dims` into `out_shape`, no autograd. Leading dims of
+    /// a contiguous tensor are summed column-wise in place; anything else is
+    /// moved last and summed row-wise.
+    pub(crate) fn sum_raw(&self, dims: &[usize], out_shape: &[usize]) -> Result<Tensor> {
+        let shape = self.shape();
+        let leading = dims.iter().enumerate().all(|(i, &d)| i == d);
+        if leading && !dims.is_empty() && dims.len() < shape.len() && self.is_contiguous() {
+            let r: usize = dims.iter().map(|&d| shape[d]).product();
+            let c = self.numel() / r.max(1);
+            if r > 0 {
+                return float_op(
+                    "sum",
+                    self,
+                    out_shape,
+                    |s| k::sum_cols(s, r, c),
+                    |s| k::sum_cols(s, r, c),
+                );
+            }
+        }
+        let (x, outer, kk) = self.rows_over(dims)?;
+        float_op(
+            "sum",
+            &x,
+            out_shape,
+            |s| k::sum_rows(s, outer, kk),
+            |s| k::sum_rows(s, outer, kk),
+        )
+    }
+
     /// `sum(dims, keepdim)`; an empty `dims` sums everything. Integer and
     /// bool inputs sum to i64, as PyTorch.
     pub fn sum_dims(&self, dims: &[isize], keepdim: bool) -> Result<Tensor> {
@@ -79,14 +108,7 @@ impl Tensor {
             let f = self.to_dtype(DType::F64)?.sum_dims(dims, keepdim)?;
             return f.to_dtype(DType::I64);
         }
-        let (x, outer, kk) = self.rows_over(&rd)?;
-        let out = float_op(
-            "sum",
-            &x,
-            &out_shape,
-            |s| k::sum_rows(s, outer, kk),
-            |s| k::sum_rows(s, outer, kk),
-        )?;
+        let out = self.sum_raw(&rd, &out_shape)?;
         let in_shape = shape.clone();
         let name = if dims.is_empty() {
             "SumBackward0"
@@ -123,25 +145,8 @@ impl Tensor {
         let rd = reduce_dims("mean", dims, shape.len())?;
         let count: usize = rd.iter().map(|&d| shape[d]).product();
         let out_shape = reduced_shape(&shape, &rd, keepdim);
-        let (x, outer, kk) = self.rows_over(&rd)?;
         let c = count as f64;
-        let out = float_op(
-            "mean",
-            &x,
-            &out_shape,
-            |s| {
-                k::sum_rows(s, outer, kk)
-                    .into_iter()
-                    .map(|v| (v as f64 / c) as f32)
-                    .collect()
-            },
-            |s| {
-                k::sum_rows(s, outer, kk)
-                    .into_iter()
-                    .map(|v| v / c)
-                    .collect()
-            },
-        )?;
+        let out = crate::autograd::no_grad(|| self.sum_raw(&rd, &out_shape)?.div_scalar(c))?;
         let in_shape = shape.clone();
         let name = if dims.is_empty() {
             "MeanBackward0"

@@ -1,0 +1,294 @@
+//! Vectorizable f32 math for the hot elementwise ops: exp, sigmoid, tanh,
+//! erf, gelu (exact and tanh forms), as branch-free polynomial code that
+//! LLVM turns into SIMD. Loops are compiled three times (AVX-512, AVX2+FMA,
+//! baseline SSE2) and the widest the CPU supports is chosen at run time, so
+//! one binary runs on every x86-64 machine.
+//!
+//! Error bounds (measured against f64 libm over [-20, 20] and at the
+//! extremes in the tests below): exp, sigmoid, tanh within 3 ulp relative
+//! (tanh within 2e-7 absolute near 0 where it uses its odd polynomial);
+//! erf within 2e-7 absolute; gelu within 2e-7 * max(1, |x|) absolute.
+//! NaN propagates; exp saturates to +inf above 88.72 and to 0 below -103.9.
+
+use rayon::prelude::*;
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// e^x (Cephes' expf polynomial with a split 2^n so the full range is exact).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = if x > 88.73 {
+        88.73
+    } else if x < -104.0 {
+        -104.0
+    } else {
+        x
+    };
+    let y = x * LOG2E + ROUND_MAGIC;
+    let n = y - ROUND_MAGIC;
+    // n is an integer held in y's low mantissa bits: read it without a
+    // float-to-int conversion (which would not vectorize).
+    let ni = (y.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    let n1 = ni >> 1;
+    let n2 = ni - n1;
+    let s1 = f32::from_bits(((n1 + 127) as u32) << 23);
+    let s2 = f32::from_bits(((n2 + 127) as u32) << 23);
+    e * s1 * s2
+}
+
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// tanh: an odd polynomial for |x| < 0.625 (no cancellation near 0), else
+/// 1 - 2/(e^{2|x|} + 1) with the sign restored.
+#[inline(always)]
+pub fn tanh(x: f32) -> f32 {
+    let a = x.abs();
+    let z = x * x;
+    let mut p = -5.704_988_7e-3f32;
+    p = p * z + 2.063_908_9e-2;
+    p = p * z - 5.373_971_6e-2;
+    p = p * z + 1.333_144_2e-1;
+    p = p * z - 3.333_328_2e-1;
+    let small = p * z * x + x;
+    let big = 1.0 - 2.0 / (exp(2.0 * a) + 1.0);
+    let big = if x < 0.0 { -big } else { big };
+    if a < 0.625 {
+        small
+    } else {
+        big
+    }
+}
+
+/// erf: a Taylor polynomial for |x| < 0.5, 1 - erfc(|x|) beyond (sign
+/// restored).
+#[inline(always)]
+pub fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let z = x * x;
+    // 2/sqrt(pi) * (x - x^3/3 + x^5/10 - x^7/42 + x^9/216 - x^11/1320)
+    let mut p = -1.0f32 / 1320.0;
+    p = p * z + 1.0 / 216.0;
+    p = p * z - 1.0 / 42.0;
+    p = p * z + 1.0 / 10.0;
+    p = p * z - 1.0 / 3.0;
+    let small = (p * z * x + x) * std::f32::consts::FRAC_2_SQRT_PI;
+    // erfc(|x|) by Numerical Recipes' Chebyshev fit (relative error < 1.2e-7).
+    let t = 1.0 / (1.0 + 0.5 * a);
+    let mut q = 0.170_872_77f32;
+    q = q * t - 0.822_152_23;
+    q = q * t + 1.488_515_9;
+    q = q * t - 1.135_204;
+    q = q * t + 0.278_868_07;
+    q = q * t - 0.186_288_06;
+    q = q * t + 0.096_784_18;
+    q = q * t + 0.374_091_96;
+    q = q * t + 1.000_023_7;
+    q = q * t - 1.265_512_2;
+    let big = 1.0 - t * exp(q - z);
+    let big = if x < 0.0 { -big } else { big };
+    if a < 0.5 {
+        small
+    } else {
+        big
+    }
+}
+
+#[inline(always)]
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    let inner = 0.797_884_6 * (x + 0.044_715 * x * x * x);
+    0.5 * x * (1.0 + tanh(inner))
+}
+
+/// Which f32 functions this module vectorizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FastFn {
+    Exp,
+    Sigmoid,
+    Tanh,
+    Erf,
+    Gelu,
+    GeluTanh,
+}
+
+#[inline(always)]
+fn body(f: FastFn, x: &[f32], out: &mut [f32]) {
+    macro_rules! go {
+        ($g:path) => {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = $g(v);
+            }
+        };
+    }
+    match f {
+        FastFn::Exp => go!(exp),
+        FastFn::Sigmoid => go!(sigmoid),
+        FastFn::Tanh => go!(tanh),
+        FastFn::Erf => go!(erf),
+        FastFn::Gelu => go!(gelu),
+        FastFn::GeluTanh => go!(gelu_tanh),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn body_avx512(f: FastFn, x: &[f32], out: &mut [f32]) {
+    body(f, x, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn body_avx2(f: FastFn, x: &[f32], out: &mut [f32]) {
+    body(f, x, out)
+}
+
+/// Runs `f` over a chunk with the widest SIMD the CPU has.
+fn dispatch(f: FastFn, x: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { body_avx512(f, x, out) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { body_avx2(f, x, out) };
+        }
+    }
+    body(f, x, out)
+}
+
+/// `f` over a contiguous slice, split across rayon threads when large.
+pub fn map(f: FastFn, x: &[f32]) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    map_into(f, x, &mut out);
+    out
+}
+
+/// `f` over `x` into `out` (same length).
+pub fn map_into(f: FastFn, x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len(), "fastmath::map_into: lengths");
+    let c = crate::PAR_THRESHOLD / 2;
+    if x.len() >= crate::PAR_THRESHOLD {
+        out.par_chunks_mut(c)
+            .zip(x.par_chunks(c))
+            .for_each(|(o, i)| dispatch(f, i, o));
+    } else {
+        dispatch(f, x, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ulps(a: f32, b: f64) -> f64 {
+        let b32 = b as f32;
+        if b32 == 0.0 {
+            return (a as f64 - b).abs() / f32::MIN_POSITIVE as f64;
+        }
+        ((a as f64 - b) / (b32.abs() as f64 * f32::EPSILON as f64)).abs()
+    }
+
+    fn grid() -> Vec<f32> {
+        let mut v: Vec<f32> = (-400_000..=400_000).map(|i| i as f32 * 5e-5).collect();
+        v.extend([1e-6, -1e-6, 1e-30, 0.0, -0.0, 50.0, -50.0, 88.0, -87.0]);
+        v
+    }
+
+    #[test]
+    fn exp_sigmoid_tanh_within_3_ulp() {
+        for &x in &grid() {
+            let xd = x as f64;
+            assert!(
+                ulps(exp(x), xd.exp()) <= 3.0,
+                "exp({x}) = {} vs {}",
+                exp(x),
+                xd.exp()
+            );
+            let s = 1.0 / (1.0 + (-xd).exp());
+            assert!(ulps(sigmoid(x), s) <= 3.0, "sigmoid({x})");
+            let t = xd.tanh();
+            let err = (tanh(x) as f64 - t).abs();
+            assert!(
+                ulps(tanh(x), t) <= 3.0 || err <= 2e-7 * t.abs().max(1e-30).min(1.0) + 1e-12,
+                "tanh({x}) = {} vs {t}",
+                tanh(x)
+            );
+        }
+        assert_eq!(exp(-200.0), 0.0);
+        assert_eq!(exp(100.0), f32::INFINITY);
+        assert!(exp(f32::NAN).is_nan() && tanh(f32::NAN).is_nan() && erf(f32::NAN).is_nan());
+        assert_eq!(tanh(30.0), 1.0);
+        assert_eq!(tanh(-30.0), -1.0);
+    }
+
+    #[test]
+    fn erf_and_gelu_absolute_error() {
+        for &x in &grid() {
+            let xd = x as f64;
+            let e = libm::erf(xd);
+            assert!(
+                (erf(x) as f64 - e).abs() <= 2e-7,
+                "erf({x}) = {} vs {e}",
+                erf(x)
+            );
+            let g = 0.5 * xd * (1.0 + libm::erf(xd / std::f64::consts::SQRT_2));
+            assert!(
+                (gelu(x) as f64 - g).abs() <= 2e-7 * xd.abs().max(1.0),
+                "gelu({x})"
+            );
+            let inner = 0.797_884_560_802_865_4 * (xd + 0.044715 * xd * xd * xd);
+            let gt = 0.5 * xd * (1.0 + inner.tanh());
+            assert!(
+                (gelu_tanh(x) as f64 - gt).abs() <= 3e-7 * xd.abs().max(1.0),
+                "gelu_tanh({x})"
+            );
+        }
+    }
+
+    #[test]
+    fn dispatch_matches_scalar() {
+        let x = grid();
+        for f in [
+            FastFn::Exp,
+            FastFn::Sigmoid,
+            FastFn::Tanh,
+            FastFn::Erf,
+            FastFn::Gelu,
+            FastFn::GeluTanh,
+        ] {
+            let v = map(f, &x);
+            let mut s = vec![0.0; x.len()];
+            body(f, &x, &mut s);
+            for (a, b) in v.iter().zip(&s) {
+                assert!(
+                    a == b
+                        || (a.is_nan() && b.is_nan())
+                        || (a - b).abs() <= 1e-7 * b.abs().max(1.0),
+                    "{f:?}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
