@@ -5,6 +5,9 @@
 //! keepdim, softmax/log_softmax, and the view ops. Inputs are built away
 //! from non-differentiable points (relu/abs at 0, ties of max/min).
 
+// `&[x.clone()]` reads better than `std::slice::from_ref(&x)` in tests.
+#![allow(clippy::cloned_ref_to_slice_refs)]
+
 use kiln_frontend::testing::{away_from_zero, distinct, gradcheck_default, input, uniform};
 use kiln_frontend::{Result, Tensor};
 
