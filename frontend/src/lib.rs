@@ -12,6 +12,7 @@ pub mod hooks;
 pub mod ops;
 pub mod random;
 pub mod tensor;
+pub mod testing;
 
 pub use autograd::{is_grad_enabled, no_grad, set_grad_enabled, NoGradGuard};
 pub use device::Device;

@@ -62,6 +62,7 @@ pub fn unary_fn<T: Float>(op: UnaryOp) -> impl Fn(T) -> T + Sync + Copy {
             UnaryOp::Tanh => x.tanh(),
             UnaryOp::Sigmoid => one / (one + (-x).exp()),
             UnaryOp::Relu => {
+                // NaN propagates, as PyTorch's relu
                 if x > zero || x.is_nan() {
                     x
                 } else {

@@ -366,6 +366,22 @@ impl Tensor {
                 self.detach()
             };
             let dtype = self.dtype();
+            if let UnaryOp::AddScalar(_) | UnaryOp::MulScalar(_) = op {
+                // `x + 1`, `x * 2`, `x / 2`: PyTorch wraps the number in a
+                // tensor, so the node has two inputs, the second without a
+                // gradient: next_functions ((<x's node>, 0), (None, 0)).
+                // The backward is a tensor op (differentiable again).
+                let number = Tensor::scalar(0.0f64);
+                record(name, &[self, &number], &[&out], move |g, _| {
+                    let g = g[0].as_ref().unwrap();
+                    let gi = match op {
+                        UnaryOp::MulScalar(m) => g.mul_scalar(m)?,
+                        _ => g.clone(),
+                    };
+                    Ok(vec![Some(gi.to_dtype(dtype)?), None])
+                });
+                return Ok(out);
+            }
             record(name, &[self], &[&out], move |g, _| {
                 let g = g[0].as_ref().unwrap();
                 Ok(vec![Some(unary_backward(op, &saved, g)?.to_dtype(dtype)?)])

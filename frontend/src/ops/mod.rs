@@ -1,14 +1,17 @@
 //! Eager tensor ops: each computes with the kiln-cpu kernels and, when an
 //! input requires grad, records its backward (composed of other ops, so
 //! double backward works). Grouped by family: creation, view, elementwise,
-//! reduce, in-place.
+//! reduce (sum/mean/var/std/prod), minmax (max/min/argmax), softmax,
+//! in-place.
 
 pub mod conv;
 pub mod creation;
 pub mod elementwise;
 pub mod inplace;
 pub mod linalg;
+pub mod minmax;
 pub mod reduce;
+pub mod softmax;
 pub mod view;
 
 use crate::error::{Error, Result};

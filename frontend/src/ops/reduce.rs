@@ -1,6 +1,7 @@
-//! Reductions: sum and mean over dims (with keepdim), the full reductions,
-//! and `sum_to_size`, which brings a broadcast gradient back to an input's
-//! shape. Each moves the reduced dims last and runs a row kernel.
+//! Reductions: sum, mean, var, std and prod over dims (with keepdim), the
+//! full reductions, and `sum_to_size`, which brings a broadcast gradient
+//! back to an input's shape. Each moves the reduced dims last and runs a
+//! row kernel (`map_rows` does the same for row-wise maps like softmax).
 
 use super::float_op;
 use crate::autograd::record;
@@ -17,6 +18,10 @@ pub(crate) fn reduce_dims(op: &str, dims: &[isize], ndim: usize) -> Result<Vec<u
     let mut out = Vec::with_capacity(dims.len());
     for &d in dims {
         let d = normalize_dim(d, ndim, op)?;
+        if ndim == 0 {
+            // A 0-d tensor accepts dim 0 / -1 and has nothing to reduce.
+            continue;
+        }
         if out.contains(&d) {
             return Err(Error::op(
                 op,
@@ -203,6 +208,231 @@ impl Tensor {
             return self.reshape_to(shape);
         }
         self.sum_dims(&dims, true)?.reshape_to(shape)
+    }
+}
+
+/// `shape` with the reduced dims set to 1 (the keepdim shape).
+pub(crate) fn kept_shape(shape: &[usize], rd: &[usize]) -> Vec<usize> {
+    let mut k = shape.to_vec();
+    for &d in rd {
+        k[d] = 1;
+    }
+    k
+}
+
+/// Exclusive product of each row: out[i] = prod_{j != i} row[j] (prefix
+/// times suffix products, so zeros are handled exactly).
+fn exclusive_prod_rows<T: kiln_cpu::Float>(x: &[T], k: usize) -> Vec<T> {
+    let mut out = vec![T::one(); x.len()];
+    if k == 0 {
+        return out;
+    }
+    for (o, r) in out.chunks_mut(k).zip(x.chunks(k)) {
+        let mut acc = T::one();
+        for i in 0..k {
+            o[i] = acc;
+            acc *= r[i];
+        }
+        acc = T::one();
+        for i in (0..k).rev() {
+            o[i] *= acc;
+            acc *= r[i];
+        }
+    }
+    out
+}
+
+impl Tensor {
+    /// Applies a row kernel that keeps the row length along `dim` (moved
+    /// last, made contiguous) and moves the result back: a contiguous
+    /// tensor of self's shape. `dim` None is one row per element (0-d
+    /// tensors). The kernels get (rows, outer, k). No autograd.
+    pub(crate) fn map_rows(
+        &self,
+        op: &str,
+        dim: Option<usize>,
+        f32_fn: impl FnOnce(&[f32], usize, usize) -> Vec<f32>,
+        f64_fn: impl FnOnce(&[f64], usize, usize) -> Vec<f64>,
+    ) -> Result<Tensor> {
+        let nd = self.dim();
+        let dims: Vec<usize> = dim.into_iter().collect();
+        let (x, outer, kk) = self.rows_over(&dims)?;
+        let pshape = x.shape();
+        let y = float_op(
+            op,
+            &x,
+            &pshape,
+            |s| f32_fn(s, outer, kk),
+            |s| f64_fn(s, outer, kk),
+        )?;
+        match dim {
+            Some(d) if d + 1 != nd => {
+                // rows_over put the dims in order keep ++ [d]; invert that.
+                let perm: Vec<usize> = (0..nd).filter(|&i| i != d).chain([d]).collect();
+                let mut inv = vec![0isize; nd];
+                for (i, &p) in perm.iter().enumerate() {
+                    inv[p] = i as isize;
+                }
+                crate::autograd::no_grad(|| y.permute(&inv)?.contiguous())
+            }
+            _ => Ok(y),
+        }
+    }
+
+    /// `var(dims, correction, keepdim)`: the variance over `dims` (all dims
+    /// if empty) divided by `N - correction` (1 = unbiased, PyTorch's
+    /// default; `N - correction <= 0` gives NaN). Floating inputs only.
+    /// grad_fn `VarBackward0`.
+    pub fn var_dims(&self, dims: &[isize], correction: usize, keepdim: bool) -> Result<Tensor> {
+        self.var_std("var", dims, correction, keepdim, false)
+    }
+
+    /// `var()` over all elements, unbiased.
+    pub fn var(&self) -> Result<Tensor> {
+        self.var_dims(&[], 1, false)
+    }
+
+    /// `std(dims, correction, keepdim)`: the square root of `var_dims`.
+    /// grad_fn `StdBackward0`.
+    pub fn std_dims(&self, dims: &[isize], correction: usize, keepdim: bool) -> Result<Tensor> {
+        self.var_std("std", dims, correction, keepdim, true)
+    }
+
+    /// `std()` over all elements, unbiased.
+    pub fn std(&self) -> Result<Tensor> {
+        self.std_dims(&[], 1, false)
+    }
+
+    fn var_std(
+        &self,
+        op: &'static str,
+        dims: &[isize],
+        correction: usize,
+        keepdim: bool,
+        sqrt: bool,
+    ) -> Result<Tensor> {
+        if !self.dtype().is_float() {
+            return Err(Error::op(
+                op,
+                format!(
+                    "std and var only support floating point and complex dtypes (got {} of shape {:?})",
+                    self.dtype(),
+                    self.shape()
+                ),
+            ));
+        }
+        let shape = self.shape();
+        let rd = reduce_dims(op, dims, shape.len())?;
+        let out_shape = reduced_shape(&shape, &rd, keepdim);
+        let (x, outer, kk) = self.rows_over(&rd)?;
+        let out = float_op(
+            op,
+            &x,
+            &out_shape,
+            |s| {
+                let v = k::var_rows(s, outer, kk, correction);
+                if sqrt {
+                    v.into_iter().map(f32::sqrt).collect()
+                } else {
+                    v
+                }
+            },
+            |s| {
+                let v = k::var_rows(s, outer, kk, correction);
+                if sqrt {
+                    v.into_iter().map(f64::sqrt).collect()
+                } else {
+                    v
+                }
+            },
+        )?;
+        let xs = self.detach();
+        let o = out.detach();
+        let kshape = kept_shape(&shape, &rd);
+        let rdi: Vec<isize> = rd.iter().map(|&d| d as isize).collect();
+        let n: usize = rd.iter().map(|&d| shape[d]).product();
+        let scale = 2.0 / (n as f64 - correction as f64);
+        let name = if sqrt { "StdBackward0" } else { "VarBackward0" };
+        record(name, &[self], &[&out], move |g, _| {
+            let g = g[0].as_ref().unwrap().reshape_to(&kshape)?;
+            // d var / dx = 2 (x - mean) / (N - correction)
+            let g = if sqrt {
+                // d std = d var / (2 std), 0 where std == 0 (as PyTorch)
+                let s = o.reshape_to(&kshape)?;
+                let raw = g.div(&s.mul_scalar(2.0)?)?;
+                let zero = Tensor::zeros(&[], raw.dtype());
+                Tensor::where_(&s.eq_scalar(0.0)?, &zero, &raw)?
+            } else {
+                g
+            };
+            let centered = xs.sub(&xs.mean_dims(&rdi, true)?)?;
+            Ok(vec![Some(g.mul(&centered)?.mul_scalar(scale)?)])
+        });
+        Ok(out)
+    }
+
+    /// `prod(dim, keepdim)`. Integer and bool inputs give i64 (computed in
+    /// f64, like `sum`). grad_fn `ProdBackward1`.
+    pub fn prod_dim(&self, dim: isize, keepdim: bool) -> Result<Tensor> {
+        self.prod_impl(Some(dim), keepdim)
+    }
+
+    /// `prod()` of all elements (0-d result). grad_fn `ProdBackward0`.
+    pub fn prod(&self) -> Result<Tensor> {
+        self.prod_impl(None, false)
+    }
+
+    fn prod_impl(&self, dim: Option<isize>, keepdim: bool) -> Result<Tensor> {
+        let shape = self.shape();
+        let rd = match dim {
+            Some(d) => reduce_dims("prod", &[d], shape.len())?,
+            None => (0..shape.len()).collect(),
+        };
+        if !self.dtype().is_float() {
+            let f = self.to_dtype(DType::F64)?.prod_impl(dim, keepdim)?;
+            return f.to_dtype(DType::I64);
+        }
+        let out_shape = reduced_shape(&shape, &rd, keepdim);
+        let (x, outer, kk) = self.rows_over(&rd)?;
+        let out = float_op(
+            "prod",
+            &x,
+            &out_shape,
+            |s| k::prod_rows(s, outer, kk),
+            |s| k::prod_rows(s, outer, kk),
+        )?;
+        let xs = self.detach();
+        let kshape = kept_shape(&shape, &rd);
+        let name = if dim.is_some() {
+            "ProdBackward1"
+        } else {
+            "ProdBackward0"
+        };
+        record(name, &[self], &[&out], move |g, _| {
+            let g = g[0].as_ref().unwrap().reshape_to(&kshape)?;
+            // d prod / d x_i = prod of the other elements of its row.
+            let excl = match rd.len() {
+                0 => xs.ones_like()?,
+                1 => xs.map_rows(
+                    "prod_backward",
+                    Some(rd[0]),
+                    |s, _, kk| exclusive_prod_rows(s, kk),
+                    |s, _, kk| exclusive_prod_rows(s, kk),
+                )?,
+                _ => {
+                    let flat = xs.reshape(&[-1])?;
+                    flat.map_rows(
+                        "prod_backward",
+                        Some(0),
+                        |s, _, kk| exclusive_prod_rows(s, kk),
+                        |s, _, kk| exclusive_prod_rows(s, kk),
+                    )?
+                    .reshape_to(&xs.shape())?
+                }
+            };
+            Ok(vec![Some(g.mul(&excl)?)])
+        });
+        Ok(out)
     }
 }
 
