@@ -1,12 +1,13 @@
 //! Eager tensor ops: each computes with the kiln-cpu kernels and, when an
 //! input requires grad, records its backward (composed of other ops, so
 //! double backward works). Grouped by family: creation, view, elementwise,
-//! reduce, in-place.
+//! reduce, in-place, copying shape ops (cat, stack, index_select).
 
 pub mod creation;
 pub mod elementwise;
 pub mod inplace;
 pub mod reduce;
+pub mod shape;
 pub mod view;
 
 use crate::error::{Error, Result};
