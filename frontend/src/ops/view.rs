@@ -870,4 +870,34 @@ mod tests {
         // transposed 2-d cannot be flattened
         assert_eq!(view_strides(&[4, 3], &[1, 4], &[12]), None);
     }
+
+    /// The slice/select backward is itself differentiable: its backward
+    /// applies the view again (PyTorch's `SliceBackwardBackward0`). The
+    /// engine seeds backward with detached gradients, so this is tested on
+    /// the op directly.
+    #[test]
+    fn view_scatter_backward_is_differentiable() {
+        let v = Tensor::from_slice(&[5.0f32, 6.0], &[2])
+            .unwrap()
+            .requires_grad_(true)
+            .unwrap();
+        let view: ViewFn = Arc::new(|t| t.slice(0, Some(1), Some(3), 1));
+        let z = view_scatter_backward("SliceBackwardBackward0", &v, &[4], view).unwrap();
+        assert_eq!(z.to_vec::<f32>(), vec![0.0, 5.0, 6.0, 0.0]);
+        assert_eq!(z.grad_fn_name().as_deref(), Some("SliceBackwardBackward0"));
+        let w = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0], &[4]).unwrap();
+        z.mul(&w).unwrap().sum().unwrap().backward().unwrap();
+        assert_eq!(v.grad().unwrap().to_vec::<f32>(), vec![2.0, 3.0]);
+
+        let v = Tensor::from_slice(&[1.0f32, 1.0], &[2])
+            .unwrap()
+            .requires_grad_(true)
+            .unwrap();
+        let view: ViewFn = Arc::new(|t| t.select(1, 1));
+        let z = view_scatter_backward("SelectBackwardBackward0", &v, &[2, 3], view).unwrap();
+        assert_eq!(z.to_vec::<f32>(), vec![0.0, 1.0, 0.0, 0.0, 1.0, 0.0]);
+        let w = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).unwrap();
+        z.mul(&w).unwrap().sum().unwrap().backward().unwrap();
+        assert_eq!(v.grad().unwrap().to_vec::<f32>(), vec![2.0, 5.0]);
+    }
 }
