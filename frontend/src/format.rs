@@ -46,7 +46,6 @@ fn nonfinite(v: f64) -> String {
 /// PyTorch's `_Formatter`: picks int / fixed / scientific mode and the
 /// column width from the values that will be printed.
 struct Formatter {
-    floating: bool,
     int_mode: bool,
     sci_mode: bool,
     max_width: usize,
@@ -55,7 +54,6 @@ struct Formatter {
 impl Formatter {
     fn new(vals: &Vals, which: &[usize]) -> Formatter {
         let mut f = Formatter {
-            floating: matches!(vals, Vals::F(_)),
             int_mode: true,
             sci_mode: false,
             max_width: 1,
@@ -125,7 +123,6 @@ impl Formatter {
             Vals::I(v) => v[i].to_string(),
             Vals::B(v) => py_bool(v[i]).to_string(),
         };
-        debug_assert!(self.floating == matches!(vals, Vals::F(_)));
         format!("{s:>w$}", w = self.max_width)
     }
 }
