@@ -8,6 +8,7 @@
 pub mod autograd;
 pub mod device;
 pub mod error;
+mod format;
 pub mod hooks;
 pub mod ops;
 pub mod random;

@@ -165,8 +165,11 @@ impl Tensor {
         self.inner.data.read().device
     }
 
+    /// PyTorch's `is_contiguous()`: row-major strides (ignoring size-1
+    /// dims); a tensor with no elements is always contiguous.
     pub fn is_contiguous(&self) -> bool {
-        self.inner.data.read().layout.is_contiguous()
+        let d = self.inner.data.read();
+        d.layout.numel() == 0 || d.layout.is_contiguous()
     }
 
     pub fn is_floating_point(&self) -> bool {
@@ -200,7 +203,8 @@ impl Tensor {
     /// tensor is contiguous, gathered otherwise). `T` must be the dtype.
     pub(crate) fn with_contiguous<T: Element, R>(&self, f: impl FnOnce(&[T]) -> R) -> R {
         self.with_slice::<T, R>(|s, l| {
-            if l.is_contiguous() {
+            // (an empty view may have an offset past the end: gather it)
+            if l.numel() != 0 && l.is_contiguous() {
                 f(&s[l.offset..l.offset + l.numel()])
             } else {
                 f(&strided::gather(s, l))
@@ -219,7 +223,7 @@ impl Tensor {
         let buf = d.storage.buf.read();
         let l = &d.layout;
         with_storage!(&*buf, v => {
-            let out = if l.is_contiguous() {
+            let out = if l.numel() != 0 && l.is_contiguous() {
                 v[l.offset..l.offset + l.numel()].to_vec()
             } else {
                 strided::gather(v, l)

@@ -2,7 +2,7 @@
 //! input requires grad, records its backward (composed of other ops, so
 //! double backward works). Grouped by family: creation, view, elementwise,
 //! reduce (sum/mean/var/std/prod), minmax (max/min/argmax), softmax,
-//! in-place.
+//! in-place, copying shape ops (cat, stack, index_select), linalg, conv.
 
 pub mod conv;
 pub mod creation;
@@ -11,6 +11,7 @@ pub mod inplace;
 pub mod linalg;
 pub mod minmax;
 pub mod reduce;
+pub mod shape;
 pub mod softmax;
 pub mod view;
 
