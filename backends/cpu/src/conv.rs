@@ -1156,7 +1156,8 @@ mod tests {
     }
 
     fn check_conv_t<T: Float>(tol: f64) {
-        let cases: Vec<([usize; 4], [usize; 4], Conv2dParams, (usize, usize))> = vec![
+        type Case = ([usize; 4], [usize; 4], Conv2dParams, (usize, usize));
+        let cases: Vec<Case> = vec![
             (
                 [2, 3, 5, 4],
                 [3, 2, 3, 3],

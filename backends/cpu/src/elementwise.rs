@@ -62,9 +62,7 @@ pub fn unary_fn<T: Float>(op: UnaryOp) -> impl Fn(T) -> T + Sync + Copy {
             UnaryOp::Tanh => x.tanh(),
             UnaryOp::Sigmoid => one / (one + (-x).exp()),
             UnaryOp::Relu => {
-                if x > zero {
-                    x
-                } else if x.is_nan() {
+                if x > zero || x.is_nan() {
                     x
                 } else {
                     zero

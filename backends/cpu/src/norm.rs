@@ -300,7 +300,7 @@ pub fn layer_norm<T: Float>(
     eps: f64,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     assert!(
-        k > 0 && x.len() % k == 0,
+        k > 0 && x.len().is_multiple_of(k),
         "layer_norm: length not a multiple of k"
     );
     if let Some(w) = weight {
@@ -362,7 +362,7 @@ pub fn layer_norm_backward<T: Float>(
     weight: Option<&[T]>,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     assert!(
-        k > 0 && x.len() % k == 0,
+        k > 0 && x.len().is_multiple_of(k),
         "layer_norm_backward: length not a multiple of k"
     );
     assert_eq!(

@@ -110,7 +110,7 @@ impl CpuStorage {
     /// Parses little-endian bytes of `dtype`; `None` if the length is not a
     /// whole number of elements or a bool byte is not 0/1.
     pub fn from_le_bytes(dtype: DType, bytes: &[u8]) -> Option<CpuStorage> {
-        if bytes.len() % dtype.size() != 0 {
+        if !bytes.len().is_multiple_of(dtype.size()) {
             return None;
         }
         fn chunks<const N: usize>(b: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
