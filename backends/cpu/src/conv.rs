@@ -175,6 +175,27 @@ impl Geom {
             && self.p.padding == (0, 0)
             && (self.ho, self.wo) == (self.h, self.w)
     }
+    /// Stride 1 with output rows as wide as input rows: a kernel tap's
+    /// window is a contiguous shifted range of the input plane.
+    fn same_pitch(&self) -> bool {
+        self.p.stride == (1, 1) && self.wo == self.w
+    }
+    /// Per kernel tap `(i, j)` (row-major): `(i, j, oh_lo, oh_hi, ow_lo,
+    /// ow_hi)`, the outputs whose input for that tap is inside the image.
+    fn taps(&self) -> Vec<(usize, usize, usize, usize, usize, usize)> {
+        let (sh, sw) = self.p.stride;
+        let (ph, pw) = self.p.padding;
+        let (dh, dw) = self.p.dilation;
+        let mut v = Vec::with_capacity(self.kh * self.kw);
+        for i in 0..self.kh {
+            let (oh_lo, oh_hi) = valid_range(self.h, self.ho, i, sh, ph, dh);
+            for j in 0..self.kw {
+                let (ow_lo, ow_hi) = valid_range(self.w, self.wo, j, sw, pw, dw);
+                v.push((i, j, oh_lo, oh_hi, ow_lo, ow_hi));
+            }
+        }
+        v
+    }
     /// Multiply-adds of one image's gemm (all groups).
     fn macs_per_image(&self) -> usize {
         self.cout * self.kg() * self.howo()
@@ -186,7 +207,7 @@ impl Geom {
         let threads = rayon::current_num_threads();
         // Enough columns per gemm for the microkernel to run at full speed,
         // measured with bench_ops; bounded so the im2col buffer stays small.
-        let target_cols = COLS_PER_BLOCK.max(1);
+        let target_cols = COLS_PER_BLOCK;
         let howo = self.howo().max(1);
         let mut b = target_cols.div_ceil(howo).clamp(1, self.n.max(1));
         let max_b = (MAX_COLS_ELEMS / (self.c * self.kh * self.kw * howo).max(1)).max(1);
@@ -202,8 +223,11 @@ impl Geom {
     }
 }
 
-/// Target im2col columns (images x output pixels) per gemm.
-const COLS_PER_BLOCK: usize = 2048;
+/// Target im2col columns (images x output pixels) per gemm: measured with
+/// bench_ops on a 2-core AVX-512 machine, 169..676 columns per block ran
+/// within noise of each other and 1200+ clearly slower (the block's im2col
+/// buffer falls out of L2 before gemm reads it).
+const COLS_PER_BLOCK: usize = 320;
 /// Largest im2col buffer (elements) per block.
 const MAX_COLS_ELEMS: usize = 1 << 22;
 /// Total multiply-adds below which a conv runs on one thread.
@@ -225,6 +249,20 @@ fn valid_range(len: usize, out: usize, k: usize, s: usize, p: usize, d: usize) -
     (lo.min(out), hi.min(out).max(lo.min(out)))
 }
 
+/// Zeroes a slice that is usually 0-2 long without a memset call.
+#[inline(always)]
+fn zero_small<T: Float>(s: &mut [T]) {
+    match s.len() {
+        0 => {}
+        1 => s[0] = T::zero(),
+        2 => {
+            s[0] = T::zero();
+            s[1] = T::zero();
+        }
+        _ => s.fill(T::zero()),
+    }
+}
+
 /// im2col of `nb` images `x` (`[nb, c, h, w]`) into `cols`, a row-major
 /// `[c*kh*kw, nb*ho*wo]` matrix: row `(ci*kh + i)*kw + j`, column
 /// `b*ho*wo + oh*wo + ow` holds `x[b, ci, oh*s + i*d - p, ow*s + j*d - p]`
@@ -235,17 +273,35 @@ fn im2col<T: Float>(x: &[T], nb: usize, g: &Geom, cols: &mut [T], parallel: bool
     let (sh, sw) = g.p.stride;
     let (ph, pw) = g.p.padding;
     let (dh, dw) = g.p.dilation;
+    let same_pitch = g.same_pitch();
+    let taps = g.taps();
+    let khw = g.kh * g.kw;
     let row = |r: usize, dst: &mut [T]| {
-        let ci = r / (g.kh * g.kw);
-        let i = (r / g.kw) % g.kh;
-        let j = r % g.kw;
-        let (oh_lo, oh_hi) = valid_range(g.h, g.ho, i, sh, ph, dh);
-        let (ow_lo, ow_hi) = valid_range(g.w, g.wo, j, sw, pw, dw);
+        let ci = r / khw;
+        let tap = r - ci * khw;
+        let (i, j, oh_lo, oh_hi, ow_lo, ow_hi) = taps[tap];
         for b in 0..nb {
             let plane = &x[(b * g.c + ci) * hw..][..hw];
             let d = &mut dst[b * howo..][..howo];
-            d[..oh_lo * g.wo].fill(T::zero());
-            d[oh_hi * g.wo..].fill(T::zero());
+            zero_small(&mut d[..oh_lo * g.wo]);
+            zero_small(&mut d[oh_hi * g.wo..]);
+            if same_pitch && oh_lo < oh_hi && ow_lo < ow_hi {
+                // Output and input rows have the same pitch, so the valid
+                // window is one contiguous shifted copy; the columns that
+                // wrapped around are zeroed afterwards.
+                let start = oh_lo * g.wo + ow_lo;
+                let end = (oh_hi - 1) * g.wo + ow_hi;
+                let src0 = (oh_lo + i * dh - ph) * g.w + ow_lo + j * dw - pw;
+                d[start..end].copy_from_slice(&plane[src0..src0 + (end - start)]);
+                if ow_lo > 0 || ow_hi < g.wo {
+                    // A few elements per row: plain stores beat memset calls.
+                    for row in d[oh_lo * g.wo..oh_hi * g.wo].chunks_exact_mut(g.wo) {
+                        zero_small(&mut row[..ow_lo]);
+                        zero_small(&mut row[ow_hi..]);
+                    }
+                }
+                continue;
+            }
             for oh in oh_lo..oh_hi {
                 let ih = oh * sh + i * dh - ph;
                 let drow = &mut d[oh * g.wo..][..g.wo];
@@ -285,18 +341,31 @@ fn col2im<T: Float>(cols: &[T], nb: usize, g: &Geom, dx: &mut [T], parallel: boo
     let (sh, sw) = g.p.stride;
     let (ph, pw) = g.p.padding;
     let (dh, dw) = g.p.dilation;
+    let same_pitch = g.same_pitch();
+    let taps = g.taps();
     // One task per (image, channel) plane: no two tasks write one element.
     let plane_fn = |bc: usize, plane: &mut [T]| {
         let (b, ci) = (bc / g.c, bc % g.c);
-        for i in 0..g.kh {
-            let (oh_lo, oh_hi) = valid_range(g.h, g.ho, i, sh, ph, dh);
-            for j in 0..g.kw {
-                let (ow_lo, ow_hi) = valid_range(g.w, g.wo, j, sw, pw, dw);
+        for (tap, &(i, j, oh_lo, oh_hi, ow_lo, ow_hi)) in taps.iter().enumerate() {
+            {
                 if ow_lo >= ow_hi {
                     continue;
                 }
-                let r = (ci * g.kh + i) * g.kw + j;
+                let r = ci * g.kh * g.kw + tap;
                 let src = &cols[r * ncols + b * howo..][..howo];
+                if same_pitch && ow_lo == 0 && ow_hi == g.wo && oh_lo < oh_hi {
+                    // Whole rows valid and equal pitches: one shifted add.
+                    let start = oh_lo * g.wo;
+                    let end = oh_hi * g.wo;
+                    let dst0 = (oh_lo + i * dh - ph) * g.w + j * dw - pw;
+                    for (d, &v) in plane[dst0..dst0 + (end - start)]
+                        .iter_mut()
+                        .zip(&src[start..end])
+                    {
+                        *d += v;
+                    }
+                    continue;
+                }
                 for oh in oh_lo..oh_hi {
                     let ih = oh * sh + i * dh - ph;
                     let iw0 = ow_lo * sw + j * dw - pw;
@@ -376,14 +445,40 @@ fn add_bias<T: Float>(y: &mut [T], bias: &[T], cout: usize, plane: usize) {
     }
 }
 
-/// Runs `f(first_image, images, out_chunk, parallel_inside)` over blocks of
-/// images whose outputs are consecutive `per_image`-element chunks of `out`.
+/// Reusable per-thread buffers (im2col matrix and a channels-major
+/// output/gradient block), grown on demand and never shrunk.
+struct Scratch<T> {
+    cols: Vec<T>,
+    tmp: Vec<T>,
+}
+
+impl<T: Float> Scratch<T> {
+    fn new() -> Self {
+        Scratch {
+            cols: Vec::new(),
+            tmp: Vec::new(),
+        }
+    }
+}
+
+/// The first `len` elements of `v`, growing it (with zeros) if needed;
+/// the contents are whatever the previous user left.
+fn grow<T: Float>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+    if v.len() < len {
+        v.resize(len, T::zero());
+    }
+    &mut v[..len]
+}
+
+/// Runs `f(first_image, images, out_chunk, scratch, parallel_inside)` over
+/// blocks of images whose outputs are consecutive `per_image`-element
+/// chunks of `out`.
 fn for_blocks<T: Float>(
     out: &mut [T],
     per_image: usize,
     n: usize,
     plan: (usize, bool),
-    f: impl Fn(usize, usize, &mut [T], bool) + Sync + Send,
+    f: impl Fn(usize, usize, &mut [T], &mut Scratch<T>, bool) + Sync + Send,
 ) {
     let (b, par_blocks) = plan;
     if n == 0 || per_image == 0 {
@@ -392,10 +487,13 @@ fn for_blocks<T: Float>(
     if par_blocks {
         out.par_chunks_mut(b * per_image)
             .enumerate()
-            .for_each(|(i, chunk)| f(i * b, chunk.len() / per_image, chunk, false));
+            .for_each_init(Scratch::new, |s, (i, chunk)| {
+                f(i * b, chunk.len() / per_image, chunk, s, false)
+            });
     } else {
+        let mut s = Scratch::new();
         for (i, chunk) in out.chunks_mut(b * per_image).enumerate() {
-            f(i * b, chunk.len() / per_image, chunk, true);
+            f(i * b, chunk.len() / per_image, chunk, &mut s, true);
         }
     }
 }
@@ -447,43 +545,46 @@ fn conv_forward<T: Float>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec
     }
     let plan = g.plan();
     let per_image = g.cout * howo;
-    for_blocks(&mut y, per_image, g.n, plan, |n0, nb, out, par_inside| {
-        let ncols = nb * howo;
-        let mut cols = vec![T::zero(); g.c * g.kh * g.kw * ncols];
-        im2col(&x[n0 * g.c * g.hw()..], nb, g, &mut cols, par_inside);
-        // One image: gemm straight into the output; else through a
-        // channels-major buffer.
-        let mut tmp = if nb == 1 {
-            Vec::new()
-        } else {
-            vec![T::zero(); g.cout * ncols]
-        };
-        for gi in 0..groups {
-            let dst: &mut [T] = if nb == 1 { out } else { &mut tmp };
-            matmul_impl(
-                dst,
-                MatLayout::contiguous(coutg, ncols).with_offset(gi * coutg * ncols),
-                T::zero(),
-                T::one(),
-                w,
-                MatLayout::contiguous(coutg, kg).with_offset(gi * coutg * kg),
-                &cols,
-                MatLayout::contiguous(kg, ncols).with_offset(gi * kg * ncols),
-                1,
-                coutg,
-                kg,
-                ncols,
-                par_inside,
-            );
-        }
-        if nb == 1 {
-            if let Some(b) = bias {
-                add_bias(out, b, g.cout, howo);
+    for_blocks(
+        &mut y,
+        per_image,
+        g.n,
+        plan,
+        |n0, nb, out, s, par_inside| {
+            let ncols = nb * howo;
+            let cols = grow(&mut s.cols, g.c * g.kh * g.kw * ncols);
+            im2col(&x[n0 * g.c * g.hw()..], nb, g, cols, par_inside);
+            let cols = &*cols;
+            // One image: gemm straight into the output; else through a
+            // channels-major buffer.
+            let tmp = grow(&mut s.tmp, if nb == 1 { 0 } else { g.cout * ncols });
+            for gi in 0..groups {
+                let dst: &mut [T] = if nb == 1 { &mut *out } else { &mut *tmp };
+                matmul_impl(
+                    dst,
+                    MatLayout::contiguous(coutg, ncols).with_offset(gi * coutg * ncols),
+                    T::zero(),
+                    T::one(),
+                    w,
+                    MatLayout::contiguous(coutg, kg).with_offset(gi * coutg * kg),
+                    cols,
+                    MatLayout::contiguous(kg, ncols).with_offset(gi * kg * ncols),
+                    1,
+                    coutg,
+                    kg,
+                    ncols,
+                    par_inside,
+                );
             }
-        } else {
-            shuffle(&tmp, out, nb, g.cout, howo, bias, true);
-        }
-    });
+            if nb == 1 {
+                if let Some(b) = bias {
+                    add_bias(out, b, g.cout, howo);
+                }
+            } else {
+                shuffle(tmp, out, nb, g.cout, howo, bias, true);
+            }
+        },
+    );
     y
 }
 
@@ -533,38 +634,44 @@ fn conv_backward_input<T: Float>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
     }
     let plan = g.plan();
     let per_image = g.c * g.hw();
-    for_blocks(&mut dx, per_image, g.n, plan, |n0, nb, out, par_inside| {
-        let ncols = nb * howo;
-        let gblock = &gy[n0 * g.cout * howo..][..nb * g.cout * howo];
-        let gcm: std::borrow::Cow<[T]> = if nb == 1 {
-            gblock.into()
-        } else {
-            let mut t = vec![T::zero(); g.cout * ncols];
-            shuffle(gblock, &mut t, nb, g.cout, howo, None, false);
-            t.into()
-        };
-        let mut cols = vec![T::zero(); g.c * g.kh * g.kw * ncols];
-        for gi in 0..groups {
-            matmul_impl(
-                &mut cols,
-                MatLayout::contiguous(kg, ncols).with_offset(gi * kg * ncols),
-                T::zero(),
-                T::one(),
-                w,
-                MatLayout::contiguous(coutg, kg)
-                    .with_offset(gi * coutg * kg)
-                    .t(),
-                &gcm,
-                MatLayout::contiguous(coutg, ncols).with_offset(gi * coutg * ncols),
-                1,
-                kg,
-                coutg,
-                ncols,
-                par_inside,
-            );
-        }
-        col2im(&cols, nb, g, out, par_inside);
-    });
+    for_blocks(
+        &mut dx,
+        per_image,
+        g.n,
+        plan,
+        |n0, nb, out, s, par_inside| {
+            let ncols = nb * howo;
+            let gblock = &gy[n0 * g.cout * howo..][..nb * g.cout * howo];
+            let gcm: &[T] = if nb == 1 {
+                gblock
+            } else {
+                let t = grow(&mut s.tmp, g.cout * ncols);
+                shuffle(gblock, t, nb, g.cout, howo, None, false);
+                t
+            };
+            let cols = grow(&mut s.cols, g.c * g.kh * g.kw * ncols);
+            for gi in 0..groups {
+                matmul_impl(
+                    cols,
+                    MatLayout::contiguous(kg, ncols).with_offset(gi * kg * ncols),
+                    T::zero(),
+                    T::one(),
+                    w,
+                    MatLayout::contiguous(coutg, kg)
+                        .with_offset(gi * coutg * kg)
+                        .t(),
+                    gcm,
+                    MatLayout::contiguous(coutg, ncols).with_offset(gi * coutg * ncols),
+                    1,
+                    kg,
+                    coutg,
+                    ncols,
+                    par_inside,
+                );
+            }
+            col2im(cols, nb, g, out, par_inside);
+        },
+    );
     dx
 }
 
@@ -613,28 +720,28 @@ fn conv_backward_weight<T: Float>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
     }
     let (b, par_blocks) = g.plan();
     // dw += gy_block (channels-major [cout, ncols]) @ cols^T, per group.
-    let block = |n0: usize, acc: &mut Vec<T>, par_inside: bool| {
+    let block = |n0: usize, acc: &mut [T], s: &mut Scratch<T>, par_inside: bool| {
         let nb = b.min(g.n - n0);
         let ncols = nb * howo;
         let gblock = &gy[n0 * g.cout * howo..][..nb * g.cout * howo];
-        let gcm: std::borrow::Cow<[T]> = if nb == 1 {
-            gblock.into()
+        let gcm: &[T] = if nb == 1 {
+            gblock
         } else {
-            let mut t = vec![T::zero(); g.cout * ncols];
-            shuffle(gblock, &mut t, nb, g.cout, howo, None, false);
-            t.into()
+            let t = grow(&mut s.tmp, g.cout * ncols);
+            shuffle(gblock, t, nb, g.cout, howo, None, false);
+            t
         };
-        let mut cols = vec![T::zero(); g.c * g.kh * g.kw * ncols];
-        im2col(&x[n0 * g.c * g.hw()..], nb, g, &mut cols, par_inside);
+        let cols = grow(&mut s.cols, g.c * g.kh * g.kw * ncols);
+        im2col(&x[n0 * g.c * g.hw()..], nb, g, cols, par_inside);
         for gi in 0..groups {
             matmul_impl(
                 acc,
                 MatLayout::contiguous(coutg, kg).with_offset(gi * coutg * kg),
                 T::one(),
                 T::one(),
-                &gcm,
+                gcm,
                 MatLayout::contiguous(coutg, ncols).with_offset(gi * coutg * ncols),
-                &cols,
+                cols,
                 MatLayout::contiguous(kg, ncols)
                     .with_offset(gi * kg * ncols)
                     .t(),
@@ -648,16 +755,18 @@ fn conv_backward_weight<T: Float>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
     };
     let starts: Vec<usize> = (0..g.n).step_by(b).collect();
     if par_blocks {
+        // Per-task partial sums, added up at the end.
         let len = dw.len();
         dw = starts
             .par_iter()
             .fold(
-                || vec![T::zero(); len],
-                |mut acc, &n0| {
-                    block(n0, &mut acc, false);
-                    acc
+                || (vec![T::zero(); len], Scratch::new()),
+                |(mut acc, mut s), &n0| {
+                    block(n0, &mut acc, &mut s, false);
+                    (acc, s)
                 },
             )
+            .map(|(acc, _)| acc)
             .reduce(
                 || vec![T::zero(); len],
                 |mut a, b| {
@@ -668,8 +777,9 @@ fn conv_backward_weight<T: Float>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
                 },
             );
     } else {
+        let mut s = Scratch::new();
         for &n0 in &starts {
-            block(n0, &mut dw, true);
+            block(n0, &mut dw, &mut s, true);
         }
     }
     dw
@@ -936,6 +1046,10 @@ mod tests {
             ([4, 2, 5, 5], [3, 2, 5, 5], p((1, 1), (0, 0), (1, 1), 1)),
             ([3, 2, 6, 7], [4, 2, 2, 3], p((3, 1), (0, 1), (2, 1), 1)),
             ([2, 2, 4, 4], [3, 2, 1, 1], p((2, 2), (1, 0), (1, 1), 1)),
+            // Stride 1 with output width == input width (shifted-copy path).
+            ([3, 4, 9, 10], [5, 4, 3, 3], p((1, 1), (2, 2), (2, 2), 1)),
+            ([2, 3, 8, 9], [4, 3, 3, 5], p((1, 1), (1, 2), (1, 1), 1)),
+            ([2, 2, 6, 5], [2, 2, 2, 1], p((1, 1), (0, 0), (1, 1), 1)),
             // Big enough to take the parallel / blocked paths.
             ([9, 5, 13, 13], [8, 5, 3, 3], p((1, 1), (1, 1), (1, 1), 1)),
             ([6, 8, 20, 20], [8, 4, 3, 3], p((2, 1), (1, 2), (1, 2), 2)),
@@ -1042,7 +1156,8 @@ mod tests {
     }
 
     fn check_conv_t<T: Float>(tol: f64) {
-        let cases: Vec<([usize; 4], [usize; 4], Conv2dParams, (usize, usize))> = vec![
+        type Case = ([usize; 4], [usize; 4], Conv2dParams, (usize, usize));
+        let cases: Vec<Case> = vec![
             (
                 [2, 3, 5, 4],
                 [3, 2, 3, 3],

@@ -410,6 +410,7 @@ pub(crate) mod tests {
         c
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn check<T: Float>(
         batch: usize,
         m: usize,

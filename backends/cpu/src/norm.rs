@@ -1,1 +1,690 @@
-//! placeholder
+//! Batch and layer normalization, forward and backward. Batch norm views
+//! its input as contiguous `[N, C, S]` (S = H*W for BatchNorm2d, 1 for
+//! BatchNorm1d on `[N, C]`) and normalizes per channel; layer norm
+//! normalizes each contiguous row of `k` elements. Sums are accumulated in
+//! f64 (also for f32 data). Running statistics are the frontend's business:
+//! the kernels return the batch's biased variance and element count.
+
+use crate::element::Float;
+use rayon::prelude::*;
+
+/// Per-channel statistics of a training-mode batch norm. `var` is biased
+/// (divided by `count`); PyTorch updates `running_var` with the unbiased
+/// `var * count / (count - 1)`. `invstd = 1 / sqrt(var + eps)` is what the
+/// backward needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchNormStats<T> {
+    pub mean: Vec<T>,
+    pub var: Vec<T>,
+    pub invstd: Vec<T>,
+    /// Elements per channel, N*S.
+    pub count: usize,
+}
+
+/// `f(c)` for every channel, in parallel when the data is large.
+fn per_channel<U: Send>(c: usize, work: usize, f: impl Fn(usize) -> U + Sync + Send) -> Vec<U> {
+    if work >= crate::PAR_THRESHOLD && c > 1 {
+        (0..c).into_par_iter().map(f).collect()
+    } else {
+        (0..c).map(f).collect()
+    }
+}
+
+/// Sum over every `(n, s)` of channel `ch` of `f(x, g)` (g = x if no g).
+fn channel_sum<T: Float>(
+    x: &[T],
+    g: Option<&[T]>,
+    shape: [usize; 3],
+    ch: usize,
+    f: impl Fn(f64, f64) -> f64,
+) -> f64 {
+    let [n, c, s] = shape;
+    let mut acc = 0.0f64;
+    for b in 0..n {
+        let off = (b * c + ch) * s;
+        let xs = &x[off..off + s];
+        match g {
+            Some(g) => {
+                for (&xv, &gv) in xs.iter().zip(&g[off..off + s]) {
+                    acc += f(xv.as_f64(), gv.as_f64());
+                }
+            }
+            None => {
+                for &xv in xs {
+                    acc += f(xv.as_f64(), 0.0);
+                }
+            }
+        }
+    }
+    acc
+}
+
+/// `out[n, c, s] = f(c, x[n, c, s], g[n, c, s])` with per-channel
+/// coefficients; parallel over chunks of whole S-planes.
+fn map_channels<T: Float>(
+    x: &[T],
+    g: Option<&[T]>,
+    shape: [usize; 3],
+    f: impl Fn(usize, T, T) -> T + Sync + Send,
+) -> Vec<T> {
+    let [_, c, s] = shape;
+    let mut out = vec![T::zero(); x.len()];
+    if out.is_empty() || s == 0 {
+        return out;
+    }
+    let planes_per_chunk = (crate::PAR_THRESHOLD / 2 / s).max(1);
+    let chunk = planes_per_chunk * s;
+    let body = |(ci, o): (usize, &mut [T])| {
+        let start = ci * chunk;
+        for (pi, op) in o.chunks_mut(s).enumerate() {
+            let off = start + pi * s;
+            let ch = (off / s) % c;
+            let len = op.len();
+            let xs = &x[off..off + len];
+            match g {
+                Some(g) => {
+                    for ((o, &xv), &gv) in op.iter_mut().zip(xs).zip(&g[off..off + len]) {
+                        *o = f(ch, xv, gv);
+                    }
+                }
+                None => {
+                    for (o, &xv) in op.iter_mut().zip(xs) {
+                        *o = f(ch, xv, T::zero());
+                    }
+                }
+            }
+        }
+    };
+    if x.len() >= crate::PAR_THRESHOLD {
+        out.par_chunks_mut(chunk).enumerate().for_each(body);
+    } else {
+        out.chunks_mut(chunk).enumerate().for_each(body);
+    }
+    out
+}
+
+fn check_bn<T>(x: &[T], shape: [usize; 3], weight: Option<&[T]>, bias: Option<&[T]>) {
+    let [n, c, s] = shape;
+    assert_eq!(x.len(), n * c * s, "batch_norm: input length");
+    if let Some(w) = weight {
+        assert_eq!(w.len(), c, "batch_norm: weight length");
+    }
+    if let Some(b) = bias {
+        assert_eq!(b.len(), c, "batch_norm: bias length");
+    }
+}
+
+/// Training-mode batch norm of x `[N, C, S]`: normalizes with the batch's
+/// per-channel mean and biased variance, then scales by `weight` and
+/// shifts by `bias` (each `[C]`, optional). Returns y `[N, C, S]` and the
+/// statistics.
+pub fn batch_norm_train<T: Float>(
+    x: &[T],
+    shape: [usize; 3],
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    eps: f64,
+) -> (Vec<T>, BatchNormStats<T>) {
+    check_bn(x, shape, weight, bias);
+    let [n, c, s] = shape;
+    let count = n * s;
+    assert!(
+        count > 0,
+        "batch_norm: expected more than 0 values per channel in training"
+    );
+    let stats: Vec<(f64, f64)> = per_channel(c, x.len(), |ch| {
+        let mean = channel_sum(x, None, shape, ch, |v, _| v) / count as f64;
+        let var = channel_sum(x, None, shape, ch, |v, _| (v - mean) * (v - mean)) / count as f64;
+        (mean, var)
+    });
+    let mean: Vec<T> = stats.iter().map(|&(m, _)| T::from_f64(m)).collect();
+    let var: Vec<T> = stats.iter().map(|&(_, v)| T::from_f64(v)).collect();
+    let invstd64: Vec<f64> = stats.iter().map(|&(_, v)| 1.0 / (v + eps).sqrt()).collect();
+    let invstd: Vec<T> = invstd64.iter().map(|&v| T::from_f64(v)).collect();
+    let y = normalize(
+        x,
+        shape,
+        &stats.iter().map(|&(m, _)| m).collect::<Vec<_>>(),
+        &invstd64,
+        weight,
+        bias,
+    );
+    (
+        y,
+        BatchNormStats {
+            mean,
+            var,
+            invstd,
+            count,
+        },
+    )
+}
+
+/// `y = (x - mean[c]) * invstd[c] * w[c] + b[c]`, folded into one
+/// multiply-add per element.
+fn normalize<T: Float>(
+    x: &[T],
+    shape: [usize; 3],
+    mean: &[f64],
+    invstd: &[f64],
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+) -> Vec<T> {
+    let c = shape[1];
+    let coef: Vec<(T, T)> = (0..c)
+        .map(|ch| {
+            let w = weight.map_or(1.0, |w| w[ch].as_f64());
+            let b = bias.map_or(0.0, |b| b[ch].as_f64());
+            let scale = invstd[ch] * w;
+            (T::from_f64(scale), T::from_f64(b - mean[ch] * scale))
+        })
+        .collect();
+    map_channels(x, None, shape, |ch, v, _| v * coef[ch].0 + coef[ch].1)
+}
+
+/// Eval-mode batch norm of x `[N, C, S]` with the running statistics.
+pub fn batch_norm_eval<T: Float>(
+    x: &[T],
+    shape: [usize; 3],
+    running_mean: &[T],
+    running_var: &[T],
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    eps: f64,
+) -> Vec<T> {
+    check_bn(x, shape, weight, bias);
+    let mean: Vec<f64> = running_mean.iter().map(|v| v.as_f64()).collect();
+    let invstd: Vec<f64> = running_var
+        .iter()
+        .map(|v| 1.0 / (v.as_f64() + eps).sqrt())
+        .collect();
+    assert_eq!(mean.len(), shape[1], "batch_norm: running_mean length");
+    assert_eq!(invstd.len(), shape[1], "batch_norm: running_var length");
+    normalize(x, shape, &mean, &invstd, weight, bias)
+}
+
+/// Backward of batch norm. `mean`/`invstd` are the ones the forward used:
+/// the batch's (from `BatchNormStats`) when `training`, else the running
+/// mean and `1/sqrt(running_var + eps)` (see `batch_norm_backward_eval`).
+/// Returns `(grad_input [N, C, S], grad_weight [C], grad_bias [C])`;
+/// grad_weight is computed even if there is no weight (ignore it then).
+pub fn batch_norm_backward<T: Float>(
+    grad_out: &[T],
+    x: &[T],
+    shape: [usize; 3],
+    weight: Option<&[T]>,
+    mean: &[T],
+    invstd: &[T],
+    training: bool,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    check_bn(x, shape, weight, None);
+    assert_eq!(
+        grad_out.len(),
+        x.len(),
+        "batch_norm_backward: grad_out length"
+    );
+    let [n, c, s] = shape;
+    let count = (n * s) as f64;
+    // Per channel: sum(g) and sum(g * (x - mean)).
+    let sums: Vec<(f64, f64)> = per_channel(c, x.len(), |ch| {
+        let m = mean[ch].as_f64();
+        let sg = channel_sum(x, Some(grad_out), shape, ch, |_, g| g);
+        let sgx = channel_sum(x, Some(grad_out), shape, ch, |v, g| g * (v - m));
+        (sg, sgx)
+    });
+    let gw: Vec<T> = sums
+        .iter()
+        .zip(invstd)
+        .map(|(&(_, sgx), &is)| T::from_f64(sgx * is.as_f64()))
+        .collect();
+    let gb: Vec<T> = sums.iter().map(|&(sg, _)| T::from_f64(sg)).collect();
+    // grad_input = a*g + b*x + d per channel.
+    let coef: Vec<(T, T, T)> = (0..c)
+        .map(|ch| {
+            let w = weight.map_or(1.0, |w| w[ch].as_f64());
+            let is = invstd[ch].as_f64();
+            let m = mean[ch].as_f64();
+            if training && count > 0.0 {
+                // gi = w*is * (g - sg/M - (x-m) * is^2 * sgx/M)
+                let (sg, sgx) = sums[ch];
+                let k = is * is * sgx / count;
+                let a = w * is;
+                (
+                    T::from_f64(a),
+                    T::from_f64(-a * k),
+                    T::from_f64(a * (k * m - sg / count)),
+                )
+            } else {
+                (T::from_f64(w * is), T::zero(), T::zero())
+            }
+        })
+        .collect();
+    let gi = map_channels(x, Some(grad_out), shape, |ch, v, g| {
+        let (a, b, d) = coef[ch];
+        a * g + b * v + d
+    });
+    (gi, gw, gb)
+}
+
+/// Backward of eval-mode batch norm (statistics are constants).
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_backward_eval<T: Float>(
+    grad_out: &[T],
+    x: &[T],
+    shape: [usize; 3],
+    weight: Option<&[T]>,
+    running_mean: &[T],
+    running_var: &[T],
+    eps: f64,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let invstd: Vec<T> = running_var
+        .iter()
+        .map(|v| T::from_f64(1.0 / (v.as_f64() + eps).sqrt()))
+        .collect();
+    batch_norm_backward(grad_out, x, shape, weight, running_mean, &invstd, false)
+}
+
+/// Rows per parallel task for a row kernel with rows of `k` elements.
+fn rows_per_task(k: usize) -> usize {
+    (crate::PAR_THRESHOLD / 2 / k.max(1)).max(1)
+}
+
+/// Layer norm of each contiguous row of `k` elements of x (`x.len()` a
+/// multiple of k), with optional elementwise weight/bias `[k]`. Returns
+/// `(y, mean [rows], rstd [rows])` with `rstd = 1/sqrt(biased var + eps)`.
+pub fn layer_norm<T: Float>(
+    x: &[T],
+    k: usize,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    eps: f64,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    assert!(
+        k > 0 && x.len().is_multiple_of(k),
+        "layer_norm: length not a multiple of k"
+    );
+    if let Some(w) = weight {
+        assert_eq!(w.len(), k, "layer_norm: weight length");
+    }
+    if let Some(b) = bias {
+        assert_eq!(b.len(), k, "layer_norm: bias length");
+    }
+    let rows = x.len() / k;
+    let mut y = vec![T::zero(); x.len()];
+    let mut mean = vec![T::zero(); rows];
+    let mut rstd = vec![T::zero(); rows];
+    let rpt = rows_per_task(k);
+    let body = |(yc, (mc, rc)): (&mut [T], (&mut [T], &mut [T])), start: usize| {
+        for (r, (yr, (m, rs))) in yc
+            .chunks_mut(k)
+            .zip(mc.iter_mut().zip(rc.iter_mut()))
+            .enumerate()
+        {
+            let xr = &x[(start + r) * k..][..k];
+            let mu = xr.iter().map(|v| v.as_f64()).sum::<f64>() / k as f64;
+            let var = xr.iter().map(|v| (v.as_f64() - mu).powi(2)).sum::<f64>() / k as f64;
+            let is = 1.0 / (var + eps).sqrt();
+            *m = T::from_f64(mu);
+            *rs = T::from_f64(is);
+            let (mu_t, is_t) = (T::from_f64(mu), T::from_f64(is));
+            for (j, (o, &v)) in yr.iter_mut().zip(xr).enumerate() {
+                let mut t = (v - mu_t) * is_t;
+                if let Some(w) = weight {
+                    t *= w[j];
+                }
+                if let Some(b) = bias {
+                    t += b[j];
+                }
+                *o = t;
+            }
+        }
+    };
+    if x.len() >= crate::PAR_THRESHOLD {
+        y.par_chunks_mut(rpt * k)
+            .zip(mean.par_chunks_mut(rpt).zip(rstd.par_chunks_mut(rpt)))
+            .enumerate()
+            .for_each(|(i, t)| body(t, i * rpt));
+    } else {
+        body((&mut y, (&mut mean, &mut rstd)), 0);
+    }
+    (y, mean, rstd)
+}
+
+/// Backward of `layer_norm`: returns `(grad_input, grad_weight [k],
+/// grad_bias [k])` (the last two are computed whether or not the forward
+/// had a weight/bias). `mean`/`rstd` are the forward's.
+pub fn layer_norm_backward<T: Float>(
+    grad_out: &[T],
+    x: &[T],
+    k: usize,
+    mean: &[T],
+    rstd: &[T],
+    weight: Option<&[T]>,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    assert!(
+        k > 0 && x.len().is_multiple_of(k),
+        "layer_norm_backward: length not a multiple of k"
+    );
+    assert_eq!(
+        grad_out.len(),
+        x.len(),
+        "layer_norm_backward: grad_out length"
+    );
+    let rows = x.len() / k;
+    assert_eq!(mean.len(), rows, "layer_norm_backward: mean length");
+    assert_eq!(rstd.len(), rows, "layer_norm_backward: rstd length");
+    let mut gi = vec![T::zero(); x.len()];
+    let rpt = rows_per_task(k);
+    // Each task: grad_input of its rows, and partial column sums
+    // (sum g*xhat, sum g) in f64.
+    let task = |gc: &mut [T], start: usize| -> (Vec<f64>, Vec<f64>) {
+        let mut gw = vec![0.0f64; k];
+        let mut gb = vec![0.0f64; k];
+        let mut wg = vec![0.0f64; k];
+        for (r, gir) in gc.chunks_mut(k).enumerate() {
+            let row = start + r;
+            let xr = &x[row * k..][..k];
+            let gr = &grad_out[row * k..][..k];
+            let (mu, is) = (mean[row].as_f64(), rstd[row].as_f64());
+            let (mut a, mut b) = (0.0f64, 0.0f64);
+            for j in 0..k {
+                let g = gr[j].as_f64();
+                let xh = (xr[j].as_f64() - mu) * is;
+                gw[j] += g * xh;
+                gb[j] += g;
+                let v = g * weight.map_or(1.0, |w| w[j].as_f64());
+                wg[j] = v;
+                a += v;
+                b += v * xh;
+            }
+            a /= k as f64;
+            b /= k as f64;
+            for j in 0..k {
+                let xh = (xr[j].as_f64() - mu) * is;
+                gir[j] = T::from_f64(is * (wg[j] - a - xh * b));
+            }
+        }
+        (gw, gb)
+    };
+    let add = |(mut a, mut b): (Vec<f64>, Vec<f64>), (c, d): (Vec<f64>, Vec<f64>)| {
+        for (x, y) in a.iter_mut().zip(&c) {
+            *x += y;
+        }
+        for (x, y) in b.iter_mut().zip(&d) {
+            *x += y;
+        }
+        (a, b)
+    };
+    let (gw, gb) = if x.len() >= crate::PAR_THRESHOLD {
+        gi.par_chunks_mut(rpt * k)
+            .enumerate()
+            .map(|(i, c)| task(c, i * rpt))
+            .reduce(|| (vec![0.0; k], vec![0.0; k]), add)
+    } else {
+        task(&mut gi, 0)
+    };
+    let to = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect::<Vec<T>>();
+    (gi, to(gw), to(gb))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::matmul::tests::{assert_close, rand_vec};
+
+    fn to<T: Float>(v: &[f64]) -> Vec<T> {
+        v.iter().map(|&x| T::from_f64(x)).collect()
+    }
+
+    /// Reference batch norm as a function of (x, w, b), for finite
+    /// differences: returns y.
+    fn bn_ref(x: &[f64], shape: [usize; 3], w: &[f64], b: &[f64], eps: f64) -> Vec<f64> {
+        let [n, c, s] = shape;
+        let mut y = vec![0.0; x.len()];
+        for ch in 0..c {
+            let vals: Vec<f64> = (0..n)
+                .flat_map(|bi| (0..s).map(move |si| (bi, si)))
+                .map(|(bi, si)| x[(bi * c + ch) * s + si])
+                .collect();
+            let m = vals.iter().sum::<f64>() / vals.len() as f64;
+            let v = vals.iter().map(|t| (t - m).powi(2)).sum::<f64>() / vals.len() as f64;
+            for bi in 0..n {
+                for si in 0..s {
+                    let i = (bi * c + ch) * s + si;
+                    y[i] = (x[i] - m) / (v + eps).sqrt() * w[ch] + b[ch];
+                }
+            }
+        }
+        y
+    }
+
+    /// Numerical gradient of `sum(go * f(x))` wrt each element of `x`.
+    fn numgrad(x: &[f64], go: &[f64], f: impl Fn(&[f64]) -> Vec<f64>) -> Vec<f64> {
+        let h = 1e-6;
+        (0..x.len())
+            .map(|i| {
+                let mut xp = x.to_vec();
+                xp[i] += h;
+                let mut xm = x.to_vec();
+                xm[i] -= h;
+                let (yp, ym) = (f(&xp), f(&xm));
+                yp.iter()
+                    .zip(&ym)
+                    .zip(go)
+                    .map(|((a, b), g)| (a - b) * g)
+                    .sum::<f64>()
+                    / (2.0 * h)
+            })
+            .collect()
+    }
+
+    fn check_bn_train<T: Float>(shape: [usize; 3], tol: f64) {
+        let eps = 1e-5;
+        let [n, c, s] = shape;
+        let x: Vec<f64> = rand_vec::<f64>(n * c * s, 3)
+            .iter()
+            .map(|v| v * 2.0 + 0.5)
+            .collect();
+        let w: Vec<f64> = rand_vec(c, 4);
+        let b: Vec<f64> = rand_vec(c, 5);
+        let want = bn_ref(&x, shape, &w, &b, eps);
+        let (y, st) = batch_norm_train(
+            &to::<T>(&x),
+            shape,
+            Some(&to::<T>(&w)),
+            Some(&to::<T>(&b)),
+            eps,
+        );
+        assert_close(&y, &want, tol, "batch_norm_train y");
+        assert_eq!(st.count, n * s);
+        for ch in 0..c {
+            let vals: Vec<f64> = (0..n)
+                .flat_map(|bi| (0..s).map(move |si| (bi, si)))
+                .map(|(bi, si)| x[(bi * c + ch) * s + si])
+                .collect();
+            let m = vals.iter().sum::<f64>() / vals.len() as f64;
+            let v = vals.iter().map(|t| (t - m).powi(2)).sum::<f64>() / vals.len() as f64;
+            assert_close(
+                &[st.mean[ch], st.var[ch], st.invstd[ch]],
+                &[m, v, 1.0 / (v + eps).sqrt()],
+                tol,
+                "bn stats",
+            );
+        }
+        // Backward against finite differences (in f64 of the reference).
+        let go: Vec<f64> = rand_vec(x.len(), 6);
+        let (gi, gw, gb) = batch_norm_backward(
+            &to::<T>(&go),
+            &to::<T>(&x),
+            shape,
+            Some(&to::<T>(&w)),
+            &st.mean,
+            &st.invstd,
+            true,
+        );
+        let ngi = numgrad(&x, &go, |xx| bn_ref(xx, shape, &w, &b, eps));
+        let ngw = numgrad(&w, &go, |ww| bn_ref(&x, shape, ww, &b, eps));
+        let ngb = numgrad(&b, &go, |bb| bn_ref(&x, shape, &w, bb, eps));
+        let ftol = tol.max(1e-6);
+        assert_close(&gi, &ngi, ftol, "bn grad input");
+        assert_close(&gw, &ngw, ftol, "bn grad weight");
+        assert_close(&gb, &ngb, ftol, "bn grad bias");
+        // No weight/bias: same as weight 1, bias 0.
+        let ones = vec![1.0; c];
+        let zeros = vec![0.0; c];
+        let (y2, _) = batch_norm_train(&to::<T>(&x), shape, None, None, eps);
+        assert_close(
+            &y2,
+            &bn_ref(&x, shape, &ones, &zeros, eps),
+            tol,
+            "bn no affine",
+        );
+    }
+
+    #[test]
+    fn batch_norm_train_forward_backward() {
+        for shape in [[4, 3, 5], [7, 2, 1], [2, 5, 9], [1, 1, 6]] {
+            check_bn_train::<f64>(shape, 1e-9);
+            check_bn_train::<f32>(shape, 2e-4);
+        }
+        // Large enough for the parallel paths (checked against f64).
+        let shape = [16, 8, 300];
+        let x: Vec<f64> = rand_vec(16 * 8 * 300, 9);
+        let w: Vec<f64> = rand_vec(8, 10);
+        let b: Vec<f64> = rand_vec(8, 11);
+        let (y, _) = batch_norm_train(
+            &to::<f32>(&x),
+            shape,
+            Some(&to::<f32>(&w)),
+            Some(&to::<f32>(&b)),
+            1e-5,
+        );
+        assert_close(&y, &bn_ref(&x, shape, &w, &b, 1e-5), 1e-4, "bn large");
+    }
+
+    #[test]
+    fn batch_norm_eval_forward_backward() {
+        let shape = [3, 4, 5];
+        let eps = 1e-3;
+        let x: Vec<f64> = rand_vec(60, 12);
+        let rm: Vec<f64> = rand_vec(4, 13);
+        let rv: Vec<f64> = rand_vec::<f64>(4, 14)
+            .iter()
+            .map(|v| v.abs() + 0.5)
+            .collect();
+        let w: Vec<f64> = rand_vec(4, 15);
+        let b: Vec<f64> = rand_vec(4, 16);
+        let f = |xx: &[f64], ww: &[f64], bb: &[f64]| -> Vec<f64> {
+            xx.iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let ch = (i / 5) % 4;
+                    (v - rm[ch]) / (rv[ch] + eps).sqrt() * ww[ch] + bb[ch]
+                })
+                .collect()
+        };
+        let y = batch_norm_eval(&x, shape, &rm, &rv, Some(&w), Some(&b), eps);
+        assert_close(&y, &f(&x, &w, &b), 1e-12, "bn eval");
+        let go: Vec<f64> = rand_vec(60, 17);
+        let (gi, gw, gb) = batch_norm_backward_eval(&go, &x, shape, Some(&w), &rm, &rv, eps);
+        assert_close(
+            &gi,
+            &numgrad(&x, &go, |xx| f(xx, &w, &b)),
+            1e-6,
+            "bn eval gi",
+        );
+        assert_close(
+            &gw,
+            &numgrad(&w, &go, |ww| f(&x, ww, &b)),
+            1e-6,
+            "bn eval gw",
+        );
+        assert_close(
+            &gb,
+            &numgrad(&b, &go, |bb| f(&x, &w, bb)),
+            1e-6,
+            "bn eval gb",
+        );
+    }
+
+    fn ln_ref(x: &[f64], k: usize, w: &[f64], b: &[f64], eps: f64) -> Vec<f64> {
+        x.chunks(k)
+            .flat_map(|r| {
+                let m = r.iter().sum::<f64>() / k as f64;
+                let v = r.iter().map(|t| (t - m).powi(2)).sum::<f64>() / k as f64;
+                r.iter()
+                    .enumerate()
+                    .map(move |(j, t)| (t - m) / (v + eps).sqrt() * w[j] + b[j])
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    fn check_ln<T: Float>(rows: usize, k: usize, tol: f64) {
+        let eps = 1e-5;
+        let x: Vec<f64> = rand_vec::<f64>(rows * k, 20)
+            .iter()
+            .map(|v| v * 3.0 - 1.0)
+            .collect();
+        let w: Vec<f64> = rand_vec(k, 21);
+        let b: Vec<f64> = rand_vec(k, 22);
+        let (y, mean, rstd) =
+            layer_norm(&to::<T>(&x), k, Some(&to::<T>(&w)), Some(&to::<T>(&b)), eps);
+        assert_close(&y, &ln_ref(&x, k, &w, &b, eps), tol, "layer_norm y");
+        let go: Vec<f64> = rand_vec(rows * k, 23);
+        let (gi, gw, gb) = layer_norm_backward(
+            &to::<T>(&go),
+            &to::<T>(&x),
+            k,
+            &mean,
+            &rstd,
+            Some(&to::<T>(&w)),
+        );
+        if rows * k <= 200 {
+            let ftol = tol.max(1e-6);
+            assert_close(
+                &gi,
+                &numgrad(&x, &go, |xx| ln_ref(xx, k, &w, &b, eps)),
+                ftol,
+                "ln gi",
+            );
+            assert_close(
+                &gw,
+                &numgrad(&w, &go, |ww| ln_ref(&x, k, ww, &b, eps)),
+                ftol,
+                "ln gw",
+            );
+            assert_close(
+                &gb,
+                &numgrad(&b, &go, |bb| ln_ref(&x, k, &w, bb, eps)),
+                ftol,
+                "ln gb",
+            );
+        } else {
+            // Large: compare with the serial f64 kernel on the same data.
+            let (_, m64, r64) = layer_norm(&x, k, Some(&w), Some(&b), eps);
+            let (gi64, gw64, gb64) = layer_norm_backward(&go, &x, k, &m64, &r64, Some(&w));
+            assert_close(&gi, &gi64, tol, "ln gi large");
+            assert_close(&gw, &gw64, tol * 10.0, "ln gw large");
+            assert_close(&gb, &gb64, tol * 10.0, "ln gb large");
+        }
+        // No affine.
+        let (y2, _, _) = layer_norm(&to::<T>(&x), k, None, None, eps);
+        assert_close(
+            &y2,
+            &ln_ref(&x, k, &vec![1.0; k], &vec![0.0; k], eps),
+            tol,
+            "ln no affine",
+        );
+    }
+
+    #[test]
+    fn layer_norm_forward_backward() {
+        for (rows, k) in [(3, 5), (1, 7), (6, 16), (4, 1)] {
+            check_ln::<f64>(rows, k, 1e-9);
+            check_ln::<f32>(rows, k, 2e-4);
+        }
+        check_ln::<f64>(300, 257, 1e-9);
+        check_ln::<f32>(300, 257, 2e-4);
+    }
+}

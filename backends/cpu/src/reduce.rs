@@ -105,6 +105,46 @@ pub fn softmax_rows<T: Float>(x: &[T], k: usize, log: bool) -> Vec<T> {
     out
 }
 
+/// Backward of `softmax_rows(x, k, log)` given its output `y` and the
+/// output gradient `g` (both contiguous `[outer, k]`): for softmax
+/// `y * (g - sum(g * y))`, for log-softmax `g - exp(y) * sum(g)`, per row.
+/// Row sums are accumulated in f64.
+pub fn softmax_backward_rows<T: Float>(y: &[T], g: &[T], k: usize, log: bool) -> Vec<T> {
+    assert_eq!(y.len(), g.len(), "softmax_backward_rows: lengths differ");
+    let mut out = vec![T::zero(); y.len()];
+    if k == 0 {
+        return out;
+    }
+    let body = |o: &mut [T], y: &[T], g: &[T]| {
+        if log {
+            let s = T::from_f64(g.iter().map(|v| v.as_f64()).sum::<f64>());
+            for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                *o = g - y.exp() * s;
+            }
+        } else {
+            let s = T::from_f64(
+                y.iter()
+                    .zip(g)
+                    .map(|(&y, &g)| y.as_f64() * g.as_f64())
+                    .sum::<f64>(),
+            );
+            for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                *o = y * (g - s);
+            }
+        }
+    };
+    if y.len() >= crate::PAR_THRESHOLD {
+        out.par_chunks_mut(k)
+            .zip(y.par_chunks(k).zip(g.par_chunks(k)))
+            .for_each(|(o, (y, g))| body(o, y, g));
+    } else {
+        for ((o, y), g) in out.chunks_mut(k).zip(y.chunks(k)).zip(g.chunks(k)) {
+            body(o, y, g);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +159,44 @@ mod tests {
         assert_eq!(var_rows(&x, 2, 3, 0), vec![2.0 / 3.0, 14.0 / 3.0]);
         let s = softmax_rows(&[0.0f64, 0.0], 2, false);
         assert_eq!(s, vec![0.5, 0.5]);
+    }
+
+    #[test]
+    fn softmax_backward_matches_finite_differences() {
+        use crate::matmul::tests::{assert_close, rand_vec};
+        for &(outer, k) in &[(3usize, 5usize), (1, 1), (40, 1000)] {
+            let x: Vec<f64> = rand_vec(outer * k, 31);
+            let g: Vec<f64> = rand_vec(outer * k, 32);
+            for log in [false, true] {
+                let y = softmax_rows(&x, k, log);
+                let gi = softmax_backward_rows(&y, &g, k, log);
+                // Analytic reference per row: J^T g with J the softmax Jacobian.
+                let mut want = vec![0.0; x.len()];
+                for r in 0..outer {
+                    let p = softmax_rows(&x[r * k..(r + 1) * k], k, false);
+                    let gr = &g[r * k..(r + 1) * k];
+                    for i in 0..k {
+                        want[r * k + i] = if log {
+                            // d/dx_i sum_j g_j (x_j - lse) = g_i - p_i sum g
+                            gr[i] - p[i] * gr.iter().sum::<f64>()
+                        } else {
+                            (0..k)
+                                .map(|j| gr[j] * p[j] * (if i == j { 1.0 } else { 0.0 } - p[i]))
+                                .sum()
+                        };
+                    }
+                }
+                assert_close(&gi, &want, 1e-12, "softmax backward f64");
+                let y32: Vec<f32> = y.iter().map(|&v| v as f32).collect();
+                let g32: Vec<f32> = g.iter().map(|&v| v as f32).collect();
+                assert_close(
+                    &softmax_backward_rows(&y32, &g32, k, log),
+                    &want,
+                    1e-5,
+                    "softmax backward f32",
+                );
+            }
+        }
     }
 }
 

@@ -1,0 +1,221 @@
+//! Micro-benchmarks of the main kiln-cpu kernels: prints the CPU features
+//! gemm can use, then a table of median milliseconds (after warm-up) and
+//! GFLOP/s or GB/s per op. Run with
+//! `cargo run --release -p kiln-cpu --example bench_ops [-- reps]`.
+
+use kiln_cpu::conv::{conv2d, conv2d_backward_input, conv2d_backward_weight, Conv2dParams};
+use kiln_cpu::elementwise::{map, unary, zip_strided};
+use kiln_cpu::matmul::{matmul, MatLayout};
+use kiln_cpu::reduce::softmax_rows;
+use kiln_cpu::Layout;
+use kiln_ir::UnaryOp;
+use std::hint::black_box;
+use std::time::Instant;
+
+fn data(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Median seconds of `reps` runs after `reps / 4 + 2` warm-up runs.
+fn time<R>(reps: usize, mut f: impl FnMut() -> R) -> f64 {
+    for _ in 0..reps / 4 + 2 {
+        black_box(f());
+    }
+    let mut ts: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            black_box(f());
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    ts[ts.len() / 2]
+}
+
+enum Rate {
+    Flops(f64),
+    Bytes(f64),
+}
+
+fn row(op: &str, shape: &str, secs: f64, rate: Rate) {
+    let r = match rate {
+        Rate::Flops(f) => format!("{:8.1} GFLOP/s", f / secs / 1e9),
+        Rate::Bytes(b) => format!("{:8.1} GB/s", b / secs / 1e9),
+    };
+    println!("| {op:<28} | {shape:<37} | {:9.3} | {r:<16} |", secs * 1e3);
+}
+
+fn conv_case(reps: usize, name: &str, xs: [usize; 4], ws: [usize; 4], pad: usize, backward: bool) {
+    let p = Conv2dParams {
+        padding: (pad, pad),
+        ..Default::default()
+    };
+    let x = data(xs.iter().product(), 3);
+    let w = data(ws.iter().product(), 4);
+    let b = data(ws[0], 5);
+    let (ho, wo) = kiln_cpu::conv::conv2d_output_size((xs[2], xs[3]), (ws[2], ws[3]), &p);
+    let flops = 2.0 * (xs[0] * ws[0] * ho * wo * ws[1] * ws[2] * ws[3]) as f64;
+    let shape = format!(
+        "{}x{}x{}x{} * {}x{}x{}x{} p{pad}",
+        xs[0], xs[1], xs[2], xs[3], ws[0], ws[1], ws[2], ws[3]
+    );
+    let t = time(reps, || conv2d(&x, xs, &w, ws, Some(&b), &p));
+    row(&format!("{name} fwd"), &shape, t, Rate::Flops(flops));
+    if backward {
+        let gy = data(xs[0] * ws[0] * ho * wo, 6);
+        let t = time(reps, || conv2d_backward_input(&gy, &w, ws, xs, &p));
+        row(&format!("{name} bwd input"), &shape, t, Rate::Flops(flops));
+        let t = time(reps, || conv2d_backward_weight(&x, xs, &gy, ws, &p));
+        row(&format!("{name} bwd weight"), &shape, t, Rate::Flops(flops));
+    }
+}
+
+fn main() {
+    let reps: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    #[cfg(target_arch = "x86_64")]
+    println!(
+        "CPU features: avx2={} fma={} avx512f={}; rayon threads: {}",
+        is_x86_feature_detected!("avx2"),
+        is_x86_feature_detected!("fma"),
+        is_x86_feature_detected!("avx512f"),
+        rayon::current_num_threads()
+    );
+    println!("median of {reps} runs after warm-up, f32\n");
+    println!(
+        "| {:<28} | {:<37} | {:>9} | {:<16} |",
+        "op", "shape", "ms", "rate"
+    );
+    println!("|{:-<30}|{:-<39}|{:-<11}|{:-<18}|", "", "", "", "");
+
+    // Plain matmul (MNIST-MLP first layer with batch 4096).
+    let (m, k, n) = (4096, 784, 256);
+    let a = data(m * k, 1);
+    let b = data(k * n, 2);
+    let flops = 2.0 * (m * n * k) as f64;
+    let t = time(reps, || {
+        matmul(
+            &a,
+            MatLayout::contiguous(m, k),
+            &b,
+            MatLayout::contiguous(k, n),
+            1,
+            m,
+            k,
+            n,
+        )
+    });
+    row("matmul", "4096x784 @ 784x256", t, Rate::Flops(flops));
+    // The same with B read transposed (x @ W^T, W stored [256, 784]).
+    let t = time(reps, || {
+        matmul(
+            &a,
+            MatLayout::contiguous(m, k),
+            &b,
+            MatLayout::contiguous(n, k).t(),
+            1,
+            m,
+            k,
+            n,
+        )
+    });
+    row(
+        "matmul (B transposed view)",
+        "4096x784 @ (256x784)^T",
+        t,
+        Rate::Flops(flops),
+    );
+
+    // Batched attention-like matmul: [8,4,128,64] @ [8,4,64,128].
+    let (bt, m, k, n) = (32, 128, 64, 128);
+    let a = data(bt * m * k, 3);
+    let b = data(bt * k * n, 4);
+    let flops = 2.0 * (bt * m * n * k) as f64;
+    let t = time(reps, || {
+        matmul(
+            &a,
+            MatLayout::contiguous(m, k),
+            &b,
+            MatLayout::contiguous(k, n),
+            bt,
+            m,
+            k,
+            n,
+        )
+    });
+    row(
+        "batched matmul",
+        "8x4x128x64 @ 8x4x64x128",
+        t,
+        Rate::Flops(flops),
+    );
+
+    conv_case(
+        reps,
+        "conv2d 5x5",
+        [128, 1, 28, 28],
+        [32, 1, 5, 5],
+        1,
+        false,
+    );
+    conv_case(
+        reps,
+        "conv2d 3x3",
+        [128, 32, 13, 13],
+        [64, 32, 3, 3],
+        1,
+        true,
+    );
+    conv_case(
+        reps,
+        "conv2d 1x1",
+        [128, 64, 13, 13],
+        [64, 64, 1, 1],
+        0,
+        false,
+    );
+
+    // Elementwise chain on 4096x1024: y = gelu(x*s + b); z = sigmoid(y) * x.
+    let numel = 4096 * 1024;
+    let x = data(numel, 7);
+    let bias = data(1024, 8);
+    let lx = Layout::contiguous(&[4096, 1024]);
+    let lb = Layout {
+        shape: vec![4096, 1024],
+        strides: vec![0, 1],
+        offset: 0,
+    };
+    let t = time(reps, || {
+        let y = zip_strided(&x, &lx, &bias, &lb, |a, b| a * 0.5 + b);
+        let y = unary(UnaryOp::GeluErf, &y);
+        let s = unary(UnaryOp::Sigmoid, &y);
+        zip_strided(&s, &lx, &x, &lx, |a, b| a * b)
+    });
+    // Bytes: 4 passes, each reads 1-2 and writes 1 buffer of 4 MiB floats.
+    row(
+        "elementwise chain (4 ops)",
+        "4096x1024: gelu(x*s+b), sigmoid, *x",
+        t,
+        Rate::Bytes((numel * 4 * (2 + 2 + 2 + 3)) as f64),
+    );
+    let t = time(reps, || map(&x, |v| v * 1.5 + 0.25));
+    row("map x*s+b", "4096x1024", t, Rate::Bytes((numel * 8) as f64));
+
+    let t = time(reps, || softmax_rows(&x, 1024, false));
+    row(
+        "softmax rows",
+        "4096x1024 (rows of 1024)",
+        t,
+        Rate::Bytes((numel * 8) as f64),
+    );
+}
