@@ -16,7 +16,11 @@ fn main() -> kiln::Result<()> {
     let y = x.mul(&w)?.add_scalar(1.0)?.tanh()?;
     let loss = y.square()?.mean()?;
     println!("x        = {:?}", x);
-    println!("loss     = {:.6} (grad_fn {})", loss.item()?, loss.grad_fn_name().unwrap());
+    println!(
+        "loss     = {:.6} (grad_fn {})",
+        loss.item()?,
+        loss.grad_fn_name().unwrap()
+    );
 
     loss.backward()?;
     println!("x.grad   = {:?}", x.grad().unwrap().to_vec::<f32>());

@@ -9,7 +9,9 @@ pub mod autograd;
 pub mod device;
 pub mod error;
 pub mod hooks;
+pub mod nn;
 pub mod ops;
+pub mod optim;
 pub mod random;
 pub mod tensor;
 

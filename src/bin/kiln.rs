@@ -4,7 +4,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "kiln: PyTorch-like modules, traced and compiled")]
+#[command(
+    name = "kiln",
+    version,
+    about = "kiln: PyTorch-like modules, traced and compiled"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,5 +45,7 @@ fn info() {
 }
 
 fn rayon_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
