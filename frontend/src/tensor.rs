@@ -322,8 +322,7 @@ impl Tensor {
     /// A new tensor object sharing storage, with no autograd history.
     pub fn detach(&self) -> Tensor {
         let d = self.data();
-        let t = Tensor::from_parts(d.storage, d.layout, d.device);
-        t
+        Tensor::from_parts(d.storage, d.layout, d.device)
     }
 
     /// `t.data = other` : makes this tensor object look at `other`'s storage,

@@ -292,6 +292,7 @@ impl Tensor {
                 self.ones_like()?
             }
         };
-        engine::run_backward(&[self.clone()], &[g], retain_graph, false, None).map(|_| ())
+        engine::run_backward(std::slice::from_ref(self), &[g], retain_graph, false, None)
+            .map(|_| ())
     }
 }

@@ -75,7 +75,7 @@ pub(crate) fn infer_shape(
     let mut out: Vec<usize> = shape.iter().map(|&s| s.max(0) as usize).collect();
     match infer {
         Some(i) => {
-            if known == 0 || numel % known != 0 {
+            if known == 0 || !numel.is_multiple_of(known) {
                 return Err(Error::op(
                     op,
                     format!("shape '{shape:?}' is invalid for input of size {numel} (input shape {from:?})"),
