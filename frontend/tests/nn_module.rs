@@ -722,3 +722,67 @@ fn adam_and_adamw_by_hand_and_state_round_trip() {
         assert_eq!(opt3.lrs(), [0.5]);
     }
 }
+
+#[test]
+fn losses_values_and_grads() {
+    use kiln_frontend::nn::functional::{
+        binary_cross_entropy_with_logits, l1_loss, mse_loss, Reduction,
+    };
+    // F.binary_cross_entropy_with_logits(x, t): x = [0.5, -1, 3], t = [1, 0, 1]
+    // -> mean of log1p(exp(-0.5)), log1p(exp(-1)), log1p(exp(-3)) = 0.2786420;
+    // x.grad = (sigmoid(x) - t) / 3 = [-0.1258470, 0.0896471, -0.0158089]
+    let x = Parameter::new(t(&[0.5, -1.0, 3.0])).unwrap();
+    let tg = t(&[1.0, 0.0, 1.0]);
+    let l = binary_cross_entropy_with_logits(&x, &tg, None, None, Reduction::Mean).unwrap();
+    assert_eq!(
+        l.grad_fn_name().as_deref(),
+        Some("BinaryCrossEntropyWithLogitsBackward0")
+    );
+    assert!((l.item().unwrap() - 0.2786420).abs() < 1e-6);
+    l.backward().unwrap();
+    for (a, b) in x
+        .grad()
+        .unwrap()
+        .to_vec_f64()
+        .iter()
+        .zip([-0.1258470, 0.0896471, -0.0158089])
+    {
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+    }
+    // Stable for large logits: x = 100, t = 0 -> loss 100 (not inf).
+    let big =
+        binary_cross_entropy_with_logits(&t(&[100.0]), &t(&[0.0]), None, None, Reduction::Sum)
+            .unwrap();
+    assert_eq!(big.item().unwrap(), 100.0);
+    assert!(binary_cross_entropy_with_logits(
+        &t(&[1.0]),
+        &t(&[1.0, 0.0]),
+        None,
+        None,
+        Reduction::Mean
+    )
+    .is_err());
+    // F.mse_loss([1, 2], [0, 4], reduction) -> none [1, 4], sum 5, mean 2.5; grad(mean) = (x - t) = [1, -2]
+    let x = Parameter::new(t(&[1.0, 2.0])).unwrap();
+    let tg = t(&[0.0, 4.0]);
+    assert_eq!(
+        mse_loss(&x, &tg, Reduction::None).unwrap().to_vec_f32(),
+        [1.0, 4.0]
+    );
+    assert_eq!(
+        mse_loss(&x, &tg, Reduction::Sum).unwrap().item().unwrap(),
+        5.0
+    );
+    let l = mse_loss(&x, &tg, Reduction::Mean).unwrap();
+    assert_eq!(l.grad_fn_name().as_deref(), Some("MseLossBackward0"));
+    assert_eq!(l.item().unwrap(), 2.5);
+    l.backward().unwrap();
+    assert_eq!(x.grad().unwrap().to_vec_f32(), [1.0, -2.0]);
+    // F.l1_loss([1, 2], [0, 4]) = 1.5; grad = sign(x - t) / 2
+    let x = Parameter::new(t(&[1.0, 2.0])).unwrap();
+    let l = l1_loss(&x, &tg, Reduction::Mean).unwrap();
+    assert_eq!(l.item().unwrap(), 1.5);
+    l.backward().unwrap();
+    assert_eq!(x.grad().unwrap().to_vec_f32(), [0.5, -0.5]);
+    assert_eq!(MSELoss::default().repr(), "MSELoss()");
+}
