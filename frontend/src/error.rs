@@ -23,6 +23,11 @@ pub enum Error {
     /// A missing attribute, submodule, parameter or key.
     #[error("{0}")]
     Lookup(String),
+    /// `load_state_dict` rejected a state dict; `errors` lists every
+    /// offending key (missing, unexpected, wrong shape, wrong dtype), in
+    /// PyTorch's wording. The module was left unchanged.
+    #[error("Error(s) in loading state_dict for {module}:\n\t{}", errors.join("\n\t"))]
+    StateDict { module: String, errors: Vec<String> },
     /// A file that could not be parsed or does not match what it should hold.
     #[error("{0}")]
     Format(String),

@@ -1,0 +1,76 @@
+//! `nn`: PyTorch's `torch.nn` — the `Module` trait and its registry
+//! (`ModuleCore`), hooks, `state_dict`/`load_state_dict`/safetensors,
+//! containers (Sequential, ModuleList, ModuleDict), layers, losses,
+//! `nn::init` and `nn::functional`.
+//!
+//! A user module holds a `ModuleCore` and reaches its parts by name:
+//!
+//! ```
+//! use kiln_frontend::nn::prelude::*;
+//! use kiln_frontend::{DType, Result, Tensor};
+//! use std::sync::Arc;
+//!
+//! struct Block { core: ModuleCore }
+//! impl Block {
+//!     fn new() -> Result<Block> {
+//!         let core = ModuleCore::new("Block");
+//!         core.add_module("act", Some(Arc::new(ReLU::new())))?;
+//!         core.register_parameter("scale", Some(Parameter::new(Tensor::ones(&[3], DType::F32))?))?;
+//!         Ok(Block { core })
+//!     }
+//! }
+//! impl Module for Block {
+//!     fn core(&self) -> &ModuleCore { &self.core }
+//!     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+//!         let y = x.mul(&self.core.param("scale")?)?;
+//!         self.core.child("act")?.call(&y)
+//!     }
+//! }
+//!
+//! // Replace every ReLU by a LeakyReLU, as `setattr(module, name, nn.LeakyReLU())`:
+//! fn replace_relu(m: &dyn Module) -> Result<()> {
+//!     for (name, child) in m.named_children() {
+//!         if child.is::<ReLU>() {
+//!             m.core().set_child(&name, Arc::new(LeakyReLU::new(0.01)))?;
+//!         } else {
+//!             replace_relu(&*child)?;
+//!         }
+//!     }
+//!     Ok(())
+//! }
+//! let b = Block::new().unwrap();
+//! replace_relu(&b).unwrap();
+//! assert_eq!(b.to_repr(), "Block(\n  (act): LeakyReLU(negative_slope=0.01)\n)");
+//! ```
+
+pub mod container;
+pub mod core;
+pub mod functional;
+pub mod hooks;
+pub mod init;
+pub mod layers;
+pub mod loss;
+pub mod module;
+pub mod state_dict;
+
+pub use self::core::ModuleCore;
+pub use container::{ModuleDict, ModuleList, Sequential};
+pub use functional::Reduction;
+pub use hooks::{
+    register_module_forward_hook, register_module_forward_pre_hook,
+    register_module_full_backward_hook,
+};
+pub use layers::{Dropout, Flatten, Identity, LeakyReLU, Parameter, ReLU, Sigmoid, Tanh, GELU};
+pub use loss::{BCEWithLogitsLoss, L1Loss, MSELoss};
+pub use module::{downcast_arc, Module, ModuleBase, ModuleExt, ModuleRef};
+pub use state_dict::{IncompatibleKeys, StateDict};
+
+/// `use kiln_frontend::nn::prelude::*;` brings the traits and layers.
+pub mod prelude {
+    pub use super::container::{ModuleDict, ModuleList, Sequential};
+    pub use super::core::ModuleCore;
+    pub use super::layers::*;
+    pub use super::loss::*;
+    pub use super::module::{Module, ModuleBase, ModuleExt, ModuleRef};
+    pub use super::state_dict::{IncompatibleKeys, StateDict};
+}
