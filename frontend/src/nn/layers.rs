@@ -6,7 +6,6 @@
 
 use super::core::ModuleCore;
 use super::module::{py_bool, py_float, Module};
-use crate::autograd::{no_grad, record};
 use crate::error::{Error, Result};
 use crate::tensor::{normalize_dim, Tensor};
 use parking_lot::Mutex;
@@ -337,35 +336,7 @@ impl Dropout {
 
 /// `F.dropout(x, p, training)`.
 pub fn dropout(x: &Tensor, p: f64, training: bool) -> Result<Tensor> {
-    check_p(p)?;
-    if !training || p == 0.0 {
-        return Ok(x.clone());
-    }
-    if !x.is_floating_point() {
-        return Err(Error::op(
-            "dropout",
-            format!("expected a floating tensor, got {}", x.dtype()),
-        ));
-    }
-    let n = x.numel();
-    let mask: Vec<f64> = if p == 1.0 {
-        vec![0.0; n]
-    } else {
-        let scale = 1.0 / (1.0 - p);
-        crate::random::bernoulli_vec(n, 1.0 - p)
-            .into_iter()
-            .map(|keep| if keep { scale } else { 0.0 })
-            .collect()
-    };
-    let mask = Tensor::from_vec(mask, &x.shape())?.to_dtype(x.dtype())?;
-    let out = no_grad(|| x.mul(&mask))?;
-    record("NativeDropoutBackward0", &[x], &[&out], move |g, _| {
-        Ok(vec![match &g[0] {
-            Some(g) => Some(g.mul(&mask)?),
-            None => None,
-        }])
-    });
-    Ok(out)
+    crate::ops::nn::dropout(x, p, training)
 }
 
 impl Module for Dropout {

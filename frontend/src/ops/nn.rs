@@ -534,7 +534,7 @@ mod tests {
         let xi = uniform(&[2, 3, 6, 5], -1.0, 1.0, 3);
         gradcheck_default(
             |t| max_pool2d(&t[0], (3, 2), Some((2, 1)), (1, 1), (1, 2), true),
-            &[xi.clone()],
+            std::slice::from_ref(&xi),
         )
         .unwrap();
         gradcheck_default(
