@@ -1,0 +1,175 @@
+//! Graph passes, each a plain function `fn(&mut Graph) -> Result<bool>`
+//! (true when it changed the graph), and a pass manager that runs a list of
+//! them, verifies the graph after each (always in debug builds, on request
+//! in release) and names the failing pass.
+
+use crate::graph::{verify, Graph, Value};
+use crate::types::{IrError, Result};
+
+mod algebra;
+mod bn_fold;
+mod const_fold;
+mod cse;
+mod dce;
+mod views;
+
+pub use algebra::simplify_algebra;
+pub use bn_fold::fold_batchnorm;
+pub use const_fold::{constant_fold, FOLD_MAX_ELEMENTS};
+pub use cse::cse;
+pub use dce::dce;
+pub use views::simplify_views;
+
+pub type PassFn = fn(&mut Graph) -> Result<bool>;
+
+/// What one pass did during a pipeline run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PassStat {
+    pub pass: &'static str,
+    pub changed: bool,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+}
+
+#[derive(Clone)]
+pub struct PassManager {
+    passes: Vec<(&'static str, PassFn)>,
+    verify_each: bool,
+}
+
+impl Default for PassManager {
+    fn default() -> Self {
+        PassManager::new()
+    }
+}
+
+impl PassManager {
+    /// An empty pipeline; verification after each pass is on in debug builds.
+    pub fn new() -> PassManager {
+        PassManager {
+            passes: Vec::new(),
+            verify_each: cfg!(debug_assertions),
+        }
+    }
+
+    /// The standard pipeline: simplify, fold, fold BatchNorm, CSE, DCE.
+    pub fn standard() -> PassManager {
+        let mut pm = PassManager::new();
+        pm.add("simplify_algebra", simplify_algebra)
+            .add("simplify_views", simplify_views)
+            .add("constant_fold", constant_fold)
+            .add("fold_batchnorm", fold_batchnorm)
+            .add("cse", cse)
+            .add("dce", dce);
+        pm
+    }
+
+    pub fn add(&mut self, name: &'static str, pass: PassFn) -> &mut PassManager {
+        self.passes.push((name, pass));
+        self
+    }
+
+    /// Verify after every pass (also in release builds) or never.
+    pub fn verify_each(&mut self, on: bool) -> &mut PassManager {
+        self.verify_each = on;
+        self
+    }
+
+    pub fn pass_names(&self) -> Vec<&'static str> {
+        self.passes.iter().map(|(n, _)| *n).collect()
+    }
+
+    /// Run every pass once, in order.
+    pub fn run(&self, g: &mut Graph) -> Result<Vec<PassStat>> {
+        let mut stats = Vec::new();
+        for &(name, pass) in &self.passes {
+            let before = g.node_count();
+            let changed = pass(g).map_err(|e| IrError::Pass {
+                pass: name.to_string(),
+                source: Box::new(e),
+            })?;
+            if self.verify_each {
+                verify(g).map_err(|e| IrError::Pass {
+                    pass: name.to_string(),
+                    source: Box::new(e),
+                })?;
+            }
+            stats.push(PassStat {
+                pass: name,
+                changed,
+                nodes_before: before,
+                nodes_after: g.node_count(),
+            });
+        }
+        Ok(stats)
+    }
+
+    /// Run the pipeline until no pass changes the graph (at most `max_rounds`).
+    pub fn run_to_fixpoint(&self, g: &mut Graph, max_rounds: usize) -> Result<Vec<PassStat>> {
+        let mut all = Vec::new();
+        for _ in 0..max_rounds {
+            let stats = self.run(g)?;
+            let changed = stats.iter().any(|s| s.changed);
+            all.extend(stats);
+            if !changed {
+                break;
+            }
+        }
+        Ok(all)
+    }
+}
+
+/// Replace node `n` (single-output) by value `v` everywhere, then remove it.
+pub(crate) fn forward_to(g: &mut Graph, n: crate::NodeId, v: Value) {
+    for o in 0..g.node(n).outputs.len() {
+        g.replace_all_uses(Value::new(n, o), v);
+    }
+    g.remove_node(n);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_graphs::*;
+
+    fn broken(g: &mut Graph) -> Result<bool> {
+        // Change a node's recorded type so that the graph no longer verifies.
+        let n = g
+            .node_ids()
+            .into_iter()
+            .find(|&n| g.node(n).op.name() == "relu")
+            .unwrap();
+        g.node_mut(n).outputs[0].shape.push(1);
+        Ok(true)
+    }
+
+    #[test]
+    fn pass_manager_names_the_failing_pass() {
+        let mut g = simple_net();
+        let mut pm = PassManager::new();
+        pm.verify_each(true).add("dce", dce).add("breaker", broken);
+        let e = pm.run(&mut g).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("pass `breaker` failed: graph verification failed: node %"),
+            "{msg}"
+        );
+        assert!(msg.contains("relu"), "{msg}");
+    }
+
+    #[test]
+    fn standard_pipeline_reaches_a_fixpoint_and_verifies() {
+        for (name, mut g) in all_test_graphs() {
+            let mut pm = PassManager::standard();
+            pm.verify_each(true);
+            let stats = pm.run_to_fixpoint(&mut g, 5).unwrap();
+            assert!(!stats.is_empty(), "{name}");
+            verify(&g).unwrap();
+            let again = pm.run(&mut g).unwrap();
+            assert!(
+                again.iter().all(|s| !s.changed),
+                "{name} not at fixpoint: {again:?}"
+            );
+        }
+    }
+}
