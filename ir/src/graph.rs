@@ -139,6 +139,7 @@ impl Graph {
         let name = op.name();
         let vs = self.add_node(op, operands, scope)?;
         if vs.len() != 1 {
+            self.remove_node(vs[0].node);
             return Err(IrError::Builder(format!(
                 "{name} has {} outputs, add1 expects one",
                 vs.len()
@@ -370,7 +371,8 @@ impl Graph {
         self.inputs = inputs;
     }
 
-    /// Make every use of `old` (by nodes and graph outputs) use `new`.
+    /// Make every use of `old` (by nodes and graph outputs) use `new`,
+    /// except a use by `new`'s own node (so `x` can be replaced by `f(x)`).
     pub fn replace_all_uses(&mut self, old: Value, new: Value) {
         if old == new {
             return;
@@ -378,7 +380,7 @@ impl Graph {
         let edges: Vec<(EdgeIndex, NodeIndex, usize)> = self
             .graph
             .edges_directed(old.node, Direction::Outgoing)
-            .filter(|e| e.weight().output == old.output)
+            .filter(|e| e.weight().output == old.output && e.target() != new.node)
             .map(|e| (e.id(), e.target(), e.weight().operand))
             .collect();
         for (e, target, operand) in edges {
@@ -523,4 +525,185 @@ pub fn verify(g: &Graph) -> Result<()> {
             .map_err(|e| IrError::Verify(format!("graph output {k}: {e}")))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_graphs::*;
+    use crate::{DType, UnaryOp};
+
+    #[test]
+    fn builder_infers_and_rejects() {
+        let mut g = Graph::new();
+        let x = g
+            .add_input(InputKind::User(0), TensorType::new(&[2, 3], DType::F32), "")
+            .unwrap();
+        let vs = g
+            .add_node(
+                Op::MaxDim {
+                    dim: 1,
+                    keepdim: false,
+                },
+                &[x],
+                "M",
+            )
+            .unwrap();
+        assert_eq!(vs.len(), 2);
+        assert_eq!(g.value_type(vs[1]), &TensorType::new(&[2], DType::I64));
+        assert!(g
+            .add1(
+                Op::MaxDim {
+                    dim: 1,
+                    keepdim: false
+                },
+                &[x],
+                ""
+            )
+            .is_err());
+        let e = g
+            .add1(Op::Reshape { shape: vec![7] }, &[x], "")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "reshape(f32[2,3]): shape [7] is invalid for input of size 6"
+        );
+        assert!(g
+            .add_input(InputKind::User(0), TensorType::new(&[1], DType::F32), "")
+            .is_err());
+        let e = g
+            .add_output(vs[0], OutputKind::BufferUpdate("nope".into()))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "graph builder: buffer update for unknown buffer \"nope\""
+        );
+        assert_eq!(g.users(x), vec![(vs[0].node, 0)]);
+    }
+
+    #[test]
+    fn verifier_accepts_test_graphs() {
+        for (name, g) in all_test_graphs() {
+            verify(&g).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    #[test]
+    fn verifier_catches_cycles() {
+        let mut g = simple_net();
+        let relu = g
+            .node_ids()
+            .into_iter()
+            .find(|&n| g.node(n).op.name() == "relu")
+            .unwrap();
+        let addmm1 = g.operands(relu)[0].node;
+        // addmm1's mat1 operand now reads relu's output: a cycle.
+        let e = g
+            .petgraph()
+            .edges_directed(addmm1, Direction::Incoming)
+            .find(|e| e.weight().operand == 1)
+            .unwrap()
+            .id();
+        g.graph.remove_edge(e);
+        g.connect(Value::new(relu, 0), addmm1, 1);
+        let err = verify(&g).unwrap_err().to_string();
+        assert!(
+            err.starts_with("graph verification failed: the graph has a cycle through nodes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn verifier_catches_ill_typed_nodes() {
+        let mut g = simple_net();
+        let relu = g
+            .node_ids()
+            .into_iter()
+            .find(|&n| g.node(n).op.name() == "relu")
+            .unwrap();
+        g.node_mut(relu).op = Op::Unary(UnaryOp::Exp);
+        verify(&g).unwrap();
+        g.node_mut(relu).outputs[0].dtype = DType::F64;
+        let err = verify(&g).unwrap_err().to_string();
+        assert!(err.contains("(exp) is ill-typed: it records output types [f64[64,256]] but its operands give [f32[64,256]]"), "{err}");
+        // An op applied to operands it rejects.
+        let mut g = simple_net();
+        let relu = g
+            .node_ids()
+            .into_iter()
+            .find(|&n| g.node(n).op.name() == "relu")
+            .unwrap();
+        g.node_mut(relu).op = Op::Reshape { shape: vec![3] };
+        let err = verify(&g).unwrap_err().to_string();
+        assert!(
+            err.contains("is ill-typed: reshape(f32[64,256]): shape [3] is invalid"),
+            "{err}"
+        );
+        // A missing operand slot.
+        let mut g = simple_net();
+        let addmm = g.outputs()[0].value.node;
+        let e = g
+            .petgraph()
+            .edges_directed(addmm, Direction::Incoming)
+            .find(|e| e.weight().operand == 1)
+            .unwrap()
+            .id();
+        g.graph.remove_edge(e);
+        let err = verify(&g).unwrap_err().to_string();
+        assert!(
+            err.contains("has operand slots [0, 2], expected 0..2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn verifier_catches_unreachable_outputs_and_bad_inputs() {
+        let mut g = simple_net();
+        let out = g.outputs()[0].value.node;
+        g.remove_node(out);
+        let err = verify(&g).unwrap_err().to_string();
+        assert!(
+            err.contains("graph output 0 refers to") && err.contains("unreachable"),
+            "{err}"
+        );
+        let mut g = simple_net();
+        g.set_outputs_unchecked(vec![]);
+        assert!(verify(&g).unwrap_err().to_string().contains("no outputs"));
+        // A user input numbered 1 without a 0.
+        let mut g = Graph::new();
+        let x = g
+            .add_input(InputKind::User(1), TensorType::new(&[1], DType::F32), "")
+            .unwrap();
+        g.add_output(x, OutputKind::User).unwrap();
+        assert!(verify(&g)
+            .unwrap_err()
+            .to_string()
+            .contains("user inputs must be numbered 0..n"));
+        // An input node missing from the input list.
+        let mut g = simple_net();
+        let first = g.inputs()[0];
+        g.set_input_order(g.inputs()[1..].to_vec());
+        let err = verify(&g).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("input node %{} is missing", first.index())),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn topo_order_is_deterministic_and_replace_all_uses_rewires() {
+        let g = seed_cnn(false);
+        assert_eq!(g.topo_order().unwrap(), g.topo_order().unwrap());
+        let mut g = simple_net();
+        let out = g.outputs()[0].value;
+        let relu = g.operands(out.node)[1];
+        // Replace relu's output by relu(relu): its users move, the new
+        // node keeps reading the old value.
+        let r2 = g.add1(Op::Unary(UnaryOp::Relu), &[relu], "").unwrap();
+        g.replace_all_uses(relu, r2);
+        verify(&g).unwrap();
+        assert_eq!(g.operands(out.node)[1], r2);
+        assert_eq!(g.operands(r2.node), vec![relu]);
+        assert_eq!(g.users(relu), vec![(r2.node, 0)]);
+    }
 }

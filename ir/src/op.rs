@@ -1479,3 +1479,473 @@ mod f64_list {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(shape: &[usize]) -> TensorType {
+        TensorType::new(shape, DType::F32)
+    }
+    fn ty(shape: &[usize], d: DType) -> TensorType {
+        TensorType::new(shape, d)
+    }
+    fn one(op: Op, ops: &[TensorType]) -> TensorType {
+        let mut v = infer(&op, ops).unwrap();
+        assert_eq!(v.len(), 1);
+        v.remove(0)
+    }
+    fn err_msg(op: Op, ops: &[TensorType]) -> String {
+        infer(&op, ops).unwrap_err().to_string()
+    }
+    fn conv(stride: usize, pad: usize, dil: usize, groups: usize) -> Op {
+        Op::Conv2d {
+            stride: [stride; 2],
+            padding: [pad; 2],
+            dilation: [dil; 2],
+            groups,
+        }
+    }
+
+    #[test]
+    fn elementwise_broadcast_and_promotion() {
+        let add = Op::Binary(BinaryOp::Add);
+        assert_eq!(
+            one(add.clone(), &[f(&[3, 1, 5]), f(&[4, 1])]),
+            f(&[3, 4, 5])
+        );
+        // torch.ones(3, dtype=f16) + torch.tensor(1.0) -> float16 (0-dim loses)
+        assert_eq!(
+            one(add.clone(), &[ty(&[3], DType::F16), ty(&[], DType::F64)]),
+            ty(&[3], DType::F16)
+        );
+        // torch.ones(3, dtype=int64) + torch.tensor(1.5) -> float32... the
+        // 0-dim float wins its category: here f32.
+        assert_eq!(
+            one(add.clone(), &[ty(&[3], DType::I64), ty(&[], DType::F32)]),
+            ty(&[3], DType::F32)
+        );
+        assert_eq!(
+            one(add.clone(), &[ty(&[3], DType::F32), ty(&[3], DType::F64)]),
+            ty(&[3], DType::F64)
+        );
+        // int / int is true division.
+        assert_eq!(
+            one(
+                Op::Binary(BinaryOp::Div),
+                &[ty(&[2], DType::I64), ty(&[2], DType::I64)]
+            ),
+            ty(&[2], DType::F32)
+        );
+        assert_eq!(
+            one(Op::Binary(BinaryOp::Lt), &[f(&[2, 3]), f(&[3])]),
+            ty(&[2, 3], DType::Bool)
+        );
+        assert_eq!(
+            err_msg(add, &[f(&[3, 2]), f(&[3])]),
+            "add(f32[3,2], f32[3]): shapes [3, 2] and [3] cannot be broadcast together (dimension 1 is 2 vs 3)"
+        );
+        assert_eq!(
+            one(
+                Op::Where,
+                &[ty(&[2, 1], DType::Bool), f(&[3]), ty(&[], DType::F32)]
+            ),
+            f(&[2, 3])
+        );
+        assert_eq!(
+            err_msg(Op::Where, &[f(&[2]), f(&[2]), f(&[2])]),
+            "where(f32[2], f32[2], f32[2]): condition must be a bool tensor, got torch.float32"
+        );
+        assert_eq!(one(Op::Cast(DType::F16), &[f(&[2])]), ty(&[2], DType::F16));
+    }
+
+    #[test]
+    fn unary_dtypes() {
+        let i = ty(&[4], DType::I64);
+        assert_eq!(one(Op::Unary(UnaryOp::Exp), &[i.clone()]).dtype, DType::F32);
+        assert_eq!(
+            one(Op::Unary(UnaryOp::Relu), &[i.clone()]).dtype,
+            DType::I64
+        );
+        assert_eq!(
+            one(Op::Unary(UnaryOp::MulScalar(0.5)), &[i.clone()]).dtype,
+            DType::F32
+        );
+        assert_eq!(
+            one(Op::Unary(UnaryOp::MulScalar(2.0)), &[i.clone()]).dtype,
+            DType::I64
+        );
+        assert_eq!(
+            err_msg(Op::Unary(UnaryOp::GeluErf), &[i]),
+            "gelu(i64[4]): expected a floating point tensor, got torch.int64"
+        );
+        assert_eq!(
+            err_msg(Op::Unary(UnaryOp::Neg), &[ty(&[1], DType::Bool)]),
+            "neg(bool[1]): negation on a bool tensor is not supported, use logical_not"
+        );
+        assert!(err_msg(Op::Unary(UnaryOp::Neg), &[]).ends_with("expected 1 operands, got 0"));
+    }
+
+    #[test]
+    fn reductions() {
+        let x = f(&[2, 3, 4]);
+        let sum = |dims: Vec<usize>, keepdim| Op::Reduce {
+            op: ReduceOp::Sum,
+            dims,
+            keepdim,
+        };
+        assert_eq!(one(sum(vec![0, 2], false), &[x.clone()]), f(&[3]));
+        assert_eq!(one(sum(vec![1], true), &[x.clone()]), f(&[2, 1, 4]));
+        assert_eq!(one(sum(vec![0, 1, 2], false), &[x.clone()]), f(&[]));
+        assert_eq!(
+            one(sum(vec![0], false), &[ty(&[3], DType::Bool)]),
+            ty(&[], DType::I64)
+        );
+        assert_eq!(
+            err_msg(sum(vec![3], false), &[x.clone()]),
+            "sum(f32[2,3,4]): dimension 3 out of range for a tensor of rank 3 (expected 0..3)"
+        );
+        assert_eq!(
+            err_msg(sum(vec![1, 1], false), &[x.clone()]),
+            "sum(f32[2,3,4]): dimension 1 appears more than once"
+        );
+        assert_eq!(
+            err_msg(
+                Op::Reduce {
+                    op: ReduceOp::Mean,
+                    dims: vec![0],
+                    keepdim: false
+                },
+                &[ty(&[3], DType::I64)]
+            ),
+            "mean(i64[3]): input of mean must be a floating point tensor, got torch.int64"
+        );
+        assert_eq!(
+            err_msg(
+                Op::Reduce {
+                    op: ReduceOp::Max,
+                    dims: vec![0],
+                    keepdim: false
+                },
+                &[f(&[0, 2])]
+            ),
+            "max(f32[0,2]): cannot reduce over dimension 0 of size 0 (no identity)"
+        );
+        assert_eq!(
+            one(
+                Op::Var {
+                    dims: vec![0],
+                    correction: 1.0,
+                    keepdim: false
+                },
+                &[x.clone()]
+            ),
+            f(&[3, 4])
+        );
+        assert_eq!(
+            infer(
+                &Op::MaxDim {
+                    dim: 1,
+                    keepdim: true
+                },
+                &[x.clone()]
+            )
+            .unwrap(),
+            vec![f(&[2, 1, 4]), ty(&[2, 1, 4], DType::I64)]
+        );
+        assert_eq!(
+            one(
+                Op::ArgMin {
+                    dim: 2,
+                    keepdim: false
+                },
+                &[x.clone()]
+            ),
+            ty(&[2, 3], DType::I64)
+        );
+        assert_eq!(one(Op::LogSoftmax { dim: 2 }, &[x.clone()]), x);
+        assert_eq!(
+            err_msg(Op::Softmax { dim: 0 }, &[ty(&[2], DType::I64)]),
+            "softmax(i64[2]): input must be a floating point tensor, got torch.int64"
+        );
+    }
+
+    #[test]
+    fn matmul_follows_torch_matmul() {
+        let mm = |a: &[usize], b: &[usize]| one(Op::MatMul, &[f(a), f(b)]).shape;
+        assert_eq!(mm(&[3], &[3]), Vec::<usize>::new());
+        assert_eq!(mm(&[2, 3], &[3]), vec![2]);
+        assert_eq!(mm(&[3], &[3, 4]), vec![4]);
+        assert_eq!(mm(&[2, 3], &[3, 4]), vec![2, 4]);
+        assert_eq!(mm(&[5, 1, 2, 3], &[7, 3, 4]), vec![5, 7, 2, 4]);
+        assert_eq!(mm(&[3], &[6, 3, 4]), vec![6, 4]);
+        assert_eq!(
+            err_msg(Op::MatMul, &[f(&[2, 3]), f(&[4, 5])]),
+            "matmul(f32[2,3], f32[4,5]): shapes cannot be multiplied (2x3 and 4x5)"
+        );
+        assert_eq!(
+            err_msg(Op::MatMul, &[f(&[2, 3]), ty(&[3, 5], DType::F64)]),
+            "matmul(f32[2,3], f64[3,5]): expected all operands to have the same dtype, got torch.float32 and torch.float64"
+        );
+        assert_eq!(
+            one(Op::Addmm, &[f(&[4]), f(&[2, 3]), f(&[3, 4])]),
+            f(&[2, 4])
+        );
+        assert_eq!(
+            err_msg(Op::Addmm, &[f(&[5]), f(&[2, 3]), f(&[3, 4])]),
+            "addmm(f32[5], f32[2,3], f32[3,4]): shapes [5] and [2, 4] cannot be broadcast together (dimension 1 is 5 vs 4)"
+        );
+    }
+
+    #[test]
+    fn conv_output_sizes_and_errors() {
+        // nn.Conv2d(1, 32, 5, 1, 1)(torch.zeros(8, 1, 28, 28)).shape == [8, 32, 26, 26]
+        assert_eq!(
+            one(
+                conv(1, 1, 1, 1),
+                &[f(&[8, 1, 28, 28]), f(&[32, 1, 5, 5]), f(&[32])]
+            ),
+            f(&[8, 32, 26, 26])
+        );
+        // stride 2, padding 1, dilation 2, groups 2: (7+2-4-1)/2+1 = 3
+        assert_eq!(
+            one(conv(2, 1, 2, 2), &[f(&[2, 4, 7, 7]), f(&[6, 2, 3, 3])]),
+            f(&[2, 6, 3, 3])
+        );
+        assert_eq!(
+            err_msg(conv(1, 0, 1, 1), &[f(&[1, 3, 5, 5]), f(&[8, 2, 3, 3])]),
+            "conv2d(f32[1,3,5,5], f32[8,2,3,3]): given groups=1, weight of size [8, 2, 3, 3], expected input [1, 3, 5, 5] to have 2 channels, but got 3 channels instead"
+        );
+        assert!(
+            err_msg(conv(1, 0, 1, 1), &[f(&[1, 3, 2, 2]), f(&[8, 3, 3, 3])])
+                .contains("Kernel size can't be greater than actual input size")
+        );
+        assert!(err_msg(
+            conv(1, 0, 1, 1),
+            &[f(&[1, 3, 5, 5]), f(&[8, 3, 3, 3]), f(&[7])]
+        )
+        .contains("expected bias to be 1-dimensional with 8 elements"));
+        // nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1)
+        // on [1, 4, 5, 5] -> [1, 6, 10, 10]
+        let ct = Op::ConvTranspose2d {
+            stride: [2, 2],
+            padding: [1, 1],
+            output_padding: [1, 1],
+            dilation: [1, 1],
+            groups: 1,
+        };
+        assert_eq!(
+            one(ct.clone(), &[f(&[1, 4, 5, 5]), f(&[4, 6, 3, 3]), f(&[6])]),
+            f(&[1, 6, 10, 10])
+        );
+        let bad = Op::ConvTranspose2d {
+            stride: [1, 1],
+            padding: [0, 0],
+            output_padding: [1, 1],
+            dilation: [1, 1],
+            groups: 1,
+        };
+        assert!(err_msg(bad, &[f(&[1, 4, 5, 5]), f(&[4, 6, 3, 3])])
+            .contains("output padding must be smaller than either stride or dilation"));
+    }
+
+    #[test]
+    fn pool_output_sizes_with_ceil_mode() {
+        let mp = |k: usize, s: usize, p: usize, ceil: bool| Op::MaxPool2d {
+            kernel: [k; 2],
+            stride: [s; 2],
+            padding: [p; 2],
+            dilation: [1; 2],
+            ceil_mode: ceil,
+        };
+        assert_eq!(
+            one(mp(2, 2, 0, false), &[f(&[8, 32, 26, 26])]),
+            f(&[8, 32, 13, 13])
+        );
+        // nn.MaxPool2d(2, 2)(torch.zeros(1, 1, 13, 13)).shape[-1] == 6; ceil_mode=True gives 7
+        assert_eq!(one(mp(2, 2, 0, false), &[f(&[1, 1, 13, 13])]).shape[3], 6);
+        assert_eq!(one(mp(2, 2, 0, true), &[f(&[1, 1, 13, 13])]).shape[3], 7);
+        // nn.MaxPool2d(3, 2, 1, ceil_mode=True) on 6 -> 4 (the last window
+        // would start in the right padding, so it is dropped: not 4+1)
+        assert_eq!(
+            one(mp(3, 2, 1, true), &[f(&[1, 6, 6])]).shape,
+            vec![1, 4, 4]
+        );
+        assert_eq!(
+            one(mp(3, 3, 1, true), &[f(&[1, 5, 5])]).shape,
+            vec![1, 2, 2]
+        );
+        assert_eq!(
+            err_msg(mp(2, 2, 2, false), &[f(&[1, 1, 4, 4])]),
+            "max_pool2d(f32[1,1,4,4]): pad should be at most half of effective kernel size, but got pad=[2, 2], kernel_size=[2, 2]"
+        );
+        let ap = Op::AvgPool2d {
+            kernel: [3, 3],
+            stride: [2, 2],
+            padding: [1, 1],
+            ceil_mode: false,
+            count_include_pad: true,
+            divisor_override: None,
+        };
+        assert_eq!(one(ap, &[f(&[2, 3, 7, 7])]), f(&[2, 3, 4, 4]));
+        assert!(err_msg(mp(3, 1, 0, false), &[f(&[1, 1, 2, 2])])
+            .contains("calculated output size is too small"));
+    }
+
+    #[test]
+    fn norms_and_dropout() {
+        let bn = |training, running| Op::BatchNorm {
+            training,
+            momentum: 0.1,
+            eps: 1e-5,
+            has_weight: true,
+            has_bias: true,
+            has_running_stats: running,
+        };
+        let c = f(&[4]);
+        let x = f(&[2, 4, 3, 3]);
+        let all = [x.clone(), c.clone(), c.clone(), c.clone(), c.clone()];
+        assert_eq!(infer(&bn(false, true), &all).unwrap(), vec![x.clone()]);
+        assert_eq!(
+            infer(&bn(true, true), &all).unwrap(),
+            vec![x.clone(), c.clone(), c.clone()]
+        );
+        assert_eq!(infer(&bn(true, false), &all[..3]).unwrap(), vec![x.clone()]);
+        assert!(err_msg(bn(false, false), &all[..3])
+            .ends_with("eval mode needs running_mean and running_var"));
+        assert!(err_msg(
+            bn(false, true),
+            &[x.clone(), c.clone(), f(&[5]), c.clone(), c.clone()]
+        )
+        .contains("operand 2 must have shape [4] (the channel count), got [5]"));
+        assert!(err_msg(
+            bn(true, true),
+            &[f(&[1, 4]), c.clone(), c.clone(), c.clone(), c.clone()]
+        )
+        .contains("expected more than 1 value per channel when training"));
+        let ln = Op::LayerNorm {
+            normalized_shape: vec![3, 3],
+            eps: 1e-5,
+            has_weight: true,
+            has_bias: false,
+        };
+        assert_eq!(one(ln.clone(), &[x.clone(), f(&[3, 3])]), x);
+        assert_eq!(
+            err_msg(ln, &[f(&[2, 4]), f(&[3, 3])]),
+            "layer_norm(f32[2,4], f32[3,3]): given normalized_shape=[3, 3], expected input with shape [*, 3, 3], but got input of size [2, 4]"
+        );
+        assert_eq!(
+            err_msg(
+                Op::Dropout {
+                    p: 1.5,
+                    seed: 0,
+                    offset: 0
+                },
+                &[x]
+            ),
+            "dropout(f32[2,4,3,3]): dropout probability has to be between 0 and 1, but got 1.5"
+        );
+    }
+
+    #[test]
+    fn views_and_copies() {
+        let x = f(&[2, 3, 4]);
+        assert_eq!(
+            one(Op::Reshape { shape: vec![6, 4] }, &[x.clone()]),
+            f(&[6, 4])
+        );
+        assert_eq!(
+            err_msg(Op::Reshape { shape: vec![5, 5] }, &[x.clone()]),
+            "reshape(f32[2,3,4]): shape [5, 5] is invalid for input of size 24"
+        );
+        assert_eq!(
+            one(
+                Op::Permute {
+                    dims: vec![2, 0, 1]
+                },
+                &[x.clone()]
+            ),
+            f(&[4, 2, 3])
+        );
+        assert!(err_msg(
+            Op::Permute {
+                dims: vec![0, 0, 1]
+            },
+            &[x.clone()]
+        )
+        .contains("appears more than once"));
+        assert_eq!(
+            one(
+                Op::Expand {
+                    shape: vec![5, 2, 3, 4]
+                },
+                &[x.clone()]
+            ),
+            f(&[5, 2, 3, 4])
+        );
+        assert_eq!(
+            err_msg(Op::Expand { shape: vec![2, 5, 4] }, &[x.clone()]),
+            "expand(f32[2,3,4]): the expanded size of the tensor (5) must match the existing size (3) at non-singleton dimension 1"
+        );
+        assert_eq!(
+            one(
+                Op::Slice {
+                    dim: 2,
+                    start: 1,
+                    end: 4,
+                    step: 2
+                },
+                &[x.clone()]
+            ),
+            f(&[2, 3, 2])
+        );
+        assert!(err_msg(
+            Op::Slice {
+                dim: 2,
+                start: 1,
+                end: 5,
+                step: 1
+            },
+            &[x.clone()]
+        )
+        .contains("out of range"));
+        assert_eq!(
+            one(Op::Select { dim: 1, index: 2 }, &[x.clone()]),
+            f(&[2, 4])
+        );
+        assert_eq!(
+            err_msg(Op::Select { dim: 1, index: 3 }, &[x.clone()]),
+            "select(f32[2,3,4]): index 3 is out of bounds for dimension 1 with size 3"
+        );
+        assert_eq!(
+            one(
+                Op::IndexSelect { dim: 2 },
+                &[x.clone(), ty(&[7], DType::I64)]
+            ),
+            f(&[2, 3, 7])
+        );
+        assert_eq!(one(Op::Contiguous, &[x.clone()]), x);
+        assert_eq!(
+            one(Op::Cat { dim: 1 }, &[x.clone(), ty(&[2, 5, 4], DType::F64)]),
+            ty(&[2, 8, 4], DType::F64)
+        );
+        assert!(err_msg(Op::Cat { dim: 1 }, &[x.clone(), f(&[2, 5, 3])])
+            .contains("sizes of tensors must match except in dimension 1"));
+        assert_eq!(
+            one(Op::Stack { dim: 3 }, &[x.clone(), x.clone()]),
+            f(&[2, 3, 4, 2])
+        );
+        assert!(err_msg(Op::Stack { dim: 0 }, &[x.clone(), f(&[2, 3])])
+            .contains("stack expects each tensor to be equal size"));
+        assert_eq!(
+            err_msg(
+                Op::Constant {
+                    ty: f(&[2]),
+                    data: vec![1.0]
+                },
+                &[]
+            ),
+            "constant(): constant of type f32[2] needs 2 values, got 1"
+        );
+    }
+}
