@@ -17,6 +17,7 @@
 //!    shape (conv + bias + pool, as in seed_cnn); otherwise it starts one.
 //! 4. Contractions, views and copies (cat, stack, index_select) start a
 //!    kernel of their own. A view kernel may be an alias (no work).
+//!
 //! A join never creates a cycle between kernels: a node does not join
 //! kernel K if another of its operands comes from a kernel that depends on
 //! K. Graph inputs and constants belong to no kernel; they are kernel inputs.
