@@ -772,3 +772,138 @@ pub fn eval_graph(
     }
     Ok(g.outputs().iter().map(|o| env[&o.value].clone()).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t64(shape: &[usize], data: Vec<f64>) -> Tensor64 {
+        Tensor64::new(TensorType::new(shape, DType::F64), data)
+    }
+    fn run(op: Op, args: &[Tensor64]) -> Vec<Tensor64> {
+        eval_op(&op, args).unwrap().unwrap()
+    }
+
+    #[test]
+    fn reference_values() {
+        let x = t64(&[2, 3], vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0]);
+        // torch.tensor([[1.,2,3],[4,6,8]]).var(1) -> [1., 4.]
+        let v = run(
+            Op::Var {
+                dims: vec![1],
+                correction: 1.0,
+                keepdim: false,
+            },
+            &[x.clone()],
+        );
+        assert_eq!(v[0].data, vec![1.0, 4.0]);
+        // .sum(0) -> [5, 8, 11]; .permute(1, 0) -> [[1,4],[2,6],[3,8]]
+        let s = run(
+            Op::Reduce {
+                op: ReduceOp::Sum,
+                dims: vec![0],
+                keepdim: false,
+            },
+            &[x.clone()],
+        );
+        assert_eq!(s[0].data, vec![5.0, 8.0, 11.0]);
+        let p = run(Op::Permute { dims: vec![1, 0] }, &[x.clone()]);
+        assert_eq!(p[0].data, vec![1.0, 4.0, 2.0, 6.0, 3.0, 8.0]);
+        // torch.softmax(torch.tensor([1., 2, 3]), 0) -> [0.0900, 0.2447, 0.6652]
+        let sm = run(Op::Softmax { dim: 0 }, &[t64(&[3], vec![1.0, 2.0, 3.0])]);
+        let e: Vec<f64> = [1.0f64, 2.0, 3.0].iter().map(|v| v.exp()).collect();
+        let z: f64 = e.iter().sum();
+        for (a, b) in sm[0].data.iter().zip(&e) {
+            assert!((a - b / z).abs() < 1e-15);
+        }
+        // torch.max(x, 1) -> values [3, 8], indices [2, 2]
+        let m = run(
+            Op::MaxDim {
+                dim: 1,
+                keepdim: false,
+            },
+            &[x.clone()],
+        );
+        assert_eq!(
+            (m[0].data.clone(), m[1].data.clone()),
+            (vec![3.0, 8.0], vec![2.0, 2.0])
+        );
+        // x[:, ::2] -> [[1,3],[4,8]]; x.select(1, 1) -> [2, 6]
+        let sl = run(
+            Op::Slice {
+                dim: 1,
+                start: 0,
+                end: 3,
+                step: 2,
+            },
+            &[x.clone()],
+        );
+        assert_eq!(sl[0].data, vec![1.0, 3.0, 4.0, 8.0]);
+        let se = run(Op::Select { dim: 1, index: 1 }, &[x.clone()]);
+        assert_eq!(se[0].data, vec![2.0, 6.0]);
+        // torch.cat([x, x[:, :1]], 1) rows: [1,2,3,1], [4,6,8,4]
+        let first = run(
+            Op::Slice {
+                dim: 1,
+                start: 0,
+                end: 1,
+                step: 1,
+            },
+            &[x.clone()],
+        );
+        let c = run(Op::Cat { dim: 1 }, &[x.clone(), first[0].clone()]);
+        assert_eq!(c[0].data, vec![1.0, 2.0, 3.0, 1.0, 4.0, 6.0, 8.0, 4.0]);
+        // batched matmul with broadcast: [2,1,2] @ [2,1] -> [2,1,1]
+        let a = t64(&[2, 1, 2], vec![1.0, 2.0, 3.0, 4.0]);
+        let b = t64(&[2, 1], vec![10.0, 1.0]);
+        assert_eq!(run(Op::MatMul, &[a, b])[0].data, vec![12.0, 34.0]);
+        // f32 results are rounded to f32.
+        let f = Tensor64::new(TensorType::new(&[1], DType::F32), vec![0.1]);
+        let y = run(Op::Unary(UnaryOp::MulScalar(3.0)), &[f]);
+        assert_eq!(y[0].data[0], (0.1f64 * 3.0) as f32 as f64);
+    }
+
+    #[test]
+    fn conv_and_pool_reference_values() {
+        // 1x1x3x3 input 1..9, 2x2 kernel of ones, bias 0.5:
+        // F.conv2d(x, w, b) -> [[12.5, 16.5], [24.5, 28.5]]
+        let x = t64(&[1, 1, 3, 3], (1..=9).map(|v| v as f64).collect());
+        let w = t64(&[1, 1, 2, 2], vec![1.0; 4]);
+        let b = t64(&[1], vec![0.5]);
+        let conv = Op::Conv2d {
+            stride: [1, 1],
+            padding: [0, 0],
+            dilation: [1, 1],
+            groups: 1,
+        };
+        assert_eq!(
+            run(conv, &[x.clone(), w, b])[0].data,
+            vec![12.5, 16.5, 24.5, 28.5]
+        );
+        // F.max_pool2d(x, 2, 2, ceil_mode=True) -> [[5, 6], [8, 9]]
+        let mp = Op::MaxPool2d {
+            kernel: [2, 2],
+            stride: [2, 2],
+            padding: [0, 0],
+            dilation: [1, 1],
+            ceil_mode: true,
+        };
+        assert_eq!(run(mp, &[x.clone()])[0].data, vec![5.0, 6.0, 8.0, 9.0]);
+        // F.avg_pool2d(x, 2, 2, padding=1) -> [[0.25, 1.25], [2.75, 7.0]]
+        // (count_include_pad=True divides by 4 everywhere)
+        let ap = |count_include_pad| Op::AvgPool2d {
+            kernel: [2, 2],
+            stride: [2, 2],
+            padding: [1, 1],
+            ceil_mode: false,
+            count_include_pad,
+            divisor_override: None,
+        };
+        assert_eq!(
+            run(ap(true), &[x.clone()])[0].data,
+            vec![0.25, 1.25, 2.75, 7.0]
+        );
+        // count_include_pad=False -> [[1, 2.5], [5.5, 7]]
+        assert_eq!(run(ap(false), &[x])[0].data, vec![1.0, 2.5, 5.5, 7.0]);
+    }
+}
