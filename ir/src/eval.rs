@@ -774,6 +774,7 @@ pub fn eval_graph(
 }
 
 #[cfg(test)]
+#[allow(clippy::cloned_ref_to_slice_refs)]
 mod tests {
     use super::*;
 
