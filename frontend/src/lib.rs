@@ -16,6 +16,7 @@ pub mod optim;
 pub mod random;
 pub mod tensor;
 pub mod testing;
+pub mod trace;
 
 pub use autograd::{is_grad_enabled, no_grad, set_grad_enabled, NoGradGuard};
 pub use device::Device;

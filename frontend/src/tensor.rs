@@ -54,9 +54,15 @@ pub struct Tensor {
     pub(crate) inner: Arc<TensorImpl>,
 }
 
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
 fn next_id() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    NEXT.fetch_add(1, Ordering::Relaxed)
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The id the next tensor object will get (ids only grow).
+pub(crate) fn peek_next_id() -> u64 {
+    NEXT_ID.load(Ordering::Relaxed)
 }
 
 impl Tensor {
@@ -98,7 +104,9 @@ impl Tensor {
                 ),
             ));
         }
-        Ok(Tensor::from_storage(T::into_storage(data), shape))
+        let t = Tensor::from_storage(T::into_storage(data), shape);
+        crate::trace::created(&t, false);
+        Ok(t)
     }
 
     pub fn from_slice<T: Element>(data: &[T], shape: &[usize]) -> Result<Tensor> {
@@ -107,7 +115,9 @@ impl Tensor {
 
     /// A 0-d tensor.
     pub fn scalar<T: Element>(v: T) -> Tensor {
-        Tensor::from_storage(T::into_storage(vec![v]), &[])
+        let t = Tensor::from_storage(T::into_storage(vec![v]), &[]);
+        crate::trace::created(&t, false);
+        t
     }
 
     // ---------------------------------------------------------------- metadata
@@ -235,6 +245,7 @@ impl Tensor {
     /// The elements in row-major order, converted to `T` (PyTorch's
     /// `tolist()` flattened).
     pub fn to_vec<T: Element>(&self) -> Vec<T> {
+        crate::trace::host_read("to_vec");
         let s = self.contiguous_storage();
         if s.dtype() == T::DTYPE {
             T::slice(&s).unwrap().to_vec()
@@ -261,6 +272,7 @@ impl Tensor {
                 format!("a Tensor with {n} elements cannot be converted to Scalar"),
             ));
         }
+        crate::trace::host_read("item");
         let d = self.data();
         let v = d.storage.buf.read().get_f64(d.layout.offset);
         Ok(v)
@@ -326,7 +338,9 @@ impl Tensor {
     /// A new tensor object sharing storage, with no autograd history.
     pub fn detach(&self) -> Tensor {
         let d = self.data();
-        Tensor::from_parts(d.storage, d.layout, d.device)
+        let t = Tensor::from_parts(d.storage, d.layout, d.device);
+        crate::trace::alias(&t, self);
+        t
     }
 
     /// `t.data = other` : makes this tensor object look at `other`'s storage,

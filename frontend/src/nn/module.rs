@@ -219,6 +219,9 @@ fn with_scope(e: Error, path: &str, m: &dyn Module) -> Error {
 /// forward hooks (may replace the output), backward-hook setup on the output.
 fn call_impl(m: &dyn Module, x: &Tensor) -> Result<Tensor> {
     let (_scope, path) = ScopeGuard::enter(m);
+    // The tracer's scope: `Type` for the root, `Type[name]` below it.
+    let attr = (!path.is_empty()).then(|| path.rsplit('.').next().unwrap_or(""));
+    let _trace_scope = crate::trace::enter_module(m.core().type_name(), attr);
 
     let core = m.core();
     let (pre, fwd, bwd, bwd_pre) = {

@@ -166,6 +166,13 @@ pub fn conv2d(
     if let Some(b) = bias {
         inputs.push(b);
     }
+    let ir = kiln_ir::Op::Conv2d {
+        stride: [p.stride.0, p.stride.1],
+        padding: [p.padding.0, p.padding.1],
+        dilation: [p.dilation.0, p.dilation.1],
+        groups: p.groups,
+    };
+    crate::trace::record(ir, &inputs, &[&out]);
     record("ConvolutionBackward0", &inputs, &[&out], move |g, needs| {
         let g = g[0].as_ref().unwrap();
         let dtype = g.dtype();
@@ -251,6 +258,14 @@ pub fn conv_transpose2d(
     if let Some(b) = bias {
         inputs.push(b);
     }
+    let ir = kiln_ir::Op::ConvTranspose2d {
+        stride: [p.stride.0, p.stride.1],
+        padding: [p.padding.0, p.padding.1],
+        output_padding: [output_padding.0, output_padding.1],
+        dilation: [p.dilation.0, p.dilation.1],
+        groups: p.groups,
+    };
+    crate::trace::record(ir, &inputs, &[&out]);
     record("ConvolutionBackward0", &inputs, &[&out], move |g, needs| {
         let g = g[0].as_ref().unwrap();
         let dtype = g.dtype();

@@ -9,12 +9,16 @@ use kiln_cpu::CpuStorage;
 use kiln_ir::DType;
 
 fn from_f64s(v: Vec<f64>, shape: &[usize], dtype: DType) -> Tensor {
-    Tensor::from_storage(CpuStorage::F64(v).to_dtype(dtype), shape)
+    let t = Tensor::from_storage(CpuStorage::F64(v).to_dtype(dtype), shape);
+    crate::trace::created(&t, false);
+    t
 }
 
 impl Tensor {
     pub fn full(shape: &[usize], value: f64, dtype: DType) -> Tensor {
-        Tensor::from_storage(CpuStorage::full(dtype, kiln_ir::numel(shape), value), shape)
+        let t = Tensor::from_storage(CpuStorage::full(dtype, kiln_ir::numel(shape), value), shape);
+        crate::trace::created(&t, false);
+        t
     }
 
     pub fn zeros(shape: &[usize], dtype: DType) -> Tensor {
@@ -89,7 +93,9 @@ impl Tensor {
                     }
                 })
                 .collect();
-            return Ok(Tensor::from_storage(CpuStorage::F32(v), &[steps]));
+            let t = Tensor::from_storage(CpuStorage::F32(v), &[steps]);
+            crate::trace::created(&t, false);
+            return Ok(t);
         }
         Ok(from_f64s(v, &[steps], dtype))
     }

@@ -91,6 +91,7 @@ fn grad_for(g: &Tensor, t_shape: &[usize], t_dtype: DType) -> Result<Tensor> {
 impl Tensor {
     fn binary(&self, other: &Tensor, op: BinaryOp) -> Result<Tensor> {
         let out = binary_raw(op, self, other)?;
+        crate::trace::record(kiln_ir::Op::Binary(op), &[self, other], &[&out]);
         if op.is_comparison() || !needs_grad(&[self, other]) {
             return Ok(out);
         }
@@ -217,7 +218,9 @@ impl Tensor {
     fn cmp_scalar(&self, v: f64, op: BinaryOp) -> Result<Tensor> {
         let s =
             Tensor::scalar(v).to_dtype(DType::promote_scalar(self.dtype(), v.fract() != 0.0))?;
-        binary_raw(op, self, &s)
+        let out = binary_raw(op, self, &s)?;
+        crate::trace::record(kiln_ir::Op::Binary(op), &[self, &s], &[&out]);
+        Ok(out)
     }
     pub fn eq_scalar(&self, v: f64) -> Result<Tensor> {
         self.cmp_scalar(v, BinaryOp::Eq)
@@ -300,6 +303,7 @@ impl Tensor {
             DType::Bool => run::<bool>(cond, &lc, &ac, &la, &bc, &lb),
         };
         let out = Tensor::from_storage(buf, &shape);
+        crate::trace::record(kiln_ir::Op::Where, &[cond, a, b], &[&out]);
         if needs_grad(&[a, b]) {
             let c = cond.detach();
             let (sa, sb, da, db) = (a.shape(), b.shape(), a.dtype(), b.dtype());
@@ -359,6 +363,7 @@ impl Tensor {
     /// derivative is computed from the output (exp, tanh...) or the input.
     fn unary(&self, op: UnaryOp, name: &'static str) -> Result<Tensor> {
         let out = self.unary_raw(op)?;
+        crate::trace::record(kiln_ir::Op::Unary(op), &[self], &[&out]);
         if needs_grad(&[self]) {
             let saved = if saves_output(op) {
                 out.detach()

@@ -65,7 +65,28 @@ impl Tensor {
             with_storage!(&*buf, v => Element::into_storage(strided::gather(v, &sl)))
         };
         self.write_contiguous(&vals);
+        if crate::trace::is_tracing() {
+            let r = src.expand_to(&shape)?;
+            self.trace_rebind("copy_", &r);
+        }
         Ok(self)
+    }
+
+    /// Under tracing, records that self now holds `r`'s value. A write
+    /// through a view of a larger storage cannot be expressed in the graph.
+    fn trace_rebind(&self, op: &str, r: &Tensor) {
+        if !crate::trace::is_tracing() {
+            return;
+        }
+        let d = self.data();
+        let whole = d.layout.offset == 0
+            && d.layout.is_contiguous()
+            && d.layout.numel() == d.storage.buf.read().len();
+        if whole {
+            crate::trace::rebind(self, r);
+        } else {
+            crate::trace::unsupported(&format!("{op} into a view of a larger tensor"));
+        }
     }
 
     /// Writes a contiguous buffer of self's dtype and numel through self's layout.
@@ -82,6 +103,10 @@ impl Tensor {
         self.check_inplace("fill_")?;
         let vals = CpuStorage::full(self.dtype(), 1, value);
         self.write_contiguous(&vals);
+        if crate::trace::is_tracing() {
+            let snap = Tensor::full(&self.shape(), value, self.dtype());
+            self.trace_rebind("fill_", &snap);
+        }
         Ok(self)
     }
 
@@ -142,6 +167,7 @@ impl Tensor {
         }
         let r = r.to_dtype(self.dtype())?;
         self.write_contiguous(&r.contiguous_storage());
+        self.trace_rebind(op, &r);
         Ok(self)
     }
 }

@@ -53,6 +53,7 @@ fn bmm_raw(
     k: usize,
     n: usize,
 ) -> Result<Tensor> {
+    let _internal = crate::trace::suspend();
     let mut out_shape = batch_shape.to_vec();
     out_shape.extend([m, n]);
     let batch: usize = batch_shape.iter().product();
@@ -189,6 +190,7 @@ impl Tensor {
                         )
                     })?;
                 let out = bmm_raw(self, other, &batch, m, k, n)?;
+                crate::trace::record(kiln_ir::Op::MatMul, &[self, other], &[&out]);
                 let name = if sa.len() == 3 && sb.len() == 3 && sa[0] == sb[0] {
                     "BmmBackward0"
                 } else {
@@ -232,6 +234,7 @@ impl Tensor {
             ));
         }
         let out = bmm_raw(self, other, &[], sa[0], sa[1], sb[1])?;
+        crate::trace::record(kiln_ir::Op::MatMul, &[self, other], &[&out]);
         let (a, b) = (self.detach(), other.detach());
         record("MmBackward0", &[self, other], &[&out], move |g, needs| {
             let g = g[0].as_ref().unwrap();
@@ -281,8 +284,11 @@ impl Tensor {
                 ),
             ));
         }
-        let bias_c = bias.to_dtype(mat1.dtype())?;
-        let filled = crate::autograd::no_grad(|| bias_c.expand_to(&[m, n])?.contiguous_copy())?;
+        let filled = {
+            let _internal = crate::trace::suspend();
+            let bias_c = bias.to_dtype(mat1.dtype())?;
+            crate::autograd::no_grad(|| bias_c.expand_to(&[m, n])?.contiguous_copy())?
+        };
         let ma = mat_layout(&mat1.layout(), 0);
         let mb = mat_layout(&mat2.layout(), 0);
         #[allow(clippy::too_many_arguments)]
@@ -332,6 +338,7 @@ impl Tensor {
             }
         }
         let out = filled;
+        crate::trace::record(kiln_ir::Op::Addmm, &[bias, mat1, mat2], &[&out]);
         let (a, b) = (mat1.detach(), mat2.detach());
         record(
             "AddmmBackward0",

@@ -131,6 +131,14 @@ impl Tensor {
         }
         let out_shape = reduced_shape(&shape, &rd, keepdim);
         let (values, indices) = self.arg_reduce(op, &rd, &out_shape, min)?;
+        if nd > 0 {
+            let ir = if min {
+                kiln_ir::Op::MinDim { dim: d, keepdim }
+            } else {
+                kiln_ir::Op::MaxDim { dim: d, keepdim }
+            };
+            crate::trace::record(ir, &[self], &[&values, &indices]);
+        }
         let kshape = kept_shape(&shape, &rd);
         let idx = indices.detach();
         let in_shape = shape.clone();
@@ -176,6 +184,20 @@ impl Tensor {
             ));
         }
         let (values, _) = self.arg_reduce(op, &rd, &[], min)?;
+        let rop = if min {
+            kiln_ir::ReduceOp::Min
+        } else {
+            kiln_ir::ReduceOp::Max
+        };
+        crate::trace::record(
+            kiln_ir::Op::Reduce {
+                op: rop,
+                dims: rd.clone(),
+                keepdim: false,
+            },
+            &[self],
+            &[&values],
+        );
         let name = if min { "MinBackward1" } else { "MaxBackward1" };
         self.record_evenly(name, &values, &rd)?;
         Ok(values)
@@ -204,6 +226,20 @@ impl Tensor {
         }
         let out_shape = reduced_shape(&shape, &rd, keepdim);
         let (values, _) = self.arg_reduce(op, &rd, &out_shape, min)?;
+        let rop = if min {
+            kiln_ir::ReduceOp::Min
+        } else {
+            kiln_ir::ReduceOp::Max
+        };
+        crate::trace::record(
+            kiln_ir::Op::Reduce {
+                op: rop,
+                dims: rd.clone(),
+                keepdim,
+            },
+            &[self],
+            &[&values],
+        );
         let name = if min {
             "AminBackward0"
         } else {
@@ -219,6 +255,7 @@ impl Tensor {
         if !crate::autograd::needs_grad(&[self]) {
             return Ok(());
         }
+        let _internal = crate::trace::suspend();
         let shape = self.shape();
         let kshape = kept_shape(&shape, rd);
         let v = values.detach().reshape_to(&kshape)?;
@@ -272,7 +309,16 @@ impl Tensor {
                     ));
                 }
                 let out_shape = reduced_shape(&shape, &rd, keepdim);
-                Ok(self.detach().arg_reduce(op, &rd, &out_shape, min)?.1)
+                let idx = self.detach().arg_reduce(op, &rd, &out_shape, min)?.1;
+                if !shape.is_empty() {
+                    let ir = if min {
+                        kiln_ir::Op::ArgMin { dim: d, keepdim }
+                    } else {
+                        kiln_ir::Op::ArgMax { dim: d, keepdim }
+                    };
+                    crate::trace::record(ir, &[self], &[&idx]);
+                }
+                Ok(idx)
             }
             None => {
                 let rd: Vec<usize> = (0..shape.len()).collect();

@@ -144,6 +144,14 @@ pub fn max_pool2d_with_indices(
     });
     let out = Tensor::from_storage(vals, &out_shape);
     let indices = Tensor::from_storage(CpuStorage::I64(idx), &out_shape);
+    let ir = kiln_ir::Op::MaxPool2d {
+        kernel: [kernel.0, kernel.1],
+        stride: [stride.0, stride.1],
+        padding: [padding.0, padding.1],
+        dilation: [dilation.0, dilation.1],
+        ceil_mode,
+    };
+    crate::trace::record(ir, &[&x4], &[&out]);
     let saved_idx = indices.clone();
     record(
         "MaxPool2DWithIndicesBackward0",
@@ -209,6 +217,15 @@ pub fn avg_pool2d(
     let out_shape = [xs[0], xs[1], ho, wo];
     let buf = float_dispatch!("avg_pool2d", x.dtype(), T => storage(pk::avg_pool2d::<T>(&x4.contiguous_vec::<T>(), xs, &p)));
     let out = Tensor::from_storage(buf, &out_shape);
+    let ir = kiln_ir::Op::AvgPool2d {
+        kernel: [kernel.0, kernel.1],
+        stride: [stride.0, stride.1],
+        padding: [padding.0, padding.1],
+        ceil_mode,
+        count_include_pad,
+        divisor_override,
+    };
+    crate::trace::record(ir, &[&x4], &[&out]);
     record("AvgPool2DBackward0", &[&x4], &[&out], move |g, _| {
         let g = g[0].as_ref().unwrap();
         let buf = float_dispatch!("avg_pool2d backward", g.dtype(), T => storage(pk::avg_pool2d_backward::<T>(&g.contiguous_vec::<T>(), xs, &p)));
@@ -295,6 +312,7 @@ pub fn batch_norm(
         x.dtype()
     };
     let shape3 = [n, c, sp];
+    let internal = crate::trace::suspend();
     let xc = x.to_dtype(cdt)?;
     let w = weight.map(|t| t.to_dtype(cdt)).transpose()?;
     let b = bias.map(|t| t.to_dtype(cdt)).transpose()?;
@@ -322,6 +340,33 @@ pub fn batch_norm(
         }
     });
     let out = Tensor::from_storage(y, &s).to_dtype(x.dtype())?;
+    drop(internal);
+    {
+        let mut tin = vec![x];
+        tin.extend(weight);
+        tin.extend(bias);
+        let stats = running_mean.zip(running_var);
+        if let Some((rm, rv)) = stats {
+            tin.push(rm);
+            tin.push(rv);
+        }
+        let ir = kiln_ir::Op::BatchNorm {
+            training,
+            momentum,
+            eps,
+            has_weight: weight.is_some(),
+            has_bias: bias.is_some(),
+            has_running_stats: stats.is_some(),
+        };
+        // In training the running stats' new values are outputs 1 and 2:
+        // the buffers are rebound to them.
+        let mut touts = vec![&out];
+        if let (true, Some((rm, rv))) = (training, stats) {
+            touts.push(rm);
+            touts.push(rv);
+        }
+        crate::trace::record(ir, &tin, &touts);
+    }
     let mut inputs = vec![x];
     let has_w = weight.is_some();
     let has_b = bias.is_some();
@@ -424,6 +469,7 @@ pub fn layer_norm(
     } else {
         x.dtype()
     };
+    let internal = crate::trace::suspend();
     let xc = x.to_dtype(cdt)?;
     let w = weight.map(|t| t.to_dtype(cdt)).transpose()?;
     let b = bias.map(|t| t.to_dtype(cdt)).transpose()?;
@@ -433,6 +479,19 @@ pub fn layer_norm(
         (storage(y), storage(m), storage(r))
     });
     let out = Tensor::from_storage(y, &s).to_dtype(x.dtype())?;
+    drop(internal);
+    {
+        let mut tin = vec![x];
+        tin.extend(weight);
+        tin.extend(bias);
+        let ir = kiln_ir::Op::LayerNorm {
+            normalized_shape: normalized_shape.to_vec(),
+            eps,
+            has_weight: weight.is_some(),
+            has_bias: bias.is_some(),
+        };
+        crate::trace::record(ir, &tin, &[&out]);
+    }
     let mean = Tensor::from_storage(mean, &[rows]);
     let rstd = Tensor::from_storage(rstd, &[rows]);
     let mut inputs = vec![x];
@@ -509,7 +568,19 @@ pub fn dropout(x: &Tensor, p: f64, training: bool) -> Result<Tensor> {
         &x.shape(),
     )
     .to_dtype(x.dtype())?;
-    let out = no_grad(|| x.mul(&mask))?;
+    let out = {
+        let _internal = crate::trace::suspend();
+        no_grad(|| x.mul(&mask))?
+    };
+    crate::trace::record(
+        kiln_ir::Op::Dropout {
+            p,
+            seed: 0,
+            offset: 0,
+        },
+        &[x],
+        &[&out],
+    );
     record("NativeDropoutBackward0", &[x], &[&out], move |g, _| {
         Ok(vec![Some(g[0].as_ref().unwrap().mul(&mask)?)])
     });

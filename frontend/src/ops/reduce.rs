@@ -53,6 +53,7 @@ impl Tensor {
     /// The tensor permuted so `dims` come last, made contiguous: rows of
     /// length prod(shape[dims]). Returns (tensor, outer, k). No autograd.
     pub(crate) fn rows_over(&self, dims: &[usize]) -> Result<(Tensor, usize, usize)> {
+        let _internal = crate::trace::suspend();
         let shape = self.shape();
         let nd = shape.len();
         let keep: Vec<usize> = (0..nd).filter(|d| !dims.contains(d)).collect();
@@ -114,6 +115,15 @@ impl Tensor {
             return f.to_dtype(DType::I64);
         }
         let out = self.sum_raw(&rd, &out_shape)?;
+        crate::trace::record(
+            kiln_ir::Op::Reduce {
+                op: kiln_ir::ReduceOp::Sum,
+                dims: rd.clone(),
+                keepdim,
+            },
+            &[self],
+            &[&out],
+        );
         let in_shape = shape.clone();
         let name = if dims.is_empty() {
             "SumBackward0"
@@ -151,7 +161,19 @@ impl Tensor {
         let count: usize = rd.iter().map(|&d| shape[d]).product();
         let out_shape = reduced_shape(&shape, &rd, keepdim);
         let c = count as f64;
-        let out = crate::autograd::no_grad(|| self.sum_raw(&rd, &out_shape)?.div_scalar(c))?;
+        let out = {
+            let _internal = crate::trace::suspend();
+            crate::autograd::no_grad(|| self.sum_raw(&rd, &out_shape)?.div_scalar(c))?
+        };
+        crate::trace::record(
+            kiln_ir::Op::Reduce {
+                op: kiln_ir::ReduceOp::Mean,
+                dims: rd.clone(),
+                keepdim,
+            },
+            &[self],
+            &[&out],
+        );
         let in_shape = shape.clone();
         let name = if dims.is_empty() {
             "MeanBackward0"
@@ -254,6 +276,7 @@ impl Tensor {
         f32_fn: impl FnOnce(&[f32], usize, usize) -> Vec<f32>,
         f64_fn: impl FnOnce(&[f64], usize, usize) -> Vec<f64>,
     ) -> Result<Tensor> {
+        let _internal = crate::trace::suspend();
         let nd = self.dim();
         let dims: Vec<usize> = dim.into_iter().collect();
         let (x, outer, kk) = self.rows_over(&dims)?;
@@ -346,6 +369,24 @@ impl Tensor {
                 }
             },
         )?;
+        let var_op = kiln_ir::Op::Var {
+            dims: rd.clone(),
+            correction: correction as f64,
+            keepdim,
+        };
+        if sqrt && crate::trace::is_tracing() {
+            // std is two graph nodes: var then sqrt (the placeholder only
+            // carries the intermediate's identity and type).
+            let var_t = Tensor::zeros(&out.shape(), out.dtype());
+            crate::trace::record(var_op, &[self], &[&var_t]);
+            crate::trace::record(
+                kiln_ir::Op::Unary(kiln_ir::UnaryOp::Sqrt),
+                &[&var_t],
+                &[&out],
+            );
+        } else {
+            crate::trace::record(var_op, &[self], &[&out]);
+        }
         let xs = self.detach();
         let o = out.detach();
         let kshape = kept_shape(&shape, &rd);
@@ -401,6 +442,15 @@ impl Tensor {
             |s| k::prod_rows(s, outer, kk),
             |s| k::prod_rows(s, outer, kk),
         )?;
+        crate::trace::record(
+            kiln_ir::Op::Reduce {
+                op: kiln_ir::ReduceOp::Prod,
+                dims: rd.clone(),
+                keepdim,
+            },
+            &[self],
+            &[&out],
+        );
         let xs = self.detach();
         let kshape = kept_shape(&shape, &rd);
         let name = if dim.is_some() {

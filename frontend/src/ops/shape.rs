@@ -196,6 +196,10 @@ impl Tensor {
         };
         let parts: Vec<Tensor> = kept.iter().map(|&i| tensors[i].detach()).collect();
         let out = cat_raw(&parts, d, &out_shape, dtype)?;
+        let kept_refs: Vec<&Tensor> = kept.iter().map(|&i| tensors[i]).collect();
+        if !kept_refs.is_empty() {
+            crate::trace::record(kiln_ir::Op::Cat { dim: d }, &kept_refs, &[&out]);
+        }
         let dtypes: Vec<DType> = tensors.iter().map(|t| t.dtype()).collect();
         record("CatBackward0", tensors, &[&out], move |g, needs| {
             let g = g[0].as_ref().unwrap();
@@ -244,13 +248,17 @@ impl Tensor {
         let dtype = promote_all(tensors);
         let mut piece = shape.clone();
         piece.insert(d, 1);
-        let parts: Vec<Tensor> = tensors
-            .iter()
-            .map(|t| t.detach().reshape_to(&piece))
-            .collect::<Result<_>>()?;
+        let parts: Vec<Tensor> = {
+            let _internal = crate::trace::suspend();
+            tensors
+                .iter()
+                .map(|t| t.detach().reshape_to(&piece))
+                .collect::<Result<_>>()?
+        };
         let mut out_shape = shape.clone();
         out_shape.insert(d, tensors.len());
         let out = cat_raw(&parts, d, &out_shape, dtype)?;
+        crate::trace::record(kiln_ir::Op::Stack { dim: d }, tensors, &[&out]);
         let dtypes: Vec<DType> = tensors.iter().map(|t| t.dtype()).collect();
         record("StackBackward0", tensors, &[&out], move |g, needs| {
             let g = g[0].as_ref().unwrap();
@@ -299,6 +307,9 @@ impl Tensor {
         let out =
             with_storage!(&src, v => index_select_typed(v.as_slice(), &idx, outer, size, inner));
         let out = Tensor::from_storage(out, &out_shape);
+        if nd > 0 {
+            crate::trace::record(kiln_ir::Op::IndexSelect { dim: d }, &[self, index], &[&out]);
+        }
         let index = index.detach();
         record("IndexSelectBackward0", &[self], &[&out], move |g, _| {
             let g = g[0].as_ref().unwrap();

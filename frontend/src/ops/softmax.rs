@@ -30,6 +30,13 @@ impl Tensor {
             |s, _, kk| k::softmax_rows(s, kk, log),
             |s, _, kk| k::softmax_rows(s, kk, log),
         )?;
+        let dim_ir = d.unwrap_or(0);
+        let ir_op = if log {
+            kiln_ir::Op::LogSoftmax { dim: dim_ir }
+        } else {
+            kiln_ir::Op::Softmax { dim: dim_ir }
+        };
+        crate::trace::record(ir_op, &[self], &[&out]);
         let y = out.detach();
         let dims: Vec<isize> = d.iter().map(|&d| d as isize).collect();
         let name = if log {

@@ -142,14 +142,34 @@ impl Tensor {
         Tensor::from_parts(d.storage, layout, d.device)
     }
 
-    /// A view with an explicit layout, recording `backward` under `name`.
+    /// A reshape-like view (view, reshape, squeeze, unsqueeze; expand when
+    /// `name` is `ExpandBackward0`) with an explicit layout, recording
+    /// `backward` under `name`.
     pub(crate) fn make_view(
         &self,
         layout: Layout,
         name: &'static str,
         backward: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
     ) -> Tensor {
+        let shape = layout.shape.clone();
+        let ir = if name == "ExpandBackward0" {
+            kiln_ir::Op::Expand { shape }
+        } else {
+            kiln_ir::Op::Reshape { shape }
+        };
+        self.make_view_op(layout, name, ir, backward)
+    }
+
+    /// A view recorded in a trace as `ir`.
+    pub(crate) fn make_view_op(
+        &self,
+        layout: Layout,
+        name: &'static str,
+        ir: kiln_ir::Op,
+        backward: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+    ) -> Tensor {
         let out = self.alias_with(layout);
+        crate::trace::record(ir, &[self], &[&out]);
         record(name, &[self], &[&out], move |g, _| {
             Ok(vec![Some(backward(g[0].as_ref().unwrap())?)])
         });
@@ -217,6 +237,13 @@ impl Tensor {
                 // the grad_fn seen on the result is UnsafeViewBackward0.
                 let c = self.contiguous()?;
                 let flat = c.detach().alias_with(Layout::contiguous(shape));
+                crate::trace::record(
+                    kiln_ir::Op::Reshape {
+                        shape: shape.to_vec(),
+                    },
+                    &[&c],
+                    &[&flat],
+                );
                 record("UnsafeViewBackward0", &[&c], &[&flat], move |g, _| {
                     Ok(vec![Some(g[0].as_ref().unwrap().reshape_to(&in_shape)?)])
                 });
@@ -321,7 +348,8 @@ impl Tensor {
         for (i, &p) in perm.iter().enumerate() {
             inv[p] = i as isize;
         }
-        Ok(self.make_view(layout, "PermuteBackward0", move |g| g.permute(&inv)))
+        let ir = kiln_ir::Op::Permute { dims: perm.clone() };
+        Ok(self.make_view_op(layout, "PermuteBackward0", ir, move |g| g.permute(&inv)))
     }
 
     /// `transpose(d0, d1)`.
@@ -334,8 +362,13 @@ impl Tensor {
             l.shape.swap(a, b);
             l.strides.swap(a, b);
         }
+        let mut dims: Vec<usize> = (0..nd).collect();
+        if nd > 0 {
+            dims.swap(a, b);
+        }
+        let ir = kiln_ir::Op::Permute { dims };
         let (a, b) = (a as isize, b as isize);
-        Ok(self.make_view(l, "TransposeBackward0", move |g| g.transpose(a, b)))
+        Ok(self.make_view_op(l, "TransposeBackward0", ir, move |g| g.transpose(a, b)))
     }
 
     /// `t()`: transpose of a tensor with at most 2 dims.
@@ -353,7 +386,8 @@ impl Tensor {
         let mut l = self.layout();
         l.shape.swap(0, 1);
         l.strides.swap(0, 1);
-        Ok(self.make_view(l, "TBackward0", |g| g.t()))
+        let ir = kiln_ir::Op::Permute { dims: vec![1, 0] };
+        Ok(self.make_view_op(l, "TBackward0", ir, |g| g.t()))
     }
 
     /// `unsqueeze(dim)`.
@@ -463,7 +497,13 @@ impl Tensor {
         l.strides[d] *= step;
         let (dd, si, ei) = (d as isize, s as isize, e as isize);
         let view: ViewFn = Arc::new(move |t| t.slice(dd, Some(si), Some(ei), step));
-        Ok(self.make_view(l, "SliceBackward0", move |g| {
+        let ir = kiln_ir::Op::Slice {
+            dim: d,
+            start: s,
+            end: e,
+            step,
+        };
+        Ok(self.make_view_op(l, "SliceBackward0", ir, move |g| {
             view_scatter_backward("SliceBackwardBackward0", g, &in_shape, view.clone())
         }))
     }
@@ -529,7 +569,8 @@ impl Tensor {
         l.strides.remove(d);
         let (dd, ii) = (d as isize, i as isize);
         let view: ViewFn = Arc::new(move |t| t.select(dd, ii));
-        Ok(self.make_view(l, "SelectBackward0", move |g| {
+        let ir = kiln_ir::Op::Select { dim: d, index: i };
+        Ok(self.make_view_op(l, "SelectBackward0", ir, move |g| {
             view_scatter_backward("SelectBackwardBackward0", g, &in_shape, view.clone())
         }))
     }
@@ -546,8 +587,16 @@ impl Tensor {
                 let mut pl = l.clone();
                 pl.offset += start * l.strides[d];
                 pl.shape[d] = n;
+                let piece = self.alias_with(pl);
+                let ir = kiln_ir::Op::Slice {
+                    dim: d,
+                    start,
+                    end: start + n,
+                    step: 1,
+                };
+                crate::trace::record(ir, &[self], &[&piece]);
                 start += n;
-                self.alias_with(pl)
+                piece
             })
             .collect();
         let refs: Vec<&Tensor> = pieces.iter().collect();
@@ -655,7 +704,9 @@ impl Tensor {
                 pl.offset += i * l.strides[d];
                 pl.shape.remove(d);
                 pl.strides.remove(d);
-                self.alias_with(pl)
+                let piece = self.alias_with(pl);
+                crate::trace::record(kiln_ir::Op::Select { dim: d, index: i }, &[self], &[&piece]);
+                piece
             })
             .collect();
         let refs: Vec<&Tensor> = pieces.iter().collect();
@@ -828,6 +879,7 @@ impl Tensor {
     /// (`CloneBackward0`). Rust's `Clone` on `Tensor` copies the handle.
     pub fn clone_tensor(&self) -> Result<Tensor> {
         let out = Tensor::from_storage(self.contiguous_storage(), &self.shape());
+        crate::trace::record(kiln_ir::Op::Contiguous, &[self], &[&out]);
         record("CloneBackward0", &[self], &[&out], |g, _| {
             Ok(vec![g[0].clone()])
         });
@@ -842,6 +894,7 @@ impl Tensor {
             return Ok(self.clone());
         }
         let out = Tensor::from_storage(self.contiguous_storage().to_dtype(dtype), &self.shape());
+        crate::trace::record(kiln_ir::Op::Cast(dtype), &[self], &[&out]);
         if dtype.is_float() && src.is_float() {
             record("ToCopyBackward0", &[self], &[&out], move |g, _| {
                 Ok(vec![Some(g[0].as_ref().unwrap().to_dtype(src)?)])
