@@ -73,8 +73,8 @@ pub fn from_bytes(bytes: &[u8]) -> Result<TracedModule> {
         path: "<bytes>".into(),
         msg,
     };
-    let (sd, meta) = StateDict::from_safetensors_bytes_with_metadata(bytes)
-        .map_err(|e| ferr(format!("{e}")))?;
+    let (sd, meta) =
+        StateDict::from_safetensors_bytes_with_metadata(bytes).map_err(|e| ferr(format!("{e}")))?;
     let version = meta.get(VERSION_KEY).ok_or_else(|| {
         ferr(format!(
             "not a kiln graph file: the safetensors metadata has no `{VERSION_KEY}`"
@@ -91,10 +91,8 @@ pub fn from_bytes(bytes: &[u8]) -> Result<TracedModule> {
         ))
     })?;
     let graph = from_json(json).map_err(|e| ferr(format!("invalid graph: {e}")))?;
-    let mut weights: HashMap<String, Tensor> = sd
-        .iter()
-        .map(|(k, t)| (k.to_string(), t.clone()))
-        .collect();
+    let mut weights: HashMap<String, Tensor> =
+        sd.iter().map(|(k, t)| (k.to_string(), t.clone())).collect();
     let mut used = HashMap::new();
     for (kind, ty) in state_inputs(&graph) {
         let (InputKind::Param(name) | InputKind::Buffer(name)) = &kind else {

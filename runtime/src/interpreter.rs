@@ -104,10 +104,7 @@ fn run(
     for (i, &n) in order.iter().enumerate() {
         let node = graph.node(n);
         let operands = graph.operands(n);
-        let args: Vec<Tensor> = operands
-            .iter()
-            .map(|v| values[v].clone())
-            .collect();
+        let args: Vec<Tensor> = operands.iter().map(|v| values[v].clone()).collect();
         let outs = exec_node(&node.op, &args, inputs, bindings)
             .and_then(|outs| check_types(&outs, &node.outputs).map(|_| outs))
             .map_err(|e| Error::Exec {
