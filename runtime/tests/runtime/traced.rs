@@ -264,3 +264,31 @@ fn passes_listing_summary_and_dot() {
     assert!(dot.starts_with("digraph kiln {"), "{dot}");
     assert!(dot.contains("cluster"), "{dot}");
 }
+
+#[test]
+fn gradients_flow_through_the_interpreter_like_eager() {
+    let m = mlp_net(1);
+    let tm = TracedModule::new(mlp(), m.clone()).unwrap();
+    let x = rand_t(&[8, 20], 4);
+    tm.call(&x).unwrap().sum().unwrap().backward().unwrap();
+    let traced: Vec<Tensor> = m
+        .parameters()
+        .iter()
+        .map(|p| p.grad().expect("a gradient"))
+        .collect();
+    m.zero_grad(true).unwrap();
+    m.call(&x).unwrap().sum().unwrap().backward().unwrap();
+    for ((n, p), g) in m.named_parameters().iter().zip(&traced) {
+        assert_same(g, &p.grad().unwrap(), n);
+    }
+}
+
+#[test]
+fn runtime_errors_convert_into_kiln_errors() {
+    let tm = TracedModule::new(mlp(), mlp_net(0)).unwrap();
+    let f = || -> kiln_frontend::Result<Tensor> { Ok(tm.call(&rand_t(&[1], 0))?) };
+    assert_eq!(
+        f().unwrap_err().to_string(),
+        "TracedModule.forward: input 0 is f32[1], the graph was traced for f32[8,20]"
+    );
+}
