@@ -11,3 +11,6 @@ pub use kiln_frontend::*;
 pub use kiln_cpu as cpu;
 /// The IR vocabulary: dtypes, shapes, ops.
 pub use kiln_ir as ir;
+/// The runtime: the reference interpreter, `TracedModule` (live by-name
+/// binding of parameters and buffers) and export/load (`runtime::load`).
+pub use kiln_runtime as runtime;

@@ -1,5 +1,17 @@
-//! kiln-runtime: will hold `CompiledModule` (guards and recompilation, memory
-//! plan, live hooks between compiled segments), the reference graph
-//! interpreter and export/load of compiled graphs. It sits above the
-//! frontend (it runs modules and binds their live parameters) and never the
-//! other way round. Nothing is implemented yet: the tracing issue brings it.
+//! kiln-runtime: runs traced graphs. The reference interpreter
+//! (`interpreter`: any graph, node by node, with the eager CPU ops; the
+//! semantic oracle for every backend), `TracedModule` (`traced`: a graph
+//! bound by name to a live module's parameters and buffers, or to stored
+//! weights) and export/load of a graph with its weights in one safetensors
+//! file (`export`). It sits above the frontend and never the other way
+//! round. `CompiledModule` (guards, memory plan, live hooks) joins later.
+
+pub mod error;
+pub mod export;
+pub mod interpreter;
+pub mod traced;
+
+pub use error::{Error, Result};
+pub use export::{from_bytes, load, GRAPH_KEY, VERSION_KEY};
+pub use interpreter::{run_graph, run_graph_collect, Collected};
+pub use traced::TracedModule;

@@ -1,7 +1,10 @@
-//! The `kiln` command line: information about this machine and build today;
-//! `verify`, `bench`, `run` and `devices` join as their issues land.
+//! The `kiln` command line: information about this machine and build;
+//! `graph` (listing, summary or DOT of a saved graph) and `run` (run a saved
+//! graph on safetensors inputs); `verify`, `bench` and `devices` join as
+//! their issues land.
 
 use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(
@@ -18,13 +21,110 @@ struct Cli {
 enum Command {
     /// Print the CPU features kiln's kernels can use on this machine.
     Info,
+    /// Print a saved graph: one line per node, then a summary (op counts,
+    /// parameters, kernels after fusion); or Graphviz DOT with --dot.
+    Graph {
+        /// A file written by `TracedModule::save` (`.kiln`).
+        file: PathBuf,
+        /// Write Graphviz DOT (module scopes as clusters, fused kernels
+        /// colored) instead of the listing.
+        #[arg(long)]
+        dot: bool,
+    },
+    /// Run a saved graph with no model code. Inputs are the tensors named
+    /// `input` (one input) or `input.0`, `input.1`, ...; outputs are written
+    /// as `output` (one output) or `output.0`, `output.1`, ...
+    Run {
+        /// A file written by `TracedModule::save` (`.kiln`).
+        file: PathBuf,
+        /// safetensors file with the inputs.
+        #[arg(long)]
+        input: PathBuf,
+        /// safetensors file to write the outputs to.
+        #[arg(long)]
+        output: PathBuf,
+    },
 }
 
 fn main() {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Info => info(),
+    let res = match cli.command {
+        Command::Info => {
+            info();
+            Ok(())
+        }
+        Command::Graph { file, dot } => graph(&file, dot),
+        Command::Run {
+            file,
+            input,
+            output,
+        } => run(&file, &input, &output),
+    };
+    if let Err(e) = res {
+        eprintln!("kiln: error: {e}");
+        std::process::exit(1);
     }
+}
+
+fn graph(file: &Path, dot: bool) -> Result<(), String> {
+    let tm = kiln::runtime::load(file).map_err(|e| e.to_string())?;
+    if dot {
+        print!("{}", tm.to_dot().map_err(|e| e.to_string())?);
+    } else {
+        print!("{}", tm.listing());
+        println!();
+        print!("{}", tm.summary().map_err(|e| e.to_string())?);
+    }
+    Ok(())
+}
+
+fn run(file: &Path, input: &Path, output: &Path) -> Result<(), String> {
+    use kiln::nn::StateDict;
+    let tm = kiln::runtime::load(file).map_err(|e| e.to_string())?;
+    let sd = StateDict::load_safetensors(input).map_err(|e| e.to_string())?;
+    let n = tm.input_types().len();
+    let inputs = if n == 1 && sd.contains_key("input") {
+        vec![sd.get("input").expect("checked").clone()]
+    } else {
+        (0..n)
+            .map(|i| {
+                sd.get(&format!("input.{i}")).cloned().ok_or_else(|| {
+                    let want = if n == 1 {
+                        "`input`".to_string()
+                    } else {
+                        format!("`input.0` .. `input.{}`", n - 1)
+                    };
+                    format!(
+                        "{}: the graph takes {n} input(s), named {want}; `input.{i}` is missing (found {:?})",
+                        input.display(),
+                        sd.keys()
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let expected: Vec<String> = if n == 1 {
+        vec!["input".into(), "input.0".into()]
+    } else {
+        (0..n).map(|i| format!("input.{i}")).collect()
+    };
+    if let Some(extra) = sd.keys().into_iter().find(|k| !expected.contains(k)) {
+        return Err(format!(
+            "{}: unexpected tensor `{extra}` (the graph takes {n} input(s))",
+            input.display()
+        ));
+    }
+    let outs = tm.forward(&inputs).map_err(|e| e.to_string())?;
+    let mut out = StateDict::new();
+    if outs.len() == 1 {
+        out.insert("output", outs[0].clone());
+    } else {
+        for (i, t) in outs.iter().enumerate() {
+            out.insert(format!("output.{i}"), t.clone());
+        }
+    }
+    out.save_safetensors(output, None)
+        .map_err(|e| format!("{}: {e}", output.display()))
 }
 
 fn info() {
