@@ -38,10 +38,19 @@ fn zip_typed<T: Element, U: Element>(
     Tensor::from_storage(U::into_storage(out), shape)
 }
 
+/// `torch.result_type(a, b)`: a 0-dim operand does not promote a
+/// dimensioned one of the same category (f32[4] + f64[] is f32).
+pub(crate) fn result_type(a: &Tensor, b: &Tensor) -> DType {
+    kiln_ir::op::result_type(
+        &kiln_ir::TensorType::new(&a.shape(), a.dtype()),
+        &kiln_ir::TensorType::new(&b.shape(), b.dtype()),
+    )
+}
+
 /// A binary op without autograd: broadcasting, promotion, dispatch.
 pub(crate) fn binary_raw(op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let shape = broadcast(op.name(), a, b)?;
-    let mut dtype = DType::promote(a.dtype(), b.dtype());
+    let mut dtype = result_type(a, b);
     if matches!(op, BinaryOp::Div) && !dtype.is_float() {
         dtype = DType::F32; // true division
     }
@@ -274,7 +283,7 @@ impl Tensor {
                 format!("condition must be a bool tensor, got {}", cond.dtype()),
             ));
         }
-        let dtype = DType::promote(a.dtype(), b.dtype());
+        let dtype = result_type(a, b);
         let (ac, bc) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
         let lc = broadcast_layout(&cond.layout(), &shape);
         let la = broadcast_layout(&ac.layout(), &shape);
@@ -683,6 +692,17 @@ mod tests {
             err.contains("[2, 3]") && err.contains("[2]") && err.starts_with("add"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn zero_dim_operands_do_not_promote() {
+        // (torch.ones(4) + torch.tensor(1.0, dtype=torch.float64)).dtype == torch.float32
+        let a = Tensor::ones(&[4], DType::F32);
+        let s = Tensor::scalar(1.0f64);
+        assert_eq!(a.add(&s).unwrap().dtype(), DType::F32);
+        // (torch.ones(4, dtype=torch.int64) + torch.tensor(1.5, dtype=torch.float64)).dtype == torch.float64
+        let i = Tensor::ones(&[4], DType::I64);
+        assert_eq!(i.add(&s).unwrap().dtype(), DType::F64);
     }
 
     #[test]
