@@ -352,3 +352,28 @@ impl Module for Dropout {
         )
     }
 }
+
+/// `nn.Softmax(dim)`: `x.softmax(dim)`.
+pub struct Softmax {
+    core: ModuleCore,
+    pub dim: isize,
+}
+
+impl Softmax {
+    pub fn new(dim: isize) -> Softmax {
+        Softmax {
+            core: ModuleCore::new("Softmax"),
+            dim,
+        }
+    }
+}
+
+impl Module for Softmax {
+    simple_core!();
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.softmax(self.dim)
+    }
+    fn extra_repr(&self) -> String {
+        format!("dim={}", self.dim)
+    }
+}
