@@ -2,7 +2,8 @@
 //! `_BatchNorm`: affine weight/bias, running_mean/running_var and the I64
 //! 0-d `num_batches_tracked` buffer, momentum None = cumulative moving
 //! average) and `nn.LayerNorm`. Registration order, input-dim checks and
-//! `extra_repr` follow PyTorch.
+//! `extra_repr` follow PyTorch (the version that wrote tests/fixtures, whose
+//! BatchNorm and LayerNorm print a `bias=` flag).
 
 use super::core::ModuleCore;
 use super::layers::Parameter;
@@ -14,7 +15,9 @@ use crate::tensor::Tensor;
 use kiln_ir::DType;
 
 /// `_BatchNorm`'s keyword arguments with PyTorch's defaults (eps 1e-5,
-/// momentum Some(0.1), affine, track_running_stats).
+/// momentum Some(0.1), affine, bias, track_running_stats). `bias` is the
+/// newer PyTorch's flag (printed by its `extra_repr`, as in the fixtures):
+/// with `affine` and not `bias`, the layer has a weight and no bias.
 #[derive(Clone, Copy, Debug)]
 pub struct BatchNormOptions {
     pub eps: f64,
@@ -22,6 +25,7 @@ pub struct BatchNormOptions {
     /// `num_batches_tracked` batches.
     pub momentum: Option<f64>,
     pub affine: bool,
+    pub bias: bool,
     pub track_running_stats: bool,
 }
 
@@ -31,6 +35,7 @@ impl Default for BatchNormOptions {
             eps: 1e-5,
             momentum: Some(0.1),
             affine: true,
+            bias: true,
             track_running_stats: true,
         }
     }
@@ -52,10 +57,12 @@ impl BatchNormBase {
                 "weight",
                 Some(Parameter::new(Tensor::ones(&[c], DType::F32))?),
             )?;
-            core.register_parameter(
-                "bias",
-                Some(Parameter::new(Tensor::zeros(&[c], DType::F32))?),
-            )?;
+            let b = if o.bias {
+                Some(Parameter::new(Tensor::zeros(&[c], DType::F32))?)
+            } else {
+                None
+            };
+            core.register_parameter("bias", b)?;
         } else {
             core.register_parameter("weight", None)?;
             core.register_parameter("bias", None)?;
@@ -116,7 +123,7 @@ impl BatchNormBase {
 
     fn extra_repr(&self) -> String {
         format!(
-            "{}, eps={}, momentum={}, affine={}, track_running_stats={}",
+            "{}, eps={}, momentum={}, affine={}, bias={}, track_running_stats={}",
             self.num_features,
             py_float(self.o.eps),
             self.o
@@ -124,6 +131,7 @@ impl BatchNormBase {
                 .map(py_float)
                 .unwrap_or_else(|| "None".into()),
             py_bool(self.o.affine),
+            py_bool(self.o.bias),
             py_bool(self.o.track_running_stats)
         )
     }
@@ -242,6 +250,8 @@ pub struct LayerNorm {
     pub normalized_shape: Vec<usize>,
     pub eps: f64,
     pub elementwise_affine: bool,
+    /// The `bias` flag as given (printed by `extra_repr`).
+    pub bias: bool,
 }
 
 impl LayerNorm {
@@ -280,6 +290,7 @@ impl LayerNorm {
             normalized_shape: normalized_shape.to_vec(),
             eps,
             elementwise_affine,
+            bias,
         })
     }
 }
@@ -297,10 +308,11 @@ impl Module for LayerNorm {
 
     fn extra_repr(&self) -> String {
         format!(
-            "{}, eps={}, elementwise_affine={}",
+            "{}, eps={}, elementwise_affine={}, bias={}",
             py_tuple(&self.normalized_shape),
             py_float(self.eps),
-            py_bool(self.elementwise_affine)
+            py_bool(self.elementwise_affine),
+            py_bool(self.bias)
         )
     }
 }
@@ -315,7 +327,7 @@ mod tests {
         let bn = BatchNorm2d::new(32).unwrap();
         assert_eq!(
             bn.to_repr(),
-            "BatchNorm2d(32, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)"
+            "BatchNorm2d(32, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)"
         );
         assert_eq!(
             bn.state_dict().keys(),
@@ -339,7 +351,7 @@ mod tests {
         let bn1 = BatchNorm1d::with_options(5, o).unwrap();
         assert_eq!(
             bn1.to_repr(),
-            "BatchNorm1d(5, eps=1e-05, momentum=None, affine=False, track_running_stats=False)"
+            "BatchNorm1d(5, eps=1e-05, momentum=None, affine=False, bias=True, track_running_stats=False)"
         );
         assert!(bn1.state_dict().is_empty());
         // no running stats: batch statistics in eval too
@@ -429,12 +441,12 @@ mod tests {
     fn layer_norm_repr_and_bias_flag() {
         assert_eq!(
             LayerNorm::new(&[256]).unwrap().to_repr(),
-            "LayerNorm((256,), eps=1e-05, elementwise_affine=True)"
+            "LayerNorm((256,), eps=1e-05, elementwise_affine=True, bias=True)"
         );
         let ln = LayerNorm::with_options(&[2, 3], 1e-6, true, false).unwrap();
         assert_eq!(
             ln.to_repr(),
-            "LayerNorm((2, 3), eps=1e-06, elementwise_affine=True)"
+            "LayerNorm((2, 3), eps=1e-06, elementwise_affine=True, bias=False)"
         );
         assert_eq!(ln.state_dict().keys(), ["weight"]);
         let e = ln
