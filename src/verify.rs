@@ -70,7 +70,7 @@ impl Report {
 
     fn check(&mut self, what: &str, err: f64, tol: f64) -> f64 {
         self.details.push((what.to_string(), err, tol));
-        if !(err <= tol) {
+        if err.is_nan() || err > tol {
             self.failures
                 .push(format!("{what}: relative error {err:.3e} > {tol:.0e}"));
         }
