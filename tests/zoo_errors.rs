@@ -26,9 +26,12 @@ fn loaded(name: &str) -> Arc<dyn Module> {
 /// Everything observable about a model's state: per named parameter and
 /// buffer its name, object id, dtype, shape, values, and its gradient's
 /// values; the training flags of all modules; the repr.
+/// (name, object id, dtype, shape, values, gradient values)
+type TensorState = (String, u64, DType, Vec<usize>, Vec<f64>, Option<Vec<f64>>);
+
 #[derive(Debug, PartialEq)]
 struct Snapshot {
-    tensors: Vec<(String, u64, DType, Vec<usize>, Vec<f64>, Option<Vec<f64>>)>,
+    tensors: Vec<TensorState>,
     training: Vec<bool>,
     repr: String,
 }
