@@ -71,3 +71,33 @@ fn every_zoo_model_has_fixtures() {
         kiln::zoo::names().to_vec()
     );
 }
+
+/// The same models converted with `double()` reproduce PyTorch's f32 eval
+/// output from the f64 input (num_batches_tracked stays I64).
+#[test]
+fn every_model_in_f64_matches_the_f32_reference() {
+    use kiln::nn::prelude::*;
+    use kiln::DType;
+    for name in kiln::zoo::names() {
+        let m = kiln::zoo::build(name).unwrap();
+        m.load_safetensors(fixtures().join(format!("{name}.safetensors")), true)
+            .unwrap();
+        m.double().unwrap();
+        for (n, b) in m.named_buffers() {
+            let want = if n.ends_with("num_batches_tracked") {
+                DType::I64
+            } else {
+                DType::F64
+            };
+            assert_eq!(b.dtype(), want, "{name}.{n}");
+        }
+        m.eval();
+        let io =
+            StateDict::load_safetensors(fixtures().join(format!("{name}.io.safetensors"))).unwrap();
+        let x = io.get("input").unwrap().to_dtype(DType::F64).unwrap();
+        let y = m.call(&x).unwrap();
+        assert_eq!(y.dtype(), DType::F64);
+        let e = kiln::verify::rel_err(&y, io.get("eval_output").unwrap());
+        assert!(e <= kiln::verify::FORWARD_TOL, "{name}: {e}");
+    }
+}

@@ -438,6 +438,51 @@ mod tests {
         assert_eq!(y.shape(), [1, 6, 10, 10]);
     }
 
+    /// conv_transpose2d is the adjoint of conv2d with the same weight:
+    /// <conv(x), y> == <x, conv_t(y)> (stride 2, padding 1, groups 2).
+    #[test]
+    fn transpose_is_the_adjoint_of_conv() {
+        crate::manual_seed(7);
+        let o = Conv2dOptions {
+            stride: 2.into(),
+            padding: 1.into(),
+            groups: 2,
+            bias: false,
+            ..Default::default()
+        };
+        let c = Conv2d::with_options(4, 6, 3, o).unwrap();
+        let t = ConvTranspose2d::with_options(
+            6,
+            4,
+            3,
+            ConvTranspose2dOptions {
+                stride: 2.into(),
+                padding: 1.into(),
+                groups: 2,
+                bias: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(t.to_repr(), "ConvTranspose2d(6, 4, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), groups=2, bias=False)");
+        let w = c.core().param("weight").unwrap();
+        crate::no_grad(|| t.core().param("weight").unwrap().copy_(&w).map(|_| ())).unwrap();
+        let x = Tensor::randn(&[2, 4, 9, 9], DType::F64);
+        c.double().unwrap();
+        t.double().unwrap();
+        let cx = c.call(&x).unwrap();
+        assert_eq!(cx.shape(), [2, 6, 5, 5]);
+        let y = Tensor::randn(&cx.shape(), DType::F64);
+        let ty = t.call(&y).unwrap();
+        assert_eq!(ty.shape(), [2, 4, 9, 9]);
+        let lhs = cx.mul(&y).unwrap().sum().unwrap().item().unwrap();
+        let rhs = x.mul(&ty).unwrap().sum().unwrap().item().unwrap();
+        assert!(
+            (lhs - rhs).abs() < 1e-9 * lhs.abs().max(1.0),
+            "{lhs} vs {rhs}"
+        );
+    }
+
     #[test]
     fn init_bounds_and_checks() {
         let c = Conv2d::new(3, 16, 3).unwrap();
