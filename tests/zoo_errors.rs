@@ -148,7 +148,11 @@ fn batch_norm_rejects_bad_batches_without_counting() {
     });
     has_all(
         &e,
-        &["BatchNorm1d", "expected 2D or 3D input (got 4D input"],
+        &[
+            "BatchNorm1d",
+            "expected 2D or 3D input (got 4D input)",
+            "[2, 50, 1, 1]",
+        ],
     );
 }
 

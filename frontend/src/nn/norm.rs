@@ -197,7 +197,7 @@ macro_rules! batch_norm_layer {
                     return Err(Error::op(
                         stringify!($name),
                         format!(
-                            "expected {expected} input (got {}D input of shape {:?})",
+                            "expected {expected} input (got {}D input): shape {:?}",
                             x.dim(),
                             x.shape()
                         ),
@@ -372,13 +372,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         // PyTorch: ValueError: expected 2D or 3D input (got 4D input)
-        assert!(e.contains("expected 2D or 3D input (got 4D input"), "{e}");
+        assert!(
+            e.contains("expected 2D or 3D input (got 4D input): shape [2, 3, 4, 5]"),
+            "{e}"
+        );
         let e2 = BatchNorm2d::new(3)
             .unwrap()
             .call(&Tensor::zeros(&[2, 3], DType::F32))
             .unwrap_err()
             .to_string();
-        assert!(e2.contains("expected 4D input (got 2D input"), "{e2}");
+        assert!(e2.contains("expected 4D input (got 2D input)"), "{e2}");
         let x = Tensor::from_vec(vec![0f32, 1., 2., 2., 3., 6.], &[2, 3]).unwrap();
         bn.call(&x).unwrap();
         bn.call(&x).unwrap();
