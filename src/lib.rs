@@ -7,6 +7,10 @@
 
 pub use kiln_frontend::*;
 
+pub mod bench;
+pub mod verify;
+pub mod zoo;
+
 /// The CPU kernel library (shared by eager and compiled code).
 pub use kiln_cpu as cpu;
 /// The IR vocabulary: dtypes, shapes, ops.

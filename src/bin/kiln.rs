@@ -1,10 +1,11 @@
-//! The `kiln` command line: information about this machine and build;
-//! `graph` (listing, summary or DOT of a saved graph) and `run` (run a saved
-//! graph on safetensors inputs); `verify`, `bench` and `devices` join as
-//! their issues land.
+//! The `kiln` command line: `info` (this machine and build), `verify` (the
+//! zoo models against PyTorch's fixtures), `bench` (eager timings of the zoo
+//! models), `graph` (listing, summary or DOT of a saved graph) and `run` (a
+//! saved graph on safetensors inputs, with no model code).
 
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +22,23 @@ struct Cli {
 enum Command {
     /// Print the CPU features kiln's kernels can use on this machine.
     Info,
+    /// Check the zoo models against PyTorch's fixtures (made by
+    /// python/make_fixtures.py): strict load, eval output, gradients, a
+    /// training forward, 3 SGD and 3 Adam steps, names and repr. Prints one
+    /// line per model with the max relative errors; exits 1 on any mismatch.
+    Verify {
+        /// Directory holding NAME.safetensors, NAME.io.safetensors,
+        /// NAME.train.safetensors and NAME.json.
+        #[arg(long)]
+        fixtures: PathBuf,
+        /// Comma-separated zoo model names (default: every zoo model whose
+        /// fixtures are in the directory).
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+        /// Also print every compared tensor and its error.
+        #[arg(long, short)]
+        verbose: bool,
+    },
     /// Print a saved graph: one line per node, then a summary (op counts,
     /// parameters, kernels after fusion); or Graphviz DOT with --dot.
     Graph {
@@ -44,26 +62,152 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Time each zoo model's eager forward (median ms, as
+    /// python/bench_peers.py times PyTorch) at the fixture shapes, or the
+    /// throughput shapes with --large.
+    Bench {
+        /// Throughput shapes instead of the fixture (latency) shapes.
+        #[arg(long)]
+        large: bool,
+        /// Comma-separated zoo model names (default: all).
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+        /// Minimum seconds of timed calls per model.
+        #[arg(long, default_value_t = 1.0)]
+        min_time: f64,
+    },
 }
 
-fn main() {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Info => {
             info();
             Ok(())
         }
+        Command::Verify {
+            fixtures,
+            models,
+            verbose,
+        } => return verify(&fixtures, models, verbose),
         Command::Graph { file, dot } => graph(&file, dot),
         Command::Run {
             file,
             input,
             output,
         } => run(&file, &input, &output),
+        Command::Bench {
+            large,
+            models,
+            min_time,
+        } => bench(large, models.unwrap_or_default(), min_time),
     };
-    if let Err(e) = res {
-        eprintln!("kiln: error: {e}");
-        std::process::exit(1);
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiln: error: {e}");
+            ExitCode::from(1)
+        }
     }
+}
+
+fn bench(large: bool, models: Vec<String>, min_time: f64) -> Result<(), String> {
+    let rows = kiln::bench::bench_eager(&models, large, min_time).map_err(|e| e.to_string())?;
+    print!("{}", kiln::bench::format_table(&rows));
+    Ok(())
+}
+
+fn verify(dir: &std::path::Path, models: Option<Vec<String>>, verbose: bool) -> ExitCode {
+    if !dir.is_dir() {
+        eprintln!("kiln verify: {} is not a directory", dir.display());
+        return ExitCode::from(2);
+    }
+    let names: Vec<String> = match models {
+        Some(m) => {
+            let unknown: Vec<&String> = m
+                .iter()
+                .filter(|n| !kiln::zoo::names().contains(&n.as_str()))
+                .collect();
+            if !unknown.is_empty() {
+                eprintln!(
+                    "kiln verify: unknown model(s) {unknown:?}; the zoo has {}",
+                    kiln::zoo::names().join(", ")
+                );
+                return ExitCode::from(2);
+            }
+            m
+        }
+        None => kiln::verify::available(dir)
+            .into_iter()
+            .map(String::from)
+            .collect(),
+    };
+    if names.is_empty() {
+        eprintln!(
+            "kiln verify: no zoo fixtures (NAME.json) in {}",
+            dir.display()
+        );
+        return ExitCode::from(2);
+    }
+    let mut failed = 0;
+    for name in &names {
+        match kiln::verify::verify_model(dir, name) {
+            Ok(r) => {
+                println!("{r}");
+                if verbose {
+                    for (what, e, tol) in &r.details {
+                        println!("    {what}: {e:.2e} (tolerance {tol:.0e})");
+                    }
+                }
+                for n in &r.notes {
+                    println!("    note: {n}");
+                }
+                if !r.passed() {
+                    failed += 1;
+                    for f in &r.failures {
+                        println!("    FAIL {f}");
+                    }
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                println!("{name:<18} ERROR {e}");
+            }
+        }
+    }
+    println!(
+        "{} of {} models match PyTorch",
+        names.len() - failed,
+        names.len()
+    );
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn info() {
+    println!("kiln {}", env!("CARGO_PKG_VERSION"));
+    println!("threads: {}", rayon_threads());
+    #[cfg(target_arch = "x86_64")]
+    {
+        let feats = [
+            ("sse4.2", std::arch::is_x86_feature_detected!("sse4.2")),
+            ("avx", std::arch::is_x86_feature_detected!("avx")),
+            ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+            ("fma", std::arch::is_x86_feature_detected!("fma")),
+            ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+        ];
+        let on: Vec<&str> = feats.iter().filter(|f| f.1).map(|f| f.0).collect();
+        println!("cpu features: {}", on.join(" "));
+    }
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 fn graph(file: &Path, dot: bool) -> Result<(), String> {
@@ -125,27 +269,4 @@ fn run(file: &Path, input: &Path, output: &Path) -> Result<(), String> {
     }
     out.save_safetensors(output, None)
         .map_err(|e| format!("{}: {e}", output.display()))
-}
-
-fn info() {
-    println!("kiln {}", env!("CARGO_PKG_VERSION"));
-    println!("threads: {}", rayon_threads());
-    #[cfg(target_arch = "x86_64")]
-    {
-        let feats = [
-            ("sse4.2", std::arch::is_x86_feature_detected!("sse4.2")),
-            ("avx", std::arch::is_x86_feature_detected!("avx")),
-            ("avx2", std::arch::is_x86_feature_detected!("avx2")),
-            ("fma", std::arch::is_x86_feature_detected!("fma")),
-            ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
-        ];
-        let on: Vec<&str> = feats.iter().filter(|f| f.1).map(|f| f.0).collect();
-        println!("cpu features: {}", on.join(" "));
-    }
-}
-
-fn rayon_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
 }

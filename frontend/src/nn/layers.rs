@@ -352,3 +352,49 @@ impl Module for Dropout {
         )
     }
 }
+
+/// `nn.Softmax(dim)`: `x.softmax(dim)`.
+pub struct Softmax {
+    core: ModuleCore,
+    pub dim: isize,
+}
+
+impl Softmax {
+    pub fn new(dim: isize) -> Softmax {
+        Softmax {
+            core: ModuleCore::new("Softmax"),
+            dim,
+        }
+    }
+}
+
+impl Module for Softmax {
+    simple_core!();
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.softmax(self.dim)
+    }
+    fn extra_repr(&self) -> String {
+        format!("dim={}", self.dim)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::module::ModuleExt;
+    use kiln_ir::DType;
+
+    #[test]
+    fn softmax_module() {
+        let m = Softmax::new(1);
+        // repr(nn.Softmax(dim=1)) == 'Softmax(dim=1)'
+        assert_eq!(m.to_repr(), "Softmax(dim=1)");
+        let x = Tensor::from_vec(vec![1f32, 2., 3., 0., 0., 0.], &[2, 3]).unwrap();
+        let y = m.call(&x).unwrap().to_vec_f32();
+        assert!((y[0] + y[1] + y[2] - 1.0).abs() < 1e-6);
+        assert!((y[3] - 1.0 / 3.0).abs() < 1e-6);
+        assert!(y[2] > y[1] && y[1] > y[0]);
+        assert!(Softmax::new(2).call(&x).is_err());
+        assert!(m.call(&Tensor::zeros(&[2, 3], DType::I64)).is_err());
+    }
+}
