@@ -61,7 +61,7 @@ pub use hooks::{
     register_module_full_backward_hook,
 };
 pub use layers::{Dropout, Flatten, Identity, LeakyReLU, Parameter, ReLU, Sigmoid, Tanh, GELU};
-pub use loss::{BCEWithLogitsLoss, L1Loss, MSELoss};
+pub use loss::{BCEWithLogitsLoss, CrossEntropyLoss, L1Loss, MSELoss};
 pub use module::{downcast_arc, Module, ModuleBase, ModuleExt, ModuleRef};
 pub use state_dict::{IncompatibleKeys, StateDict};
 
