@@ -31,7 +31,7 @@ struct MyLinear {
 }
 
 impl MyLinear {
-    fn new(i: usize, o: usize) -> Result<Arc<dyn Module>> {
+    fn shared(i: usize, o: usize) -> Result<Arc<dyn Module>> {
         let core = ModuleCore::new("MyLinear");
         let s = 1.0 / (i as f64).sqrt();
         core.register_parameter(
@@ -70,7 +70,7 @@ struct Stats {
 }
 
 impl Stats {
-    fn new(d: usize) -> Result<Arc<dyn Module>> {
+    fn shared(d: usize) -> Result<Arc<dyn Module>> {
         let core = ModuleCore::new("Stats");
         core.register_buffer("running_mean", Some(Tensor::zeros(&[d], DType::F32)), true)?;
         core.register_buffer("num_batches", Some(Tensor::zeros(&[], DType::I64)), true)?;
@@ -99,11 +99,11 @@ impl Module for Stats {
 
 fn net(hidden: usize) -> Result<Sequential> {
     Ok(Sequential::new([
-        MyLinear::new(4, hidden)?,
+        MyLinear::shared(4, hidden)?,
         Arc::new(Tanh::new()) as Arc<dyn Module>,
         Arc::new(Dropout::new(0.25)?),
-        Stats::new(hidden)?,
-        MyLinear::new(hidden, 3)?,
+        Stats::shared(hidden)?,
+        MyLinear::shared(hidden, 3)?,
     ]))
 }
 
@@ -249,7 +249,7 @@ fn resume_adam_bit_identical() {
                 AdamOptions {
                     amsgrad: true,
                     weight_decay: 1e-4,
-                    ..AdamOptions::adam(0.0123456789012345678)
+                    ..AdamOptions::adam(0.012345678901234568)
                 },
             )?))
         },
@@ -330,7 +330,9 @@ fn metadata_round_trips_exactly() {
 
 /// Everything a failed restore must leave alone (the model's tensors, the
 /// optimizer's state and groups, the generator).
-fn snapshot(m: &Sequential, o: &dyn Optimizer) -> (Vec<(String, Vec<u64>)>, String, Vec<u8>) {
+type Snapshot = (Vec<(String, Vec<u64>)>, String, Vec<u8>);
+
+fn snapshot(m: &Sequential, o: &dyn Optimizer) -> Snapshot {
     let (ob, groups) = optim_bits(&o.state_dict());
     (
         m.state_dict()

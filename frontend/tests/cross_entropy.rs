@@ -117,6 +117,7 @@ fn weight_ignore_index_smoothing_probabilities_by_hand() {
 
 /// PyTorch's formulas, element by element in f64, for input [N, C, S]
 /// (S = product of the trailing dims) and class-index targets [N, S].
+#[allow(clippy::too_many_arguments)]
 fn reference_index(
     x: &[f64],
     n: usize,
