@@ -819,3 +819,18 @@ fn gradients_have_the_inputs_shape_and_dtype() {
     assert_eq!((gb.dtype(), gb.shape()), (DType::F64, vec![3]));
     assert_eq!(gb.to_vec::<f64>(), vec![2.0, 2.0, 2.0]);
 }
+
+/// Higher-order gradients are refused rather than silently incomplete.
+#[test]
+fn create_graph_is_an_explicit_error() {
+    let x = Tensor::from_vec(vec![1.0f64, 2.0], &[2])
+        .unwrap()
+        .requires_grad_(true)
+        .unwrap();
+    let y = x.exp().unwrap().sum().unwrap();
+    let err = kiln_frontend::autograd::grad(&[y], &[x.clone()], None, true, true, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("create_graph"), "{err}");
+    assert!(x.grad().is_none());
+}

@@ -1,9 +1,10 @@
 //! Element types, with PyTorch's names and type-promotion rules.
 
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Element type of a tensor or graph value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum DType {
     Bool,
     I64,
@@ -46,6 +47,18 @@ impl DType {
             DType::BF16 => "torch.bfloat16",
             DType::F32 => "torch.float32",
             DType::F64 => "torch.float64",
+        }
+    }
+
+    /// Short name used by the IR printer (`f32`, `i64`, `bool`...).
+    pub fn short_name(self) -> &'static str {
+        match self {
+            DType::Bool => "bool",
+            DType::I64 => "i64",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::F32 => "f32",
+            DType::F64 => "f64",
         }
     }
 

@@ -4,7 +4,7 @@
 //! set with the tracing issue.
 
 /// One-input elementwise ops. Parameters are f64 like PyTorch's Python scalars.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum UnaryOp {
     Neg,
     Abs,
@@ -78,7 +78,7 @@ impl UnaryOp {
 }
 
 /// Two-input elementwise ops (with broadcasting).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum BinaryOp {
     Add,
     Sub,
@@ -124,7 +124,7 @@ impl BinaryOp {
 }
 
 /// Reductions over a set of dimensions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ReduceOp {
     Sum,
     Mean,

@@ -66,6 +66,12 @@ pub trait Float:
     fn exp_fast(self) -> Self {
         self.exp()
     }
+    /// `x[i] = e^x[i]` over a slice, vectorized where possible.
+    fn exp_inplace(x: &mut [Self]) {
+        for v in x.iter_mut() {
+            *v = v.exp();
+        }
+    }
     /// A vectorized whole-slice kernel for `op`, where one exists.
     fn fast_unary(_op: UnaryOp, _x: &[Self]) -> Option<Vec<Self>> {
         None
@@ -78,6 +84,9 @@ impl Float for f32 {
     }
     fn exp_fast(self) -> Self {
         crate::fastmath::exp(self)
+    }
+    fn exp_inplace(x: &mut [Self]) {
+        crate::fastmath::apply_inplace(crate::fastmath::FastFn::Exp, x)
     }
     fn fast_unary(op: UnaryOp, x: &[Self]) -> Option<Vec<Self>> {
         use crate::fastmath::{map, FastFn};

@@ -143,6 +143,55 @@ fn body(f: FastFn, x: &[f32], out: &mut [f32]) {
     }
 }
 
+#[inline(always)]
+fn body_inplace(f: FastFn, x: &mut [f32]) {
+    macro_rules! go {
+        ($g:path) => {
+            for v in x.iter_mut() {
+                *v = $g(*v);
+            }
+        };
+    }
+    match f {
+        FastFn::Exp => go!(exp),
+        FastFn::Sigmoid => go!(sigmoid),
+        FastFn::Tanh => go!(tanh),
+        FastFn::Erf => go!(erf),
+        FastFn::Gelu => go!(gelu),
+        FastFn::GeluTanh => go!(gelu_tanh),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn inplace_avx512(f: FastFn, x: &mut [f32]) {
+    body_inplace(f, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn inplace_avx2(f: FastFn, x: &mut [f32]) {
+    body_inplace(f, x)
+}
+
+/// `f` applied in place to a slice, on the calling thread, with the widest
+/// SIMD the CPU has (for kernels that already run inside a rayon task).
+pub fn apply_inplace(f: FastFn, x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { inplace_avx512(f, x) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { inplace_avx2(f, x) };
+        }
+    }
+    body_inplace(f, x)
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn body_avx512(f: FastFn, x: &[f32], out: &mut [f32]) {

@@ -65,6 +65,44 @@ pub fn argmax_rows<T: Float>(x: &[T], k: usize, min: bool) -> Vec<(T, i64)> {
     })
 }
 
+/// Max of a slice with 8 independent lanes (so it vectorizes); NaN is
+/// ignored here and propagates through the exp that follows.
+fn lanes_max<T: Float>(r: &[T]) -> T {
+    let mut acc = [T::neg_infinity(); 8];
+    let mut chunks = r.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            if v > *a {
+                *a = v;
+            }
+        }
+    }
+    let mut m = T::neg_infinity();
+    for &v in acc.iter().chain(chunks.remainder()) {
+        if v > m {
+            m = v;
+        }
+    }
+    m
+}
+
+/// Sum of a slice with 8 independent accumulators (vectorizes; pairwise-like
+/// accuracy).
+fn lanes_sum<T: Float>(r: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let mut chunks = r.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    let mut s = T::zero();
+    for &v in acc.iter().chain(chunks.remainder()) {
+        s += v;
+    }
+    s
+}
+
 /// Softmax (or log-softmax) of each row.
 pub fn softmax_rows<T: Float>(x: &[T], k: usize, log: bool) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
@@ -72,15 +110,12 @@ pub fn softmax_rows<T: Float>(x: &[T], k: usize, log: bool) -> Vec<T> {
         return out;
     }
     let body = |o: &mut [T], r: &[T]| {
-        let m = r
-            .iter()
-            .fold(T::neg_infinity(), |a, &b| if b > a { b } else { a });
-        let mut s = T::zero();
+        let m = lanes_max(r);
         for (o, &v) in o.iter_mut().zip(r) {
-            let e = (v - m).exp_fast();
-            *o = e;
-            s += e;
+            *o = v - m;
         }
+        T::exp_inplace(o);
+        let s = lanes_sum(o);
         if log {
             let ls = s.ln();
             for (o, &v) in o.iter_mut().zip(r) {

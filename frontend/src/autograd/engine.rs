@@ -70,6 +70,14 @@ pub(crate) fn run_backward(
     create_graph: bool,
     capture: Option<&[Tensor]>,
 ) -> Result<Vec<Option<Tensor>>> {
+    if create_graph {
+        // Backward closures save detached tensors, so a graph of the
+        // gradient would miss the dependence through saved values and give
+        // silently wrong higher-order derivatives. Refuse instead.
+        return Err(Error::Autograd(
+            "create_graph=True (higher-order gradients) is not supported yet: saved tensors are detached, so the graph of the gradient would be incomplete".into(),
+        ));
+    }
     let _mode = GradMode(set_grad_enabled(create_graph));
 
     // Root edges and their seed gradients.
