@@ -1,13 +1,14 @@
 //! `nn.functional`: the losses (mse_loss, l1_loss,
-//! binary_cross_entropy_with_logits) with PyTorch's reductions and grad_fn
-//! names, plus re-exports of the functional forms of the layers (dropout,
-//! flatten). CrossEntropy waits for `log_softmax`.
+//! binary_cross_entropy_with_logits, cross_entropy, nll_loss) with PyTorch's
+//! reductions and grad_fn names, plus re-exports of the functional forms of
+//! the layers (dropout, flatten).
 
 use crate::autograd::{no_grad, record};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 pub use super::layers::{dropout, flatten};
+pub use crate::ops::nll::nll_loss;
 
 /// `reduction='none' | 'mean' | 'sum'`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -223,4 +224,165 @@ pub fn binary_cross_entropy_with_logits(
         },
     );
     Ok(out)
+}
+
+/// `F.cross_entropy(input, target, weight, ignore_index=-100,
+/// reduction, label_smoothing)` (arguments in kiln's order), composed as
+/// PyTorch's `cross_entropy_loss`: `log_softmax` over the class dim (1, or 0
+/// for an unbatched `[C]` input), then
+///
+/// - class-index targets (i64, shape `[N]` / `[N, d1, ...]` / 0-d):
+///   `nll_loss(logp, target, weight, ignore_index, reduction)` (grad_fn
+///   `NllLossBackward0` over `LogSoftmaxBackward0`); with
+///   `label_smoothing = e > 0`: `(1 - e) * nll + smooth * e / C` where
+///   `smooth = -(logp * weight).sum(class_dim)`, zero at ignored targets,
+///   reduced by sum, or for 'mean' divided by the number of non-ignored
+///   targets (or, with `weight`, by `weight[target[non-ignored]].sum()`);
+/// - class-probability targets (floating, same shape as input):
+///   `-(logp * target' * weight).sum(class_dim)` with
+///   `target' = target * (1 - e) + e / C`; 'mean' divides the sum by
+///   `numel / C`. `ignore_index` must then be negative (PyTorch's rule).
+///
+/// `weight` (optional, `[C]`) weighs each class.
+pub fn cross_entropy(
+    input: &Tensor,
+    target: &Tensor,
+    reduction: Reduction,
+    label_smoothing: f64,
+    weight: Option<&Tensor>,
+    ignore_index: i64,
+) -> Result<Tensor> {
+    const OP: &str = "cross_entropy";
+    let shape = input.shape();
+    if shape.is_empty() {
+        return Err(Error::op(OP, "Expected 1 or more dimensions (got 0)"));
+    }
+    if !input.is_floating_point() {
+        return Err(Error::op(
+            OP,
+            format!(
+                "expected a floating point input (logits), got {}",
+                input.dtype()
+            ),
+        ));
+    }
+    if !(0.0..=1.0).contains(&label_smoothing) {
+        return Err(Error::op(
+            OP,
+            format!("label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}"),
+        ));
+    }
+    let class_dim: usize = if shape.len() == 1 { 0 } else { 1 };
+    let c = shape[class_dim];
+    if let Some(w) = weight {
+        if w.dim() != 1 || w.numel() != c || !w.is_floating_point() {
+            return Err(Error::op(
+                OP,
+                format!(
+                    "weight tensor should be defined either for all {c} classes or no classes but got weight tensor of shape: {:?} ({})",
+                    w.shape(),
+                    w.dtype()
+                ),
+            ));
+        }
+    }
+    // weight viewed as [1, C, 1, ...] to broadcast against the input
+    let weight_nd = |w: &Tensor| -> Result<Tensor> {
+        let mut v = vec![1isize; shape.len()];
+        v[class_dim] = c as isize;
+        w.reshape(&v)
+    };
+    let cd = class_dim as isize;
+    let logp = input.log_softmax(cd)?;
+
+    if target.shape() == shape {
+        // class probabilities
+        if !target.is_floating_point() {
+            return Err(Error::op(
+                OP,
+                format!(
+                    "Expected floating point type for target with class probabilities, got {}",
+                    target.dtype()
+                ),
+            ));
+        }
+        if ignore_index >= 0 {
+            return Err(Error::op(
+                OP,
+                "ignore_index is not supported for floating point target",
+            ));
+        }
+        let t = if label_smoothing > 0.0 {
+            target
+                .mul_scalar(1.0 - label_smoothing)?
+                .add_scalar(label_smoothing / c as f64)?
+        } else {
+            target.clone()
+        };
+        let mut prod = logp.mul(&t)?;
+        if let Some(w) = weight {
+            prod = prod.mul(&weight_nd(w)?)?;
+        }
+        return match reduction {
+            Reduction::None => prod.sum_dims(&[cd], false)?.neg(),
+            Reduction::Sum => prod.sum()?.neg(),
+            Reduction::Mean => {
+                let rows = (input.numel() / c.max(1)) as f64;
+                if input.numel() == 0 {
+                    prod.sum()?.neg()?.mul_scalar(f64::NAN)
+                } else {
+                    prod.sum()?.neg()?.div_scalar(rows)
+                }
+            }
+        };
+    }
+
+    // class indices
+    if target.is_floating_point() {
+        return Err(Error::op(
+            OP,
+            format!(
+                "class-probability targets must have the input's shape {shape:?}, got {:?}; class-index targets must be i64, got {}",
+                target.shape(),
+                target.dtype()
+            ),
+        ));
+    }
+    let nll =
+        nll_loss(&logp, target, weight, reduction, ignore_index).map_err(|e| rename_op(e, OP))?;
+    if label_smoothing <= 0.0 {
+        return Ok(nll);
+    }
+    let ignore_mask = target.eq_scalar(ignore_index as f64)?;
+    let smooth = match weight {
+        Some(w) => logp.mul(&weight_nd(w)?)?.sum_dims(&[cd], false)?.neg()?,
+        None => logp.sum_dims(&[cd], false)?.neg()?,
+    };
+    let smooth = Tensor::where_(&ignore_mask, &Tensor::zeros(&[], smooth.dtype()), &smooth)?;
+    let ret = match reduction {
+        Reduction::None => smooth,
+        Reduction::Sum => smooth.sum()?,
+        Reduction::Mean => {
+            let tv = target.to_vec::<i64>();
+            let kept: Vec<i64> = tv.into_iter().filter(|&t| t != ignore_index).collect();
+            match weight {
+                Some(w) => {
+                    let n = kept.len();
+                    let idx = Tensor::from_vec(kept, &[n])?;
+                    smooth.sum()?.div(&w.index_select(0, &idx)?.sum()?)?
+                }
+                None => smooth.sum()?.div_scalar(kept.len() as f64)?,
+            }
+        }
+    };
+    nll.mul_scalar(1.0 - label_smoothing)?
+        .add(&ret.mul_scalar(label_smoothing / c as f64)?)
+}
+
+/// Re-labels an op error with the public function's name.
+fn rename_op(e: Error, op: &str) -> Error {
+    match e {
+        Error::Op { msg, .. } => Error::op(op, msg),
+        e => e,
+    }
 }

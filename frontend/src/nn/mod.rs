@@ -70,7 +70,7 @@ pub use layers::{
     Dropout, Flatten, Identity, LeakyReLU, Parameter, ReLU, Sigmoid, Softmax, Tanh, GELU,
 };
 pub use linear::Linear;
-pub use loss::{BCEWithLogitsLoss, L1Loss, MSELoss};
+pub use loss::{BCEWithLogitsLoss, CrossEntropyLoss, L1Loss, MSELoss};
 pub use module::{downcast_arc, Module, ModuleBase, ModuleExt, ModuleRef};
 pub use norm::{BatchNorm1d, BatchNorm2d, BatchNormOptions, LayerNorm};
 pub use pool::{AvgPool2d, MaxPool2d};

@@ -2,7 +2,7 @@
 //! input requires grad, records its backward (composed of other ops, so
 //! double backward works). Grouped by family: creation, view, elementwise,
 //! reduce (sum/mean/var/std/prod), minmax (max/min/argmax), softmax,
-//! in-place, copying shape ops (cat, stack, index_select), linalg, conv.
+//! nll_loss, in-place, copying shape ops (cat, stack, index_select), linalg, conv.
 
 pub mod conv;
 pub mod creation;
@@ -10,6 +10,7 @@ pub mod elementwise;
 pub mod inplace;
 pub mod linalg;
 pub mod minmax;
+pub mod nll;
 pub mod nn;
 pub mod reduce;
 pub mod shape;

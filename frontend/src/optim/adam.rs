@@ -8,7 +8,8 @@
 //! `param.addcdiv_(exp_avg, denom, value=-lr/bc1)`.
 
 use super::{
-    get_bool, get_f64, load_like, GroupOptions, Groups, Optimizer, OptimizerStateDict, ParamGroup,
+    check_entry_names, get_bool, get_f64, load_like, GroupOptions, Groups, Optimizer,
+    OptimizerStateDict, ParamGroup,
 };
 use crate::autograd::NoGradGuard;
 use crate::error::{Error, Result};
@@ -269,29 +270,15 @@ impl Optimizer for Adam {
     }
 
     fn load_state_dict(&mut self, sd: &OptimizerStateDict) -> Result<()> {
-        self.g.load_state_dict(sd, |p, e| {
-            let step = e
-                .iter()
-                .find(|(k, _)| k == "step")
-                .map(|(_, t)| {
-                    t.to_dtype(DType::F32)
-                        .and_then(|t| t.reshape(&[])?.clone_tensor())
-                })
-                .transpose()?
-                .ok_or_else(|| Error::op("load_state_dict", "Adam state without `step`"))?
-                .detach();
-            let req = |name: &str| -> Result<Tensor> {
-                load_like(p, e, name)?.ok_or_else(|| {
-                    Error::op("load_state_dict", format!("Adam state without `{name}`"))
-                })
-            };
-            Ok(AdamState {
-                step,
-                exp_avg: req("exp_avg")?,
-                exp_avg_sq: req("exp_avg_sq")?,
-                max_exp_avg_sq: load_like(p, e, "max_exp_avg_sq")?,
-            })
-        })
+        self.g.load_state_dict(sd, make_state)
+    }
+
+    fn check_state_dict(&self, sd: &OptimizerStateDict) -> Result<()> {
+        self.g.plan_load(sd, make_state).map(|_| ())
+    }
+
+    fn kind(&self) -> &'static str {
+        "Adam"
     }
 
     fn lrs(&self) -> Vec<f64> {
@@ -307,4 +294,32 @@ impl Optimizer for Adam {
         g.options.lr = lr;
         Ok(())
     }
+}
+
+fn make_state(p: &Tensor, e: &[(String, Tensor)]) -> Result<AdamState> {
+    check_entry_names(
+        "Adam",
+        e,
+        &["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
+    )?;
+    let step = e
+        .iter()
+        .find(|(k, _)| k == "step")
+        .map(|(_, t)| {
+            t.to_dtype(DType::F32)
+                .and_then(|t| t.reshape(&[])?.clone_tensor())
+        })
+        .transpose()?
+        .ok_or_else(|| Error::op("load_state_dict", "Adam state without `step`"))?
+        .detach();
+    let req = |name: &str| -> Result<Tensor> {
+        load_like(p, e, name)?
+            .ok_or_else(|| Error::op("load_state_dict", format!("Adam state without `{name}`")))
+    };
+    Ok(AdamState {
+        step,
+        exp_avg: req("exp_avg")?,
+        exp_avg_sq: req("exp_avg_sq")?,
+        max_exp_avg_sq: load_like(p, e, "max_exp_avg_sq")?,
+    })
 }

@@ -119,6 +119,11 @@ pub trait Optimizer {
     /// sizes as this optimizer's. State tensors are copied (cast to the
     /// parameter's dtype, except `step`).
     fn load_state_dict(&mut self, sd: &OptimizerStateDict) -> Result<()>;
+    /// Validates `sd` exactly as `load_state_dict` does, changing nothing
+    /// (so a checkpoint restore can check everything before loading any of it).
+    fn check_state_dict(&self, sd: &OptimizerStateDict) -> Result<()>;
+    /// PyTorch's class name (`"SGD"`, `"Adam"`), stored in checkpoints.
+    fn kind(&self) -> &'static str;
     /// The learning rate of each group (for schedulers).
     fn lrs(&self) -> Vec<f64>;
     fn set_lr(&mut self, group: usize, lr: f64) -> Result<()>;
@@ -199,6 +204,21 @@ impl<O: GroupOptions, S> Groups<O, S> {
         sd: &OptimizerStateDict,
         make: impl Fn(&Tensor, &[(String, Tensor)]) -> Result<S>,
     ) -> Result<()> {
+        let (new_opts, new_state) = self.plan_load(sd, make)?;
+        for (g, o) in self.groups.iter_mut().zip(new_opts) {
+            g.options = o;
+        }
+        self.state = new_state;
+        Ok(())
+    }
+
+    /// Everything `load_state_dict` would install, or the first error.
+    #[allow(clippy::type_complexity)]
+    pub fn plan_load(
+        &self,
+        sd: &OptimizerStateDict,
+        make: impl Fn(&Tensor, &[(String, Tensor)]) -> Result<S>,
+    ) -> Result<(Vec<O>, HashMap<u64, S>)> {
         if sd.param_groups.len() != self.groups.len() {
             return Err(Error::op(
                 "load_state_dict",
@@ -241,12 +261,25 @@ impl<O: GroupOptions, S> Groups<O, S> {
             })?;
             new_state.insert(p.id(), make(p, entries)?);
         }
-        for (g, o) in self.groups.iter_mut().zip(new_opts) {
-            g.options = o;
-        }
-        self.state = new_state;
-        Ok(())
+        Ok((new_opts, new_state))
     }
+}
+
+/// Rejects state entries other than `allowed` (e.g. Adam state given to SGD).
+pub(crate) fn check_entry_names(
+    kind: &str,
+    entries: &[(String, Tensor)],
+    allowed: &[&str],
+) -> Result<()> {
+    for (k, _) in entries {
+        if !allowed.contains(&k.as_str()) {
+            return Err(Error::op(
+                "load_state_dict",
+                format!("unexpected {kind} state `{k}` (expected {allowed:?})"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A saved state tensor for parameter `p`: copied, cast to `p`'s dtype, and

@@ -2,7 +2,8 @@
 //! PyTorch's `_single_tensor_sgd`.
 
 use super::{
-    get_bool, get_f64, load_like, GroupOptions, Groups, Optimizer, OptimizerStateDict, ParamGroup,
+    check_entry_names, get_bool, get_f64, load_like, GroupOptions, Groups, Optimizer,
+    OptimizerStateDict, ParamGroup,
 };
 use crate::autograd::NoGradGuard;
 use crate::error::{Error, Result};
@@ -194,11 +195,15 @@ impl Optimizer for SGD {
     }
 
     fn load_state_dict(&mut self, sd: &OptimizerStateDict) -> Result<()> {
-        self.g.load_state_dict(sd, |p, e| {
-            Ok(SgdState {
-                momentum_buffer: load_like(p, e, "momentum_buffer")?,
-            })
-        })
+        self.g.load_state_dict(sd, make_state)
+    }
+
+    fn check_state_dict(&self, sd: &OptimizerStateDict) -> Result<()> {
+        self.g.plan_load(sd, make_state).map(|_| ())
+    }
+
+    fn kind(&self) -> &'static str {
+        "SGD"
     }
 
     fn lrs(&self) -> Vec<f64> {
@@ -214,4 +219,11 @@ impl Optimizer for SGD {
         g.options.lr = lr;
         Ok(())
     }
+}
+
+fn make_state(p: &Tensor, e: &[(String, Tensor)]) -> Result<SgdState> {
+    check_entry_names("SGD", e, &["momentum_buffer"])?;
+    Ok(SgdState {
+        momentum_buffer: load_like(p, e, "momentum_buffer")?,
+    })
 }
