@@ -18,3 +18,6 @@ pub use kiln_ir as ir;
 /// The runtime: the reference interpreter, `TracedModule` (live by-name
 /// binding of parameters and buffers) and export/load (`runtime::load`).
 pub use kiln_runtime as runtime;
+/// Tracing: `kiln::jit::trace(&model, &[x])` gives a `TracedModule` bound to
+/// the live model; `check_trace` compares it with eager on other inputs.
+pub use kiln_runtime::jit;

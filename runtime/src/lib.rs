@@ -9,6 +9,7 @@
 pub mod error;
 pub mod export;
 pub mod interpreter;
+pub mod jit;
 pub mod traced;
 
 pub use error::{Error, Result};
