@@ -217,3 +217,59 @@ fn a_corrupt_file_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// `kiln export --zoo` traces a zoo model with given weights; `kiln run`
+/// runs the file and reproduces the fixture's eval output.
+#[test]
+fn export_zoo_model_then_run_it() {
+    let dir = std::env::temp_dir().join(format!("kiln-export-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fx = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let file = dir.join("simple_net.kiln");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["export", "--zoo", "simple_net", "--weights"])
+        .arg(fx.join("simple_net.safetensors"))
+        .arg("-o")
+        .arg(&file)
+        .arg("--optimize")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The fixture's io file holds `input` (and more): write just the input.
+    let io = kiln::nn::StateDict::load_safetensors(fx.join("simple_net.io.safetensors")).unwrap();
+    let mut inp = kiln::nn::StateDict::new();
+    inp.insert("input", io.get("input").unwrap().clone());
+    let in_path = dir.join("in.safetensors");
+    inp.save_safetensors(&in_path, None).unwrap();
+    let out_path = dir.join("out.safetensors");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("run")
+        .arg(&file)
+        .arg("--input")
+        .arg(&in_path)
+        .arg("--output")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = kiln::nn::StateDict::load_safetensors(&out_path).unwrap();
+    let y = got.get("output").unwrap().to_vec::<f64>();
+    let want = io.get("eval_output").unwrap().to_vec::<f64>();
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let err = y
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max)
+        / scale;
+    assert!(err <= 1e-4, "relative error {err:.2e}");
+    std::fs::remove_dir_all(&dir).ok();
+}

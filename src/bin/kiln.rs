@@ -62,6 +62,30 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Trace a zoo model (with weights from a safetensors state_dict) and
+    /// write it as one file that `kiln run` / `runtime::load` run with no
+    /// model code.
+    Export {
+        /// Zoo model name.
+        #[arg(long)]
+        zoo: String,
+        /// safetensors state_dict with PyTorch's key names.
+        #[arg(long)]
+        weights: PathBuf,
+        /// Output file (`NAME.kiln`).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Input shape to trace with, comma-separated (default: the zoo's
+        /// fixture shape).
+        #[arg(long, value_delimiter = ',')]
+        shape: Option<Vec<usize>>,
+        /// Trace in training mode (buffer updates become graph outputs).
+        #[arg(long)]
+        train: bool,
+        /// Run the standard pass pipeline before saving.
+        #[arg(long)]
+        optimize: bool,
+    },
     /// Time each zoo model's eager forward (median ms, as
     /// python/bench_peers.py times PyTorch) at the fixture shapes, or the
     /// throughput shapes with --large.
@@ -101,6 +125,14 @@ fn main() -> ExitCode {
             models,
             min_time,
         } => bench(large, models.unwrap_or_default(), min_time),
+        Command::Export {
+            zoo,
+            weights,
+            output,
+            shape,
+            train,
+            optimize,
+        } => export(&zoo, &weights, &output, shape, train, optimize),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -109,6 +141,38 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn export(
+    name: &str,
+    weights: &Path,
+    output: &Path,
+    shape: Option<Vec<usize>>,
+    train: bool,
+    optimize: bool,
+) -> Result<(), String> {
+    use kiln::nn::ModuleExt;
+    let err = |e: kiln::Error| e.to_string();
+    let model = kiln::zoo::build(name).map_err(err)?;
+    model.load_safetensors(weights, true).map_err(err)?;
+    model.train(train);
+    let shape = match shape {
+        Some(s) => s,
+        None => kiln::zoo::shapes(name).map_err(err)?.0,
+    };
+    let x = kiln::Tensor::randn(&shape, kiln::DType::F32);
+    let mut traced = kiln::jit::trace(&model, &[x]).map_err(|e| e.to_string())?;
+    if optimize {
+        traced.run_passes().map_err(|e| e.to_string())?;
+    }
+    traced.save(output).map_err(|e| e.to_string())?;
+    println!(
+        "{name}: traced {} nodes ({} mode, input {shape:?}) -> {}",
+        traced.graph().node_count(),
+        if train { "training" } else { "eval" },
+        output.display()
+    );
+    Ok(())
 }
 
 fn bench(large: bool, models: Vec<String>, min_time: f64) -> Result<(), String> {
