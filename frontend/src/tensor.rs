@@ -23,6 +23,15 @@ pub struct Storage {
     pub(crate) version: AtomicU64,
 }
 
+impl Drop for Storage {
+    /// The last view of a storage is gone: its buffer may serve a later op
+    /// (see `kiln_cpu::buffers`).
+    fn drop(&mut self) {
+        let buf = std::mem::replace(self.buf.get_mut(), CpuStorage::F32(Vec::new()));
+        kiln_cpu::buffers::recycle(buf);
+    }
+}
+
 impl Storage {
     pub(crate) fn new(buf: CpuStorage) -> Arc<Storage> {
         Arc::new(Storage {

@@ -11,6 +11,8 @@ pub trait Element: Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + 
     fn slice(s: &CpuStorage) -> Option<&[Self]>;
     fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
     fn into_storage(v: Vec<Self>) -> CpuStorage;
+    /// The Vec inside a storage of this dtype.
+    fn from_storage(s: CpuStorage) -> Option<Vec<Self>>;
     fn as_f64(self) -> f64;
     fn from_f64(v: f64) -> Self;
 }
@@ -33,6 +35,12 @@ macro_rules! element {
             }
             fn into_storage(v: Vec<Self>) -> CpuStorage {
                 CpuStorage::$variant(v)
+            }
+            fn from_storage(s: CpuStorage) -> Option<Vec<Self>> {
+                match s {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
             }
             #[allow(clippy::redundant_closure_call)]
             fn as_f64(self) -> f64 {

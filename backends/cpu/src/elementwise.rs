@@ -9,8 +9,8 @@ use kiln_ir::{BinaryOp, UnaryOp};
 use rayon::prelude::*;
 
 /// `f` applied to every element of a contiguous slice.
-pub fn map<T: Copy + Sync, U: Copy + Send + Default>(x: &[T], f: impl Fn(T) -> U + Sync) -> Vec<U> {
-    let mut out = vec![U::default(); x.len()];
+pub fn map<T: Copy + Sync, U: Element>(x: &[T], f: impl Fn(T) -> U + Sync) -> Vec<U> {
+    let mut out = crate::buffers::alloc_uninit::<U>(x.len());
     if x.len() >= PAR_THRESHOLD {
         out.par_chunks_mut(PAR_THRESHOLD / 2)
             .zip(x.par_chunks(PAR_THRESHOLD / 2))
@@ -223,7 +223,7 @@ pub fn compare_fn<T: PartialOrd + Copy>(op: BinaryOp) -> impl Fn(T, T) -> bool +
 /// `f(a[i], b[i])` over the index space of `la.shape` (== `lb.shape`; a
 /// broadcast operand has stride 0 where it is broadcast). Returns a
 /// contiguous Vec.
-pub fn zip_strided<T: Copy + Sync, U: Copy + Send + Default>(
+pub fn zip_strided<T: Copy + Sync, U: Element>(
     a: &[T],
     la: &Layout,
     b: &[T],
@@ -232,7 +232,7 @@ pub fn zip_strided<T: Copy + Sync, U: Copy + Send + Default>(
 ) -> Vec<U> {
     debug_assert_eq!(la.shape, lb.shape);
     let n = la.numel();
-    let mut out = vec![U::default(); n];
+    let mut out = crate::buffers::alloc_uninit::<U>(n);
     if n == 0 {
         return out;
     }
@@ -315,7 +315,7 @@ pub fn where_strided<T: Element>(
     lb: &Layout,
 ) -> Vec<T> {
     let n = lc.numel();
-    let mut out = vec![T::default(); n];
+    let mut out = crate::buffers::alloc_uninit::<T>(n);
     let mut w = 0;
     for_each_row(
         &lc.shape,

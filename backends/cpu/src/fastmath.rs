@@ -223,7 +223,7 @@ fn dispatch(f: FastFn, x: &[f32], out: &mut [f32]) {
 
 /// `f` over a contiguous slice, split across rayon threads when large.
 pub fn map(f: FastFn, x: &[f32]) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
+    let mut out = crate::buffers::alloc_uninit::<f32>(x.len());
     map_into(f, x, &mut out);
     out
 }

@@ -5,6 +5,7 @@
 //! goes through the `gemm` crate, which picks AVX2/AVX-512 code at run time.
 //! Depends on kiln-ir only (for dtypes and the op vocabulary).
 
+pub mod buffers;
 pub mod conv;
 pub mod element;
 pub mod elementwise;

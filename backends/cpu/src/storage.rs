@@ -45,6 +45,11 @@ impl CpuStorage {
         with_storage!(self, v => v.len())
     }
 
+    /// Elements allocated (at least `len`).
+    pub fn capacity(&self) -> usize {
+        with_storage!(self, v => v.capacity())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

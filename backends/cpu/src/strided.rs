@@ -123,9 +123,9 @@ pub(crate) fn chunk_len(shape: &[usize]) -> usize {
 }
 
 /// Copies the strided view `layout` of `src` into a new contiguous Vec.
-pub fn gather<T: Copy + Send + Sync + Default>(src: &[T], layout: &Layout) -> Vec<T> {
+pub fn gather<T: crate::Element>(src: &[T], layout: &Layout) -> Vec<T> {
     let n = layout.numel();
-    let mut out = vec![T::default(); n];
+    let mut out = crate::buffers::alloc_uninit::<T>(n);
     if n == 0 {
         return out;
     }
