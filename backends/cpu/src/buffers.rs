@@ -63,7 +63,7 @@ pub fn alloc_uninit<T: Element>(n: usize) -> Vec<T> {
 /// Hands a storage that is no longer referenced back for reuse.
 pub fn recycle(s: CpuStorage) {
     let bytes = bytes_of(&s);
-    if bytes < MIN_BYTES || bytes > MAX_CACHED_BYTES {
+    if !(MIN_BYTES..=MAX_CACHED_BYTES).contains(&bytes) {
         return;
     }
     let mut c = CACHE.lock();
