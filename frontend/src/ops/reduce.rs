@@ -114,33 +114,7 @@ impl Tensor {
             let f = self.to_dtype(DType::F64)?.sum_dims(dims, keepdim)?;
             return f.to_dtype(DType::I64);
         }
-        let out = self.sum_raw(&rd, &out_shape)?;
-        crate::trace::record(
-            kiln_ir::Op::Reduce {
-                op: kiln_ir::ReduceOp::Sum,
-                dims: rd.clone(),
-                keepdim,
-            },
-            &[self],
-            &[&out],
-        );
-        let in_shape = shape.clone();
-        let name = if dims.is_empty() {
-            "SumBackward0"
-        } else {
-            "SumBackward1"
-        };
-        record(name, &[self], &[&out], move |g, _| {
-            let g = g[0].as_ref().unwrap();
-            let mut kshape = in_shape.clone();
-            for &d in &rd {
-                kshape[d] = 1;
-            }
-            Ok(vec![Some(
-                g.reshape_to(&kshape)?.expand_to(&in_shape)?.contiguous()?,
-            )])
-        });
-        Ok(out)
+        self.sum_or_mean(rd, out_shape, keepdim, dims.is_empty(), None)
     }
 
     /// Sum of all elements (0-d result).
@@ -160,37 +134,63 @@ impl Tensor {
         let rd = reduce_dims("mean", dims, shape.len())?;
         let count: usize = rd.iter().map(|&d| shape[d]).product();
         let out_shape = reduced_shape(&shape, &rd, keepdim);
-        let c = count as f64;
+        self.sum_or_mean(rd, out_shape, keepdim, dims.is_empty(), Some(count as f64))
+    }
+
+    /// The float sum (`count` None) or mean (divided by `count`) over sorted
+    /// dims `rd`, with its trace node and backward (the gradient broadcast
+    /// back over the reduced dims).
+    fn sum_or_mean(
+        &self,
+        rd: Vec<usize>,
+        out_shape: Vec<usize>,
+        keepdim: bool,
+        all: bool,
+        count: Option<f64>,
+    ) -> Result<Tensor> {
         let out = {
             let _internal = crate::trace::suspend();
-            crate::autograd::no_grad(|| self.sum_raw(&rd, &out_shape)?.div_scalar(c))?
+            crate::autograd::no_grad(|| -> Result<Tensor> {
+                let s = self.sum_raw(&rd, &out_shape)?;
+                match count {
+                    Some(c) => s.div_scalar(c),
+                    None => Ok(s),
+                }
+            })?
+        };
+        let op = if count.is_some() {
+            kiln_ir::ReduceOp::Mean
+        } else {
+            kiln_ir::ReduceOp::Sum
         };
         crate::trace::record(
             kiln_ir::Op::Reduce {
-                op: kiln_ir::ReduceOp::Mean,
+                op,
                 dims: rd.clone(),
                 keepdim,
             },
             &[self],
             &[&out],
         );
-        let in_shape = shape.clone();
-        let name = if dims.is_empty() {
-            "MeanBackward0"
-        } else {
-            "MeanBackward1"
+        let in_shape = self.shape();
+        let name = match (count.is_some(), all) {
+            (false, true) => "SumBackward0",
+            (false, false) => "SumBackward1",
+            (true, true) => "MeanBackward0",
+            (true, false) => "MeanBackward1",
         };
         record(name, &[self], &[&out], move |g, _| {
             let g = g[0].as_ref().unwrap();
+            let g = match count {
+                Some(c) => g.div_scalar(c)?,
+                None => g.clone(),
+            };
             let mut kshape = in_shape.clone();
             for &d in &rd {
                 kshape[d] = 1;
             }
             Ok(vec![Some(
-                g.div_scalar(c)?
-                    .reshape_to(&kshape)?
-                    .expand_to(&in_shape)?
-                    .contiguous()?,
+                g.reshape_to(&kshape)?.expand_to(&in_shape)?.contiguous()?,
             )])
         });
         Ok(out)
