@@ -5,6 +5,31 @@
 //! threads when there are enough of them (else gemm parallelises inside).
 //! All tensors are contiguous; weights are `[Cout, Cin/groups, Kh, Kw]`
 //! (conv) or `[Cin, Cout/groups, Kh, Kw]` (transposed conv), as PyTorch.
+//!
+//! Forward tuning, measured on the 2-core AVX-512 box on the bench_ops
+//! case 128x32x13x13 * 64x32x3x3 p1 against the 4096x784 @ 784x256 matmul
+//! interleaved in one process (GFLOP/s, p90 of 40-100 runs; the box is
+//! shared, so only ratios within one run mean anything):
+//! - before: channels-major `[cout, cols]` gemm per block of 2 images
+//!   (338 columns, blocks over threads) + shuffle: 225 vs matmul 340-390
+//!   (0.58-0.66); about 2.4 ms gemm, 0.5 ms im2col, 0.35 ms shuffle.
+//! - gemm alone on a ready im2col, 338-column blocks over threads:
+//!   channels-major 300, pixel-major `[cols, cout]` 326 (matmul 352).
+//!   One big gemm with Rayon(2) over all 21632 columns: channels-major
+//!   206, pixel-major 287, pixel-major from a pixel-major im2col 339.
+//! - pixel-major blocks + scalar tiled transpose: no gain (0.6 ms for the
+//!   transpose); with an AVX-512 gather transpose fused with the bias:
+//!   +8%; lhs given as W^T (gemm's packing becomes a copy): +2-3%. Kept:
+//!   p90 250-260 vs matmul 335-345 (0.73-0.77).
+//! - per-image gemm straight into the output (no shuffle): -3%.
+//! - implicit GEMM, 9 per-tap gemms of depth Cin on a zero-padded copy
+//!   (accumulating, 13-25% junk columns): 0.40-0.45 of matmul.
+//! - kernel-row GEMM (Kw shifted copies, images stacked sharing padding
+//!   rows, Kh accumulating gemms of depth Cin*Kw, 7% junk rows): same as the
+//!   kept path, less general; not kept.
+//! - 169, 338 or 676 columns per block: within noise; 1352+: -10%.
+//! - 5x5 Cin=1 Cout=32: pixel-major 35 vs channels-major 45, hence
+//!   `PIXEL_MAJOR_MIN_COUT`.
 
 use crate::element::Float;
 use crate::matmul::{matmul_impl, matmul_into, MatLayout};
@@ -228,6 +253,10 @@ impl Geom {
 /// within noise of each other and 1200+ clearly slower (the block's im2col
 /// buffer falls out of L2 before gemm reads it).
 const COLS_PER_BLOCK: usize = 320;
+/// Output channels per group from which the forward gemm writes
+/// pixel-major blocks (gemm's f32 AVX-512 microkernel is 64 rows tall; at
+/// 32 channels the 5x5 bench case ran 20% slower pixel-major).
+const PIXEL_MAJOR_MIN_COUT: usize = 48;
 /// Largest im2col buffer (elements) per block.
 const MAX_COLS_ELEMS: usize = 1 << 22;
 /// Total multiply-adds below which a conv runs on one thread.
@@ -428,6 +457,116 @@ fn shuffle<T: Float>(
     }
 }
 
+/// Transposes pixel-major `[nb*howo, cout]` into `[nb, cout, howo]`,
+/// adding `bias[co]`, in tiles that stay in L1.
+fn unshuffle_pixels<T: Float>(
+    src: &[T],
+    dst: &mut [T],
+    nb: usize,
+    cout: usize,
+    howo: usize,
+    bias: Option<&[T]>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && is_x86_feature_detected!("avx512f")
+    {
+        // SAFETY: T is f32 (checked), so the casts are identity casts; the
+        // feature is detected above.
+        unsafe {
+            let src = std::slice::from_raw_parts(src.as_ptr() as *const f32, src.len());
+            let dst = std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut f32, dst.len());
+            let bias = bias.map(|b| std::slice::from_raw_parts(b.as_ptr() as *const f32, b.len()));
+            unshuffle_pixels_avx512(src, dst, nb, cout, howo, bias);
+        }
+        return;
+    }
+    const TP: usize = 16;
+    const TC: usize = 16;
+    for b in 0..nb {
+        let s = &src[b * howo * cout..][..howo * cout];
+        let d = &mut dst[b * cout * howo..][..cout * howo];
+        for c0 in (0..cout).step_by(TC) {
+            let c1 = (c0 + TC).min(cout);
+            for p0 in (0..howo).step_by(TP) {
+                let p1 = (p0 + TP).min(howo);
+                for co in c0..c1 {
+                    let bv = bias.map_or(T::zero(), |bb| bb[co]);
+                    let drow = &mut d[co * howo + p0..co * howo + p1];
+                    for (k, v) in drow.iter_mut().enumerate() {
+                        *v = s[(p0 + k) * cout + co] + bv;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `unshuffle_pixels` for f32 with AVX-512 gathers: each output row of 16
+/// pixels of one channel is one gather from the pixel-major buffer.
+///
+/// Safety: the CPU must support avx512f; `src` holds `nb*howo*cout` and
+/// `dst` `nb*cout*howo` elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn unshuffle_pixels_avx512(
+    src: &[f32],
+    dst: &mut [f32],
+    nb: usize,
+    cout: usize,
+    howo: usize,
+    bias: Option<&[f32]>,
+) {
+    use std::arch::x86_64::*;
+    assert!(src.len() >= nb * howo * cout);
+    assert!(dst.len() >= nb * cout * howo);
+    assert!(16 * cout * 4 < i32::MAX as usize);
+    let c = cout as i32;
+    let idx = _mm512_setr_epi32(
+        0,
+        c,
+        2 * c,
+        3 * c,
+        4 * c,
+        5 * c,
+        6 * c,
+        7 * c,
+        8 * c,
+        9 * c,
+        10 * c,
+        11 * c,
+        12 * c,
+        13 * c,
+        14 * c,
+        15 * c,
+    );
+    let tail = howo % 16;
+    let mask: __mmask16 = ((1u32 << tail) - 1) as u16;
+    for b in 0..nb {
+        let s = src.as_ptr().add(b * howo * cout);
+        let d = dst.as_mut_ptr().add(b * cout * howo);
+        for co in 0..cout {
+            let bv = _mm512_set1_ps(bias.map_or(0.0, |bb| bb[co]));
+            let drow = d.add(co * howo);
+            let mut p = 0;
+            while p + 16 <= howo {
+                let v = _mm512_i32gather_ps::<4>(idx, s.add(p * cout + co));
+                _mm512_storeu_ps(drow.add(p), _mm512_add_ps(v, bv));
+                p += 16;
+            }
+            if tail > 0 {
+                let v = _mm512_mask_i32gather_ps::<4>(
+                    _mm512_setzero_ps(),
+                    mask,
+                    idx,
+                    s.add(p * cout + co),
+                );
+                _mm512_mask_storeu_ps(drow.add(p), mask, _mm512_add_ps(v, bv));
+            }
+        }
+    }
+}
+
 fn add_bias<T: Float>(y: &mut [T], bias: &[T], cout: usize, plane: usize) {
     if plane == 0 {
         return;
@@ -545,6 +684,23 @@ fn conv_forward<T: Float>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec
     }
     let plan = g.plan();
     let per_image = g.cout * howo;
+    // With at least a microkernel's height of output channels per group,
+    // gemm writes a pixel-major `[ncols, cout]` block (its microkernel then
+    // runs down Cout, reads the im2col matrix unpacked, and W^T packs as a
+    // plain copy), transposed into the output afterwards; see the
+    // measurements at the top of the file. Fewer channels: channels-major.
+    let pixel_major = coutg >= PIXEL_MAJOR_MIN_COUT;
+    // wt[k*cout + co] = w[co, k] (per group: column-major [coutg, kg]).
+    let mut wt = Vec::new();
+    if pixel_major {
+        wt = vec![T::zero(); w.len()];
+        for co in 0..g.cout {
+            for k in 0..kg {
+                wt[k * g.cout + co] = w[co * kg + k];
+            }
+        }
+    }
+    let wt = &wt[..];
     for_blocks(
         &mut y,
         per_image,
@@ -555,6 +711,34 @@ fn conv_forward<T: Float>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec
             let cols = grow(&mut s.cols, g.c * g.kh * g.kw * ncols);
             im2col(&x[n0 * g.c * g.hw()..], nb, g, cols, par_inside);
             let cols = &*cols;
+            if pixel_major {
+                let tmp = grow(&mut s.tmp, g.cout * ncols);
+                let pm = MatLayout {
+                    offset: 0,
+                    row_stride: 1,
+                    col_stride: g.cout,
+                    batch_stride: 0,
+                };
+                for gi in 0..groups {
+                    matmul_impl(
+                        tmp,
+                        pm.with_offset(gi * coutg),
+                        T::zero(),
+                        T::one(),
+                        wt,
+                        pm.with_offset(gi * coutg),
+                        cols,
+                        MatLayout::contiguous(kg, ncols).with_offset(gi * kg * ncols),
+                        1,
+                        coutg,
+                        kg,
+                        ncols,
+                        par_inside,
+                    );
+                }
+                unshuffle_pixels(tmp, out, nb, g.cout, howo, bias);
+                return;
+            }
             // One image: gemm straight into the output; else through a
             // channels-major buffer.
             let tmp = grow(&mut s.tmp, if nb == 1 { 0 } else { g.cout * ncols });
@@ -1054,6 +1238,15 @@ mod tests {
             ([9, 5, 13, 13], [8, 5, 3, 3], p((1, 1), (1, 1), (1, 1), 1)),
             ([6, 8, 20, 20], [8, 4, 3, 3], p((2, 1), (1, 2), (1, 2), 2)),
             ([16, 4, 9, 9], [10, 4, 1, 1], p((1, 1), (0, 0), (1, 1), 1)),
+            // At least PIXEL_MAJOR_MIN_COUT channels per group: forward gemm
+            // into pixel-major blocks, then the (gather) transpose; odd
+            // sizes, 1 and several images per block, ho*wo below, at and
+            // not a multiple of 16.
+            ([3, 5, 7, 9], [64, 5, 3, 3], p((1, 1), (1, 1), (1, 1), 1)),
+            ([5, 3, 4, 4], [48, 3, 3, 3], p((1, 1), (1, 1), (1, 1), 1)),
+            ([6, 4, 11, 9], [96, 2, 3, 2], p((2, 1), (1, 2), (1, 2), 2)),
+            ([2, 3, 5, 6], [50, 3, 3, 3], p((1, 1), (0, 0), (1, 1), 1)),
+            ([12, 6, 13, 13], [64, 6, 3, 3], p((1, 1), (1, 1), (1, 1), 1)),
         ]
     }
 
@@ -1092,6 +1285,45 @@ mod tests {
                 })
                 .collect();
             assert_close(&gb, &want_gb, tol, &format!("bias grad case {ci}"));
+        }
+    }
+
+    #[test]
+    fn pixel_major_forward_without_bias() {
+        // The pixel-major path for f32 (AVX-512 gather where available)
+        // and f64 (scalar transpose), with no bias to add.
+        let (xs, ws) = ([4, 3, 9, 7], [64, 3, 3, 3]);
+        let prm = p((1, 1), (1, 1), (1, 1), 1);
+        assert!(ws[0] >= PIXEL_MAJOR_MIN_COUT);
+        let x: Vec<f64> = rand_vec(xs.iter().product(), 7);
+        let w: Vec<f64> = rand_vec(ws.iter().product(), 8);
+        let want = naive_conv(&x, xs, &w, ws, None, &prm);
+        let got = conv2d(&to::<f32>(&x), xs, &to::<f32>(&w), ws, None, &prm);
+        assert_close(&got, &want, 2e-4, "conv2d f32 no bias");
+        let got = conv2d(&to::<f64>(&x), xs, &to::<f64>(&w), ws, None, &prm);
+        assert_close(&got, &want, 1e-10, "conv2d f64 no bias");
+    }
+
+    #[test]
+    fn unshuffle_pixels_matches_loops() {
+        for (nb, cout, howo) in [(1, 1, 1), (2, 3, 15), (3, 17, 16), (2, 64, 169), (1, 5, 33)] {
+            let src: Vec<f32> = rand_vec(nb * howo * cout, 11);
+            let bias: Vec<f32> = rand_vec(cout, 12);
+            for b in [None, Some(&bias[..])] {
+                let mut dst = vec![f32::NAN; nb * cout * howo];
+                unshuffle_pixels(&src, &mut dst, nb, cout, howo, b);
+                let mut want = vec![0.0f64; dst.len()];
+                for i in 0..nb {
+                    for co in 0..cout {
+                        for px in 0..howo {
+                            want[(i * cout + co) * howo + px] = src[(i * howo + px) * cout + co]
+                                as f64
+                                + b.map_or(0.0, |bb| bb[co] as f64);
+                        }
+                    }
+                }
+                assert_close(&dst, &want, 1e-6, &format!("unshuffle {nb}x{cout}x{howo}"));
+            }
         }
     }
 
