@@ -502,8 +502,9 @@ fn unshuffle_pixels<T: Float>(
     }
 }
 
-/// `unshuffle_pixels` for f32 with AVX-512 gathers: each output row of 16
-/// pixels of one channel is one gather from the pixel-major buffer.
+/// `unshuffle_pixels` for f32 with AVX-512: whole 16x16 tiles are
+/// transposed in registers, the edges are gathered (16 pixels of one
+/// channel per gather).
 ///
 /// Safety: the CPU must support avx512f; `src` holds `nb*howo*cout` and
 /// `dst` `nb*cout*howo` elements.
@@ -542,13 +543,28 @@ unsafe fn unshuffle_pixels_avx512(
     );
     let tail = howo % 16;
     let mask: __mmask16 = ((1u32 << tail) - 1) as u16;
+    let (pfull, cfull) = (howo / 16 * 16, cout / 16 * 16);
     for b in 0..nb {
         let s = src.as_ptr().add(b * howo * cout);
         let d = dst.as_mut_ptr().add(b * cout * howo);
+        // Whole 16x16 tiles: transposed in registers.
+        for c0 in (0..cfull).step_by(16) {
+            let bv: [__m512; 16] =
+                std::array::from_fn(|k| _mm512_set1_ps(bias.map_or(0.0, |bb| bb[c0 + k])));
+            for p0 in (0..pfull).step_by(16) {
+                let mut r: [__m512; 16] =
+                    std::array::from_fn(|k| _mm512_loadu_ps(s.add((p0 + k) * cout + c0)));
+                transpose16(&mut r);
+                for (k, v) in r.iter().enumerate() {
+                    _mm512_storeu_ps(d.add((c0 + k) * howo + p0), _mm512_add_ps(*v, bv[k]));
+                }
+            }
+        }
+        // The rest (pixel tail, channel tail): one gather per 16 pixels.
         for co in 0..cout {
             let bv = _mm512_set1_ps(bias.map_or(0.0, |bb| bb[co]));
             let drow = d.add(co * howo);
-            let mut p = 0;
+            let mut p = if co < cfull { pfull } else { 0 };
             while p + 16 <= howo {
                 let v = _mm512_i32gather_ps::<4>(idx, s.add(p * cout + co));
                 _mm512_storeu_ps(drow.add(p), _mm512_add_ps(v, bv));
@@ -564,6 +580,40 @@ unsafe fn unshuffle_pixels_avx512(
                 _mm512_mask_storeu_ps(drow.add(p), mask, _mm512_add_ps(v, bv));
             }
         }
+    }
+}
+
+/// Transposes the 16x16 matrix whose rows are `r` in place.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: &mut [std::arch::x86_64::__m512; 16]) {
+    use std::arch::x86_64::*;
+    // 32-bit interleave within 128-bit lanes of row pairs.
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // 64-bit interleave of pairs of those.
+    for q in 0..4 {
+        let (a0, a1, a2, a3) = (t[4 * q], t[4 * q + 1], t[4 * q + 2], t[4 * q + 3]);
+        let pd = _mm512_castps_pd;
+        r[4 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a0), pd(a2)));
+        r[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a0), pd(a2)));
+        r[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a1), pd(a3)));
+        r[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a1), pd(a3)));
+    }
+    // 128-bit lanes: rows 4 apart, then rows 8 apart.
+    for h in 0..2 {
+        for i in 0..4 {
+            let (a, b) = (r[8 * h + i], r[8 * h + 4 + i]);
+            t[8 * h + i] = _mm512_shuffle_f32x4::<0x88>(a, b);
+            t[8 * h + 4 + i] = _mm512_shuffle_f32x4::<0xdd>(a, b);
+        }
+    }
+    for i in 0..8 {
+        r[i] = _mm512_shuffle_f32x4::<0x88>(t[i], t[8 + i]);
+        r[8 + i] = _mm512_shuffle_f32x4::<0xdd>(t[i], t[8 + i]);
     }
 }
 
@@ -1306,7 +1356,15 @@ mod tests {
 
     #[test]
     fn unshuffle_pixels_matches_loops() {
-        for (nb, cout, howo) in [(1, 1, 1), (2, 3, 15), (3, 17, 16), (2, 64, 169), (1, 5, 33)] {
+        for (nb, cout, howo) in [
+            (1, 1, 1),
+            (2, 3, 15),
+            (3, 17, 16),
+            (2, 64, 169),
+            (1, 5, 33),
+            (2, 32, 48),
+            (1, 33, 35),
+        ] {
             let src: Vec<f32> = rand_vec(nb * howo * cout, 11);
             let bias: Vec<f32> = rand_vec(cout, 12);
             for b in [None, Some(&bias[..])] {
