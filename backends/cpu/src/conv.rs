@@ -34,6 +34,7 @@
 use crate::element::Float;
 use crate::matmul::{matmul_impl, matmul_into, MatLayout};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Stride, padding, dilation and groups of a 2-d convolution; pairs are
 /// `(h, w)`.
@@ -461,7 +462,7 @@ fn shuffle<T: Float>(
 /// adding `bias[co]`, in tiles that stay in L1.
 fn unshuffle_pixels<T: Float>(
     src: &[T],
-    dst: &mut [T],
+    dst: &mut [MaybeUninit<T>],
     nb: usize,
     cout: usize,
     howo: usize,
@@ -475,7 +476,10 @@ fn unshuffle_pixels<T: Float>(
         // feature is detected above.
         unsafe {
             let src = std::slice::from_raw_parts(src.as_ptr() as *const f32, src.len());
-            let dst = std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut f32, dst.len());
+            let dst = std::slice::from_raw_parts_mut(
+                dst.as_mut_ptr() as *mut MaybeUninit<f32>,
+                dst.len(),
+            );
             let bias = bias.map(|b| std::slice::from_raw_parts(b.as_ptr() as *const f32, b.len()));
             unshuffle_pixels_avx512(src, dst, nb, cout, howo, bias);
         }
@@ -494,7 +498,7 @@ fn unshuffle_pixels<T: Float>(
                     let bv = bias.map_or(T::zero(), |bb| bb[co]);
                     let drow = &mut d[co * howo + p0..co * howo + p1];
                     for (k, v) in drow.iter_mut().enumerate() {
-                        *v = s[(p0 + k) * cout + co] + bv;
+                        v.write(s[(p0 + k) * cout + co] + bv);
                     }
                 }
             }
@@ -512,7 +516,7 @@ fn unshuffle_pixels<T: Float>(
 #[target_feature(enable = "avx512f")]
 unsafe fn unshuffle_pixels_avx512(
     src: &[f32],
-    dst: &mut [f32],
+    dst: &mut [MaybeUninit<f32>],
     nb: usize,
     cout: usize,
     howo: usize,
@@ -546,7 +550,7 @@ unsafe fn unshuffle_pixels_avx512(
     let (pfull, cfull) = (howo / 16 * 16, cout / 16 * 16);
     for b in 0..nb {
         let s = src.as_ptr().add(b * howo * cout);
-        let d = dst.as_mut_ptr().add(b * cout * howo);
+        let d = (dst.as_mut_ptr() as *mut f32).add(b * cout * howo);
         // Whole 16x16 tiles: transposed in registers.
         for c0 in (0..cfull).step_by(16) {
             let bv: [__m512; 16] =
@@ -662,12 +666,12 @@ fn grow<T: Float>(v: &mut Vec<T>, len: usize) -> &mut [T] {
 /// Runs `f(first_image, images, out_chunk, scratch, parallel_inside)` over
 /// blocks of images whose outputs are consecutive `per_image`-element
 /// chunks of `out`.
-fn for_blocks<T: Float>(
-    out: &mut [T],
+fn for_blocks<T: Float, U: Send>(
+    out: &mut [U],
     per_image: usize,
     n: usize,
     plan: (usize, bool),
-    f: impl Fn(usize, usize, &mut [T], &mut Scratch<T>, bool) + Sync + Send,
+    f: impl Fn(usize, usize, &mut [U], &mut Scratch<T>, bool) + Sync + Send,
 ) {
     let (b, par_blocks) = plan;
     if n == 0 || per_image == 0 {
@@ -687,6 +691,69 @@ fn for_blocks<T: Float>(
     }
 }
 
+/// Forward conv for at least `PIXEL_MAJOR_MIN_COUT` output channels per
+/// group: per block, gemm writes a pixel-major `[ncols, cout]` buffer (its
+/// microkernel then runs down Cout, reads the im2col matrix unpacked, and
+/// the lhs W^T packs as a plain copy), which is transposed into the output
+/// with the bias added; see the measurements at the top of the file. The
+/// output is allocated uninitialized since the transpose writes all of it.
+fn conv_forward_pixel_major<T: Float>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
+    let (coutg, kg, howo, groups) = (g.coutg(), g.kg(), g.howo(), g.p.groups);
+    // wt[k*cout + co] = w[co, k] (per group: column-major [coutg, kg]).
+    let mut wt = vec![T::zero(); w.len()];
+    for co in 0..g.cout {
+        for k in 0..kg {
+            wt[k * g.cout + co] = w[co * kg + k];
+        }
+    }
+    let wt = &wt[..];
+    let len = g.y_len();
+    let mut y: Vec<MaybeUninit<T>> = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialization.
+    unsafe { y.set_len(len) };
+    for_blocks(
+        &mut y,
+        g.cout * howo,
+        g.n,
+        g.plan(),
+        |n0, nb, out: &mut [MaybeUninit<T>], s: &mut Scratch<T>, par_inside| {
+            let ncols = nb * howo;
+            let cols = grow(&mut s.cols, g.c * g.kh * g.kw * ncols);
+            im2col(&x[n0 * g.c * g.hw()..], nb, g, cols, par_inside);
+            let cols = &*cols;
+            let tmp = grow(&mut s.tmp, g.cout * ncols);
+            let pm = MatLayout {
+                offset: 0,
+                row_stride: 1,
+                col_stride: g.cout,
+                batch_stride: 0,
+            };
+            for gi in 0..groups {
+                matmul_impl(
+                    tmp,
+                    pm.with_offset(gi * coutg),
+                    T::zero(),
+                    T::one(),
+                    wt,
+                    pm.with_offset(gi * coutg),
+                    cols,
+                    MatLayout::contiguous(kg, ncols).with_offset(gi * kg * ncols),
+                    1,
+                    coutg,
+                    kg,
+                    ncols,
+                    par_inside,
+                );
+            }
+            unshuffle_pixels(tmp, out, nb, g.cout, howo, bias);
+        },
+    );
+    // SAFETY: the blocks cover all `n` images and `unshuffle_pixels` wrote
+    // every element of each block; MaybeUninit<T> has T's layout.
+    let mut y = std::mem::ManuallyDrop::new(y);
+    unsafe { Vec::from_raw_parts(y.as_mut_ptr() as *mut T, y.len(), y.capacity()) }
+}
+
 fn conv_forward<T: Float>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
     assert_eq!(x.len(), g.x_len(), "conv2d: input length");
     assert_eq!(w.len(), g.w_len(), "conv2d: weight length");
@@ -694,10 +761,13 @@ fn conv_forward<T: Float>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec
         assert_eq!(b.len(), g.cout, "conv2d: bias length");
     }
     let (cg, coutg, kg, howo, groups) = (g.cg(), g.coutg(), g.kg(), g.howo(), g.p.groups);
-    let mut y = vec![T::zero(); g.y_len()];
-    if y.is_empty() {
-        return y;
+    if g.y_len() == 0 {
+        return Vec::new();
     }
+    if !g.is_pointwise() && coutg >= PIXEL_MAJOR_MIN_COUT {
+        return conv_forward_pixel_major(x, w, bias, g);
+    }
+    let mut y = vec![T::zero(); g.y_len()];
     if g.is_pointwise() {
         for gi in 0..groups {
             matmul_into(
@@ -734,23 +804,6 @@ fn conv_forward<T: Float>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec
     }
     let plan = g.plan();
     let per_image = g.cout * howo;
-    // With at least a microkernel's height of output channels per group,
-    // gemm writes a pixel-major `[ncols, cout]` block (its microkernel then
-    // runs down Cout, reads the im2col matrix unpacked, and W^T packs as a
-    // plain copy), transposed into the output afterwards; see the
-    // measurements at the top of the file. Fewer channels: channels-major.
-    let pixel_major = coutg >= PIXEL_MAJOR_MIN_COUT;
-    // wt[k*cout + co] = w[co, k] (per group: column-major [coutg, kg]).
-    let mut wt = Vec::new();
-    if pixel_major {
-        wt = vec![T::zero(); w.len()];
-        for co in 0..g.cout {
-            for k in 0..kg {
-                wt[k * g.cout + co] = w[co * kg + k];
-            }
-        }
-    }
-    let wt = &wt[..];
     for_blocks(
         &mut y,
         per_image,
@@ -761,34 +814,6 @@ fn conv_forward<T: Float>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec
             let cols = grow(&mut s.cols, g.c * g.kh * g.kw * ncols);
             im2col(&x[n0 * g.c * g.hw()..], nb, g, cols, par_inside);
             let cols = &*cols;
-            if pixel_major {
-                let tmp = grow(&mut s.tmp, g.cout * ncols);
-                let pm = MatLayout {
-                    offset: 0,
-                    row_stride: 1,
-                    col_stride: g.cout,
-                    batch_stride: 0,
-                };
-                for gi in 0..groups {
-                    matmul_impl(
-                        tmp,
-                        pm.with_offset(gi * coutg),
-                        T::zero(),
-                        T::one(),
-                        wt,
-                        pm.with_offset(gi * coutg),
-                        cols,
-                        MatLayout::contiguous(kg, ncols).with_offset(gi * kg * ncols),
-                        1,
-                        coutg,
-                        kg,
-                        ncols,
-                        par_inside,
-                    );
-                }
-                unshuffle_pixels(tmp, out, nb, g.cout, howo, bias);
-                return;
-            }
             // One image: gemm straight into the output; else through a
             // channels-major buffer.
             let tmp = grow(&mut s.tmp, if nb == 1 { 0 } else { g.cout * ncols });
@@ -1368,8 +1393,10 @@ mod tests {
             let src: Vec<f32> = rand_vec(nb * howo * cout, 11);
             let bias: Vec<f32> = rand_vec(cout, 12);
             for b in [None, Some(&bias[..])] {
-                let mut dst = vec![f32::NAN; nb * cout * howo];
+                let mut dst = vec![MaybeUninit::new(f32::NAN); nb * cout * howo];
                 unshuffle_pixels(&src, &mut dst, nb, cout, howo, b);
+                // SAFETY: initialized with NaN above.
+                let dst: Vec<f32> = dst.iter().map(|v| unsafe { v.assume_init() }).collect();
                 let mut want = vec![0.0f64; dst.len()];
                 for i in 0..nb {
                     for co in 0..cout {
