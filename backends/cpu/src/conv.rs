@@ -30,10 +30,20 @@
 //! - 169, 338 or 676 columns per block: within noise; 1352+: -10%.
 //! - 5x5 Cin=1 Cout=32: pixel-major 35 vs channels-major 45, hence
 //!   `PIXEL_MAJOR_MIN_COUT`.
+//! - then (bench_ops, quiet box, matmul 355-395): 16x16 register transpose
+//!   instead of gathers for whole tiles: the transpose + first touch of
+//!   the output still cost ~0.4 ms; output allocated uninitialized
+//!   (no calloc zeroing): 250 -> 265-295; per-thread scratch kept between
+//!   calls (rayon built 16 fresh im2col buffers per call): +3-4%.
+//!   Ratio conv/matmul 0.69-0.77 from run to run.
+//! - kernel-row GEMM again on top of all that: 267-296 vs 285-296 for the
+//!   kept path in alternating runs: no gain.
 
 use crate::element::Float;
 use crate::matmul::{matmul_impl, matmul_into, MatLayout};
 use rayon::prelude::*;
+use std::any::Any;
+use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
 /// Stride, padding, dilation and groups of a 2-d convolution; pairs are
@@ -654,6 +664,45 @@ impl<T: Float> Scratch<T> {
     }
 }
 
+thread_local! {
+    /// Each thread's `Scratch` buffers kept between calls (at most one per
+    /// element type): rayon's `for_each_init` builds a fresh state for
+    /// every piece it splits off (16 per 3x3 bench conv), and growing new
+    /// buffers each time cost more than the shuffle.
+    static SCRATCH: RefCell<Vec<Box<dyn Any>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A thread's cached `Scratch<T>` (or a new one), returned to the cache
+/// when dropped.
+struct Cached<T: Float>(Scratch<T>);
+
+impl<T: Float> Cached<T> {
+    fn take() -> Self {
+        let cached = SCRATCH
+            .try_with(|c| {
+                let mut c = c.try_borrow_mut().ok()?;
+                let i = c.iter().position(|b| b.is::<Scratch<T>>())?;
+                c.swap_remove(i).downcast::<Scratch<T>>().ok()
+            })
+            .ok()
+            .flatten();
+        Cached(cached.map_or_else(Scratch::new, |b| *b))
+    }
+}
+
+impl<T: Float> Drop for Cached<T> {
+    fn drop(&mut self) {
+        let s = std::mem::replace(&mut self.0, Scratch::new());
+        let _ = SCRATCH.try_with(|c| {
+            if let Ok(mut c) = c.try_borrow_mut() {
+                if !c.iter().any(|b| b.is::<Scratch<T>>()) {
+                    c.push(Box::new(s));
+                }
+            }
+        });
+    }
+}
+
 /// The first `len` elements of `v`, growing it (with zeros) if needed;
 /// the contents are whatever the previous user left.
 fn grow<T: Float>(v: &mut Vec<T>, len: usize) -> &mut [T] {
@@ -680,13 +729,13 @@ fn for_blocks<T: Float, U: Send>(
     if par_blocks {
         out.par_chunks_mut(b * per_image)
             .enumerate()
-            .for_each_init(Scratch::new, |s, (i, chunk)| {
-                f(i * b, chunk.len() / per_image, chunk, s, false)
+            .for_each_init(Cached::take, |s, (i, chunk)| {
+                f(i * b, chunk.len() / per_image, chunk, &mut s.0, false)
             });
     } else {
-        let mut s = Scratch::new();
+        let mut s = Cached::take();
         for (i, chunk) in out.chunks_mut(b * per_image).enumerate() {
-            f(i * b, chunk.len() / per_image, chunk, &mut s, true);
+            f(i * b, chunk.len() / per_image, chunk, &mut s.0, true);
         }
     }
 }
