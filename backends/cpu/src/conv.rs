@@ -5,10 +5,46 @@
 //! threads when there are enough of them (else gemm parallelises inside).
 //! All tensors are contiguous; weights are `[Cout, Cin/groups, Kh, Kw]`
 //! (conv) or `[Cin, Cout/groups, Kh, Kw]` (transposed conv), as PyTorch.
+//!
+//! Forward tuning, measured on the 2-core AVX-512 box on the bench_ops
+//! case 128x32x13x13 * 64x32x3x3 p1 against the 4096x784 @ 784x256 matmul
+//! interleaved in one process (GFLOP/s, p90 of 40-100 runs; the box is
+//! shared, so only ratios within one run mean anything):
+//! - before: channels-major `[cout, cols]` gemm per block of 2 images
+//!   (338 columns, blocks over threads) + shuffle: 225 vs matmul 340-390
+//!   (0.58-0.66); about 2.4 ms gemm, 0.5 ms im2col, 0.35 ms shuffle.
+//! - gemm alone on a ready im2col, 338-column blocks over threads:
+//!   channels-major 300, pixel-major `[cols, cout]` 326 (matmul 352).
+//!   One big gemm with Rayon(2) over all 21632 columns: channels-major
+//!   206, pixel-major 287, pixel-major from a pixel-major im2col 339.
+//! - pixel-major blocks + scalar tiled transpose: no gain (0.6 ms for the
+//!   transpose); with an AVX-512 gather transpose fused with the bias:
+//!   +8%; lhs given as W^T (gemm's packing becomes a copy): +2-3%. Kept:
+//!   p90 250-260 vs matmul 335-345 (0.73-0.77).
+//! - per-image gemm straight into the output (no shuffle): -3%.
+//! - implicit GEMM, 9 per-tap gemms of depth Cin on a zero-padded copy
+//!   (accumulating, 13-25% junk columns): 0.40-0.45 of matmul.
+//! - kernel-row GEMM (Kw shifted copies, images stacked sharing padding
+//!   rows, Kh accumulating gemms of depth Cin*Kw, 7% junk rows): same as the
+//!   kept path, less general; not kept.
+//! - 169, 338 or 676 columns per block: within noise; 1352+: -10%.
+//! - 5x5 Cin=1 Cout=32: pixel-major 35 vs channels-major 45, hence
+//!   `PIXEL_MAJOR_MIN_COUT`.
+//! - then (bench_ops, quiet box, matmul 355-395): 16x16 register transpose
+//!   instead of gathers for whole tiles: the transpose + first touch of
+//!   the output still cost ~0.4 ms; output allocated uninitialized
+//!   (no calloc zeroing): 250 -> 265-295; per-thread scratch kept between
+//!   calls (rayon built 16 fresh im2col buffers per call): +3-4%.
+//!   Ratio conv/matmul 0.69-0.77 from run to run.
+//! - kernel-row GEMM again on top of all that: 267-296 vs 285-296 for the
+//!   kept path in alternating runs: no gain.
 
 use crate::element::Float;
 use crate::matmul::{matmul_impl, matmul_into, MatLayout};
 use rayon::prelude::*;
+use std::any::Any;
+use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 /// Stride, padding, dilation and groups of a 2-d convolution; pairs are
 /// `(h, w)`.
@@ -228,6 +264,10 @@ impl Geom {
 /// within noise of each other and 1200+ clearly slower (the block's im2col
 /// buffer falls out of L2 before gemm reads it).
 const COLS_PER_BLOCK: usize = 320;
+/// Output channels per group from which the forward gemm writes
+/// pixel-major blocks (gemm's f32 AVX-512 microkernel is 64 rows tall; at
+/// 32 channels the 5x5 bench case ran 20% slower pixel-major).
+const PIXEL_MAJOR_MIN_COUT: usize = 48;
 /// Largest im2col buffer (elements) per block.
 const MAX_COLS_ELEMS: usize = 1 << 22;
 /// Total multiply-adds below which a conv runs on one thread.
@@ -428,6 +468,169 @@ fn shuffle<T: Float>(
     }
 }
 
+/// Transposes pixel-major `[nb*howo, cout]` into `[nb, cout, howo]`,
+/// adding `bias[co]`, in tiles that stay in L1.
+fn unshuffle_pixels<T: Float>(
+    src: &[T],
+    dst: &mut [MaybeUninit<T>],
+    nb: usize,
+    cout: usize,
+    howo: usize,
+    bias: Option<&[T]>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && is_x86_feature_detected!("avx512f")
+    {
+        // SAFETY: T is f32 (checked), so the casts are identity casts; the
+        // feature is detected above.
+        unsafe {
+            let src = std::slice::from_raw_parts(src.as_ptr() as *const f32, src.len());
+            let dst = std::slice::from_raw_parts_mut(
+                dst.as_mut_ptr() as *mut MaybeUninit<f32>,
+                dst.len(),
+            );
+            let bias = bias.map(|b| std::slice::from_raw_parts(b.as_ptr() as *const f32, b.len()));
+            unshuffle_pixels_avx512(src, dst, nb, cout, howo, bias);
+        }
+        return;
+    }
+    const TP: usize = 16;
+    const TC: usize = 16;
+    for b in 0..nb {
+        let s = &src[b * howo * cout..][..howo * cout];
+        let d = &mut dst[b * cout * howo..][..cout * howo];
+        for c0 in (0..cout).step_by(TC) {
+            let c1 = (c0 + TC).min(cout);
+            for p0 in (0..howo).step_by(TP) {
+                let p1 = (p0 + TP).min(howo);
+                for co in c0..c1 {
+                    let bv = bias.map_or(T::zero(), |bb| bb[co]);
+                    let drow = &mut d[co * howo + p0..co * howo + p1];
+                    for (k, v) in drow.iter_mut().enumerate() {
+                        v.write(s[(p0 + k) * cout + co] + bv);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `unshuffle_pixels` for f32 with AVX-512: whole 16x16 tiles are
+/// transposed in registers, the edges are gathered (16 pixels of one
+/// channel per gather).
+///
+/// Safety: the CPU must support avx512f; `src` holds `nb*howo*cout` and
+/// `dst` `nb*cout*howo` elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn unshuffle_pixels_avx512(
+    src: &[f32],
+    dst: &mut [MaybeUninit<f32>],
+    nb: usize,
+    cout: usize,
+    howo: usize,
+    bias: Option<&[f32]>,
+) {
+    use std::arch::x86_64::*;
+    assert!(src.len() >= nb * howo * cout);
+    assert!(dst.len() >= nb * cout * howo);
+    assert!(16 * cout * 4 < i32::MAX as usize);
+    let c = cout as i32;
+    let idx = _mm512_setr_epi32(
+        0,
+        c,
+        2 * c,
+        3 * c,
+        4 * c,
+        5 * c,
+        6 * c,
+        7 * c,
+        8 * c,
+        9 * c,
+        10 * c,
+        11 * c,
+        12 * c,
+        13 * c,
+        14 * c,
+        15 * c,
+    );
+    let tail = howo % 16;
+    let mask: __mmask16 = ((1u32 << tail) - 1) as u16;
+    let (pfull, cfull) = (howo / 16 * 16, cout / 16 * 16);
+    for b in 0..nb {
+        let s = src.as_ptr().add(b * howo * cout);
+        let d = (dst.as_mut_ptr() as *mut f32).add(b * cout * howo);
+        // Whole 16x16 tiles: transposed in registers.
+        for c0 in (0..cfull).step_by(16) {
+            let bv: [__m512; 16] =
+                std::array::from_fn(|k| _mm512_set1_ps(bias.map_or(0.0, |bb| bb[c0 + k])));
+            for p0 in (0..pfull).step_by(16) {
+                let mut r: [__m512; 16] =
+                    std::array::from_fn(|k| _mm512_loadu_ps(s.add((p0 + k) * cout + c0)));
+                transpose16(&mut r);
+                for (k, v) in r.iter().enumerate() {
+                    _mm512_storeu_ps(d.add((c0 + k) * howo + p0), _mm512_add_ps(*v, bv[k]));
+                }
+            }
+        }
+        // The rest (pixel tail, channel tail): one gather per 16 pixels.
+        for co in 0..cout {
+            let bv = _mm512_set1_ps(bias.map_or(0.0, |bb| bb[co]));
+            let drow = d.add(co * howo);
+            let mut p = if co < cfull { pfull } else { 0 };
+            while p + 16 <= howo {
+                let v = _mm512_i32gather_ps::<4>(idx, s.add(p * cout + co));
+                _mm512_storeu_ps(drow.add(p), _mm512_add_ps(v, bv));
+                p += 16;
+            }
+            if tail > 0 {
+                let v = _mm512_mask_i32gather_ps::<4>(
+                    _mm512_setzero_ps(),
+                    mask,
+                    idx,
+                    s.add(p * cout + co),
+                );
+                _mm512_mask_storeu_ps(drow.add(p), mask, _mm512_add_ps(v, bv));
+            }
+        }
+    }
+}
+
+/// Transposes the 16x16 matrix whose rows are `r` in place.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: &mut [std::arch::x86_64::__m512; 16]) {
+    use std::arch::x86_64::*;
+    // 32-bit interleave within 128-bit lanes of row pairs.
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // 64-bit interleave of pairs of those.
+    for q in 0..4 {
+        let (a0, a1, a2, a3) = (t[4 * q], t[4 * q + 1], t[4 * q + 2], t[4 * q + 3]);
+        let pd = _mm512_castps_pd;
+        r[4 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a0), pd(a2)));
+        r[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a0), pd(a2)));
+        r[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a1), pd(a3)));
+        r[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a1), pd(a3)));
+    }
+    // 128-bit lanes: rows 4 apart, then rows 8 apart.
+    for h in 0..2 {
+        for i in 0..4 {
+            let (a, b) = (r[8 * h + i], r[8 * h + 4 + i]);
+            t[8 * h + i] = _mm512_shuffle_f32x4::<0x88>(a, b);
+            t[8 * h + 4 + i] = _mm512_shuffle_f32x4::<0xdd>(a, b);
+        }
+    }
+    for i in 0..8 {
+        r[i] = _mm512_shuffle_f32x4::<0x88>(t[i], t[8 + i]);
+        r[8 + i] = _mm512_shuffle_f32x4::<0xdd>(t[i], t[8 + i]);
+    }
+}
+
 fn add_bias<T: Float>(y: &mut [T], bias: &[T], cout: usize, plane: usize) {
     if plane == 0 {
         return;
@@ -461,6 +664,45 @@ impl<T: Float> Scratch<T> {
     }
 }
 
+thread_local! {
+    /// Each thread's `Scratch` buffers kept between calls (at most one per
+    /// element type): rayon's `for_each_init` builds a fresh state for
+    /// every piece it splits off (16 per 3x3 bench conv), and growing new
+    /// buffers each time cost more than the shuffle.
+    static SCRATCH: RefCell<Vec<Box<dyn Any>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A thread's cached `Scratch<T>` (or a new one), returned to the cache
+/// when dropped.
+struct Cached<T: Float>(Scratch<T>);
+
+impl<T: Float> Cached<T> {
+    fn take() -> Self {
+        let cached = SCRATCH
+            .try_with(|c| {
+                let mut c = c.try_borrow_mut().ok()?;
+                let i = c.iter().position(|b| b.is::<Scratch<T>>())?;
+                c.swap_remove(i).downcast::<Scratch<T>>().ok()
+            })
+            .ok()
+            .flatten();
+        Cached(cached.map_or_else(Scratch::new, |b| *b))
+    }
+}
+
+impl<T: Float> Drop for Cached<T> {
+    fn drop(&mut self) {
+        let s = std::mem::replace(&mut self.0, Scratch::new());
+        let _ = SCRATCH.try_with(|c| {
+            if let Ok(mut c) = c.try_borrow_mut() {
+                if !c.iter().any(|b| b.is::<Scratch<T>>()) {
+                    c.push(Box::new(s));
+                }
+            }
+        });
+    }
+}
+
 /// The first `len` elements of `v`, growing it (with zeros) if needed;
 /// the contents are whatever the previous user left.
 fn grow<T: Float>(v: &mut Vec<T>, len: usize) -> &mut [T] {
@@ -473,12 +715,12 @@ fn grow<T: Float>(v: &mut Vec<T>, len: usize) -> &mut [T] {
 /// Runs `f(first_image, images, out_chunk, scratch, parallel_inside)` over
 /// blocks of images whose outputs are consecutive `per_image`-element
 /// chunks of `out`.
-fn for_blocks<T: Float>(
-    out: &mut [T],
+fn for_blocks<T: Float, U: Send>(
+    out: &mut [U],
     per_image: usize,
     n: usize,
     plan: (usize, bool),
-    f: impl Fn(usize, usize, &mut [T], &mut Scratch<T>, bool) + Sync + Send,
+    f: impl Fn(usize, usize, &mut [U], &mut Scratch<T>, bool) + Sync + Send,
 ) {
     let (b, par_blocks) = plan;
     if n == 0 || per_image == 0 {
@@ -487,15 +729,78 @@ fn for_blocks<T: Float>(
     if par_blocks {
         out.par_chunks_mut(b * per_image)
             .enumerate()
-            .for_each_init(Scratch::new, |s, (i, chunk)| {
-                f(i * b, chunk.len() / per_image, chunk, s, false)
+            .for_each_init(Cached::take, |s, (i, chunk)| {
+                f(i * b, chunk.len() / per_image, chunk, &mut s.0, false)
             });
     } else {
-        let mut s = Scratch::new();
+        let mut s = Cached::take();
         for (i, chunk) in out.chunks_mut(b * per_image).enumerate() {
-            f(i * b, chunk.len() / per_image, chunk, &mut s, true);
+            f(i * b, chunk.len() / per_image, chunk, &mut s.0, true);
         }
     }
+}
+
+/// Forward conv for at least `PIXEL_MAJOR_MIN_COUT` output channels per
+/// group: per block, gemm writes a pixel-major `[ncols, cout]` buffer (its
+/// microkernel then runs down Cout, reads the im2col matrix unpacked, and
+/// the lhs W^T packs as a plain copy), which is transposed into the output
+/// with the bias added; see the measurements at the top of the file. The
+/// output is allocated uninitialized since the transpose writes all of it.
+fn conv_forward_pixel_major<T: Float>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
+    let (coutg, kg, howo, groups) = (g.coutg(), g.kg(), g.howo(), g.p.groups);
+    // wt[k*cout + co] = w[co, k] (per group: column-major [coutg, kg]).
+    let mut wt = vec![T::zero(); w.len()];
+    for co in 0..g.cout {
+        for k in 0..kg {
+            wt[k * g.cout + co] = w[co * kg + k];
+        }
+    }
+    let wt = &wt[..];
+    let len = g.y_len();
+    let mut y: Vec<MaybeUninit<T>> = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialization.
+    unsafe { y.set_len(len) };
+    for_blocks(
+        &mut y,
+        g.cout * howo,
+        g.n,
+        g.plan(),
+        |n0, nb, out: &mut [MaybeUninit<T>], s: &mut Scratch<T>, par_inside| {
+            let ncols = nb * howo;
+            let cols = grow(&mut s.cols, g.c * g.kh * g.kw * ncols);
+            im2col(&x[n0 * g.c * g.hw()..], nb, g, cols, par_inside);
+            let cols = &*cols;
+            let tmp = grow(&mut s.tmp, g.cout * ncols);
+            let pm = MatLayout {
+                offset: 0,
+                row_stride: 1,
+                col_stride: g.cout,
+                batch_stride: 0,
+            };
+            for gi in 0..groups {
+                matmul_impl(
+                    tmp,
+                    pm.with_offset(gi * coutg),
+                    T::zero(),
+                    T::one(),
+                    wt,
+                    pm.with_offset(gi * coutg),
+                    cols,
+                    MatLayout::contiguous(kg, ncols).with_offset(gi * kg * ncols),
+                    1,
+                    coutg,
+                    kg,
+                    ncols,
+                    par_inside,
+                );
+            }
+            unshuffle_pixels(tmp, out, nb, g.cout, howo, bias);
+        },
+    );
+    // SAFETY: the blocks cover all `n` images and `unshuffle_pixels` wrote
+    // every element of each block; MaybeUninit<T> has T's layout.
+    let mut y = std::mem::ManuallyDrop::new(y);
+    unsafe { Vec::from_raw_parts(y.as_mut_ptr() as *mut T, y.len(), y.capacity()) }
 }
 
 fn conv_forward<T: Float>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
@@ -505,10 +810,13 @@ fn conv_forward<T: Float>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec
         assert_eq!(b.len(), g.cout, "conv2d: bias length");
     }
     let (cg, coutg, kg, howo, groups) = (g.cg(), g.coutg(), g.kg(), g.howo(), g.p.groups);
-    let mut y = vec![T::zero(); g.y_len()];
-    if y.is_empty() {
-        return y;
+    if g.y_len() == 0 {
+        return Vec::new();
     }
+    if !g.is_pointwise() && coutg >= PIXEL_MAJOR_MIN_COUT {
+        return conv_forward_pixel_major(x, w, bias, g);
+    }
+    let mut y = vec![T::zero(); g.y_len()];
     if g.is_pointwise() {
         for gi in 0..groups {
             matmul_into(
@@ -1054,6 +1362,15 @@ mod tests {
             ([9, 5, 13, 13], [8, 5, 3, 3], p((1, 1), (1, 1), (1, 1), 1)),
             ([6, 8, 20, 20], [8, 4, 3, 3], p((2, 1), (1, 2), (1, 2), 2)),
             ([16, 4, 9, 9], [10, 4, 1, 1], p((1, 1), (0, 0), (1, 1), 1)),
+            // At least PIXEL_MAJOR_MIN_COUT channels per group: forward gemm
+            // into pixel-major blocks, then the (gather) transpose; odd
+            // sizes, 1 and several images per block, ho*wo below, at and
+            // not a multiple of 16.
+            ([3, 5, 7, 9], [64, 5, 3, 3], p((1, 1), (1, 1), (1, 1), 1)),
+            ([5, 3, 4, 4], [48, 3, 3, 3], p((1, 1), (1, 1), (1, 1), 1)),
+            ([6, 4, 11, 9], [96, 2, 3, 2], p((2, 1), (1, 2), (1, 2), 2)),
+            ([2, 3, 5, 6], [50, 3, 3, 3], p((1, 1), (0, 0), (1, 1), 1)),
+            ([12, 6, 13, 13], [64, 6, 3, 3], p((1, 1), (1, 1), (1, 1), 1)),
         ]
     }
 
@@ -1092,6 +1409,55 @@ mod tests {
                 })
                 .collect();
             assert_close(&gb, &want_gb, tol, &format!("bias grad case {ci}"));
+        }
+    }
+
+    #[test]
+    fn pixel_major_forward_without_bias() {
+        // The pixel-major path for f32 (AVX-512 gather where available)
+        // and f64 (scalar transpose), with no bias to add.
+        let (xs, ws) = ([4, 3, 9, 7], [64, 3, 3, 3]);
+        let prm = p((1, 1), (1, 1), (1, 1), 1);
+        assert!(ws[0] >= PIXEL_MAJOR_MIN_COUT);
+        let x: Vec<f64> = rand_vec(xs.iter().product(), 7);
+        let w: Vec<f64> = rand_vec(ws.iter().product(), 8);
+        let want = naive_conv(&x, xs, &w, ws, None, &prm);
+        let got = conv2d(&to::<f32>(&x), xs, &to::<f32>(&w), ws, None, &prm);
+        assert_close(&got, &want, 2e-4, "conv2d f32 no bias");
+        let got = conv2d(&to::<f64>(&x), xs, &to::<f64>(&w), ws, None, &prm);
+        assert_close(&got, &want, 1e-10, "conv2d f64 no bias");
+    }
+
+    #[test]
+    fn unshuffle_pixels_matches_loops() {
+        for (nb, cout, howo) in [
+            (1, 1, 1),
+            (2, 3, 15),
+            (3, 17, 16),
+            (2, 64, 169),
+            (1, 5, 33),
+            (2, 32, 48),
+            (1, 33, 35),
+        ] {
+            let src: Vec<f32> = rand_vec(nb * howo * cout, 11);
+            let bias: Vec<f32> = rand_vec(cout, 12);
+            for b in [None, Some(&bias[..])] {
+                let mut dst = vec![MaybeUninit::new(f32::NAN); nb * cout * howo];
+                unshuffle_pixels(&src, &mut dst, nb, cout, howo, b);
+                // SAFETY: initialized with NaN above.
+                let dst: Vec<f32> = dst.iter().map(|v| unsafe { v.assume_init() }).collect();
+                let mut want = vec![0.0f64; dst.len()];
+                for i in 0..nb {
+                    for co in 0..cout {
+                        for px in 0..howo {
+                            want[(i * cout + co) * howo + px] = src[(i * howo + px) * cout + co]
+                                as f64
+                                + b.map_or(0.0, |bb| bb[co] as f64);
+                        }
+                    }
+                }
+                assert_close(&dst, &want, 1e-6, &format!("unshuffle {nb}x{cout}x{howo}"));
+            }
         }
     }
 
