@@ -233,7 +233,16 @@ impl Tensor {
 
     /// The elements in row-major order as a Vec of the tensor's dtype.
     pub(crate) fn contiguous_vec<T: Element>(&self) -> Vec<T> {
-        self.with_contiguous::<T, _>(|s| s.to_vec())
+        self.with_slice::<T, _>(|s, l| {
+            if l.is_contiguous() {
+                // A recycled buffer when large (no fresh pages to fault in).
+                let mut v = kiln_cpu::buffers::alloc_uninit::<T>(l.numel());
+                v.copy_from_slice(&s[l.offset..l.offset + l.numel()]);
+                v
+            } else {
+                strided::gather(s, l)
+            }
+        })
     }
 
     /// The elements in row-major order as a new contiguous `CpuStorage`.

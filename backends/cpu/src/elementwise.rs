@@ -152,6 +152,21 @@ pub fn unary<T: Float>(op: UnaryOp, x: &[T]) -> Vec<T> {
         }),
         UnaryOp::Exp => map(x, |v: T| v.exp()),
         UnaryOp::Neg => map(x, |v: T| -v),
+        UnaryOp::Abs => map(x, |v: T| v.abs()),
+        UnaryOp::Sqrt => map(x, |v: T| v.sqrt()),
+        UnaryOp::Square => map(x, |v: T| v * v),
+        UnaryOp::LeakyRelu(s) => {
+            let s = T::c(s);
+            map(x, move |v: T| if v > T::zero() { v } else { v * s })
+        }
+        UnaryOp::AddScalar(s) => {
+            let s = T::c(s);
+            map(x, move |v: T| v + s)
+        }
+        UnaryOp::MulScalar(s) => {
+            let s = T::c(s);
+            map(x, move |v: T| v * s)
+        }
         _ => map(x, unary_fn::<T>(op)),
     }
 }

@@ -154,7 +154,8 @@ pub fn matmul<T: Float>(
     k: usize,
     n: usize,
 ) -> Vec<T> {
-    let mut c = vec![T::zero(); batch * m * n];
+    // beta = 0: C is never read, so a recycled buffer needs no zero fill.
+    let mut c = crate::buffers::alloc_uninit::<T>(batch * m * n);
     matmul_into(
         &mut c,
         MatLayout::contiguous(m, n),

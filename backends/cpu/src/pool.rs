@@ -117,39 +117,107 @@ pub fn max_pool2d<T: Float>(
         p.dilation,
         p.ceil_mode,
     );
+    let planes = n * c;
     let plane_out = ho * wo;
-    let mut out = vec![(T::zero(), 0i64); n * c * plane_out];
+    let mut vals = crate::buffers::alloc_uninit::<T>(planes * plane_out);
+    let mut idx = crate::buffers::alloc_uninit::<i64>(planes * plane_out);
+    if plane_out == 0 || planes == 0 {
+        return (vals, idx);
+    }
     let (kh, kw) = p.kernel;
     let (sh, sw) = p.stride;
     let (dh, dw) = p.dilation;
-    let work = x.len() + out.len() * kh * kw;
-    per_plane(&mut out, plane_out, work, |pi, o| {
-        let xp = &x[pi * h * w..][..h * w];
-        for oh in 0..ho {
-            let (h0, h1) = window((oh * sh) as i64 - p.padding.0 as i64, kh, dh, h);
-            for ow in 0..wo {
-                let (w0, w1) = window((ow * sw) as i64 - p.padding.1 as i64, kw, dw, w);
+    // The in-image taps of every window row and column, computed once.
+    let rows: Vec<(i64, i64)> = (0..ho)
+        .map(|oh| window((oh * sh) as i64 - p.padding.0 as i64, kh, dh, h))
+        .collect();
+    let cols: Vec<(i64, i64)> = (0..wo)
+        .map(|ow| window((ow * sw) as i64 - p.padding.1 as i64, kw, dw, w))
+        .collect();
+    // The common 2x2 / stride 2 / no padding window, as straight-line code.
+    let simple2 = p.kernel == (2, 2)
+        && p.stride == (2, 2)
+        && p.padding == (0, 0)
+        && p.dilation == (1, 1)
+        && 2 * ho <= h
+        && 2 * wo <= w;
+    let plane_fn = |xp: &[T], vo: &mut [T], io: &mut [i64]| {
+        if simple2 {
+            for oh in 0..ho {
+                let r0 = 2 * oh * w;
+                let r1 = r0 + w;
+                let (a, b) = (&xp[r0..r0 + 2 * wo], &xp[r1..r1 + 2 * wo]);
+                let vo = &mut vo[oh * wo..(oh + 1) * wo];
+                let io = &mut io[oh * wo..(oh + 1) * wo];
+                for ow in 0..wo {
+                    // Scan order (row-major within the window) and the
+                    // NaN rule are the general loop's.
+                    let cands = [
+                        (a[2 * ow], r0 + 2 * ow),
+                        (a[2 * ow + 1], r0 + 2 * ow + 1),
+                        (b[2 * ow], r1 + 2 * ow),
+                        (b[2 * ow + 1], r1 + 2 * ow + 1),
+                    ];
+                    let mut best = T::neg_infinity();
+                    let mut bi = r0 + 2 * ow;
+                    for (v, i) in cands {
+                        if v > best || v.is_nan() {
+                            best = v;
+                            bi = i;
+                        }
+                    }
+                    vo[ow] = best;
+                    io[ow] = bi as i64;
+                }
+            }
+            return;
+        }
+        for (oh, &(h0, h1)) in rows.iter().enumerate() {
+            for (ow, &(w0, w1)) in cols.iter().enumerate() {
                 let mut best = T::neg_infinity();
                 let mut bi = h0 * w as i64 + w0;
                 let mut ih = h0;
                 while ih < h1 {
-                    let row = &xp[ih as usize * w..][..w];
+                    let base = ih as usize * w;
                     let mut iw = w0;
                     while iw < w1 {
-                        let v = row[iw as usize];
+                        let v = xp[base + iw as usize];
                         if v > best || v.is_nan() {
                             best = v;
-                            bi = ih * w as i64 + iw;
+                            bi = (base + iw as usize) as i64;
                         }
                         iw += dw as i64;
                     }
                     ih += dh as i64;
                 }
-                o[oh * wo + ow] = (best, bi);
+                vo[oh * wo + ow] = best;
+                io[oh * wo + ow] = bi;
             }
         }
-    });
-    out.into_iter().unzip()
+    };
+    // Several planes per task, so tiny planes do not drown in scheduling.
+    let per_task = (crate::PAR_THRESHOLD / (plane_out * kh * kw).max(1)).max(1);
+    let chunk = per_task * plane_out;
+    let task = |ci: usize, vo: &mut [T], io: &mut [i64]| {
+        let first = ci * per_task;
+        for (k, (v, i)) in vo
+            .chunks_mut(plane_out)
+            .zip(io.chunks_mut(plane_out))
+            .enumerate()
+        {
+            let pi = first + k;
+            plane_fn(&x[pi * h * w..][..h * w], v, i);
+        }
+    };
+    if x.len() + vals.len() * kh * kw >= crate::PAR_THRESHOLD {
+        vals.par_chunks_mut(chunk)
+            .zip(idx.par_chunks_mut(chunk))
+            .enumerate()
+            .for_each(|(ci, (vo, io))| task(ci, vo, io));
+    } else {
+        task(0, &mut vals, &mut idx);
+    }
+    (vals, idx)
 }
 
 /// Gradient of max_pool2d: scatter-adds grad_out `[N, C, Ho, Wo]` into a
@@ -550,5 +618,51 @@ mod tests {
     fn avg_pool_matches_naive() {
         check_avg::<f64>(1e-12);
         check_avg::<f32>(1e-5);
+    }
+}
+
+#[cfg(test)]
+mod fast_path_tests {
+    use super::*;
+
+    /// The 2x2/stride-2 fast path against a direct loop, with ties, a NaN
+    /// and an odd input size (the last row/column are not covered).
+    #[test]
+    fn two_by_two_matches_direct_loop() {
+        let (n, c, h, w) = (2, 3, 7, 9);
+        let mut x: Vec<f32> = (0..n * c * h * w)
+            .map(|i| ((i * 37) % 11) as f32 - 5.0)
+            .collect();
+        x[20] = f32::NAN;
+        let p = MaxPool2dParams {
+            kernel: (2, 2),
+            stride: (2, 2),
+            padding: (0, 0),
+            dilation: (1, 1),
+            ceil_mode: false,
+        };
+        let (v, idx) = max_pool2d(&x, [n, c, h, w], &p);
+        let (ho, wo) = (3, 4);
+        for pl in 0..n * c {
+            let xp = &x[pl * h * w..][..h * w];
+            for oh in 0..ho {
+                for ow in 0..wo {
+                    let mut best = f32::NEG_INFINITY;
+                    let mut bi = 2 * oh * w + 2 * ow;
+                    for dh in 0..2 {
+                        for dw in 0..2 {
+                            let i = (2 * oh + dh) * w + 2 * ow + dw;
+                            if xp[i] > best || xp[i].is_nan() {
+                                best = xp[i];
+                                bi = i;
+                            }
+                        }
+                    }
+                    let o = pl * ho * wo + oh * wo + ow;
+                    assert!(v[o] == best || (v[o].is_nan() && best.is_nan()));
+                    assert_eq!(idx[o], bi as i64);
+                }
+            }
+        }
     }
 }
