@@ -68,8 +68,39 @@ fn map_channels<T: Float>(
     f: impl Fn(usize, T, T) -> T + Sync + Send,
 ) -> Vec<T> {
     let [_, c, s] = shape;
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = crate::buffers::alloc_uninit::<T>(x.len());
     if out.is_empty() || s == 0 {
+        return out;
+    }
+    if s == 1 {
+        // [N, C] (BatchNorm1d): rows of C channels, one pass per row.
+        let rows_per_chunk = (crate::PAR_THRESHOLD / 2 / c.max(1)).max(1);
+        let chunk = rows_per_chunk * c;
+        let body = |(ci, o): (usize, &mut [T])| {
+            let start = ci * chunk;
+            for (ri, orow) in o.chunks_mut(c).enumerate() {
+                let off = start + ri * c;
+                let xs = &x[off..off + c];
+                match g {
+                    Some(g) => {
+                        let gs = &g[off..off + c];
+                        for ch in 0..c {
+                            orow[ch] = f(ch, xs[ch], gs[ch]);
+                        }
+                    }
+                    None => {
+                        for ch in 0..c {
+                            orow[ch] = f(ch, xs[ch], T::zero());
+                        }
+                    }
+                }
+            }
+        };
+        if x.len() >= crate::PAR_THRESHOLD {
+            out.par_chunks_mut(chunk).enumerate().for_each(body);
+        } else {
+            out.chunks_mut(chunk).enumerate().for_each(body);
+        }
         return out;
     }
     let planes_per_chunk = (crate::PAR_THRESHOLD / 2 / s).max(1);
