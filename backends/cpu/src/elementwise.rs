@@ -202,6 +202,38 @@ pub fn binary_fn<T: Float>(op: BinaryOp) -> impl Fn(T, T) -> T + Sync + Copy {
     }
 }
 
+/// An arithmetic binary op on floats over strided operands (see
+/// `zip_strided`), with the op chosen once outside the loop so each loop
+/// body is a single instruction the compiler can vectorize.
+pub fn binary<T: Float>(op: BinaryOp, a: &[T], la: &Layout, b: &[T], lb: &Layout) -> Vec<T> {
+    match op {
+        BinaryOp::Add => zip_strided(a, la, b, lb, |x: T, y: T| x + y),
+        BinaryOp::Sub => zip_strided(a, la, b, lb, |x: T, y: T| x - y),
+        BinaryOp::Mul => zip_strided(a, la, b, lb, |x: T, y: T| x * y),
+        BinaryOp::Div => zip_strided(a, la, b, lb, |x: T, y: T| x / y),
+        _ => zip_strided(a, la, b, lb, binary_fn::<T>(op)),
+    }
+}
+
+/// A comparison over strided operands, the op chosen outside the loop.
+pub fn compare<T: Element + PartialOrd>(
+    op: BinaryOp,
+    a: &[T],
+    la: &Layout,
+    b: &[T],
+    lb: &Layout,
+) -> Vec<bool> {
+    match op {
+        BinaryOp::Eq => zip_strided(a, la, b, lb, |x: T, y: T| x == y),
+        BinaryOp::Ne => zip_strided(a, la, b, lb, |x: T, y: T| x != y),
+        BinaryOp::Lt => zip_strided(a, la, b, lb, |x: T, y: T| x < y),
+        BinaryOp::Le => zip_strided(a, la, b, lb, |x: T, y: T| x <= y),
+        BinaryOp::Gt => zip_strided(a, la, b, lb, |x: T, y: T| x > y),
+        BinaryOp::Ge => zip_strided(a, la, b, lb, |x: T, y: T| x >= y),
+        _ => unreachable!("{:?} is not a comparison", op),
+    }
+}
+
 /// The scalar function of an arithmetic binary op on i64 (`Div` must be
 /// promoted to float by the caller, as PyTorch's true division).
 pub fn binary_fn_i64(op: BinaryOp) -> impl Fn(i64, i64) -> i64 + Sync + Copy {

@@ -47,6 +47,30 @@ pub(crate) fn result_type(a: &Tensor, b: &Tensor) -> DType {
     )
 }
 
+fn binary_typed<T: kiln_cpu::Float>(
+    op: BinaryOp,
+    a: &Tensor,
+    b: &Tensor,
+    shape: &[usize],
+) -> Tensor {
+    let la = broadcast_layout(&a.layout(), shape);
+    let lb = broadcast_layout(&b.layout(), shape);
+    let out =
+        a.with_slice::<T, _>(|sa, _| b.with_slice::<T, _>(|sb, _| k::binary(op, sa, &la, sb, &lb)));
+    Tensor::from_storage(T::into_storage(out), shape)
+}
+
+fn cmp_typed<T: Element + PartialOrd>(
+    op: BinaryOp,
+    a: &Tensor,
+    b: &Tensor,
+    shape: &[usize],
+) -> Vec<bool> {
+    let la = broadcast_layout(&a.layout(), shape);
+    let lb = broadcast_layout(&b.layout(), shape);
+    a.with_slice::<T, _>(|sa, _| b.with_slice::<T, _>(|sb, _| k::compare(op, sa, &la, sb, &lb)))
+}
+
 /// A binary op without autograd: broadcasting, promotion, dispatch.
 pub(crate) fn binary_raw(op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let shape = broadcast(op.name(), a, b)?;
@@ -56,18 +80,19 @@ pub(crate) fn binary_raw(op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor>
     }
     let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
     if op.is_comparison() {
-        return Ok(match dtype {
-            DType::F32 => zip_typed::<f32, bool>(&a, &b, &shape, k::compare_fn(op)),
-            DType::F64 => zip_typed::<f64, bool>(&a, &b, &shape, k::compare_fn(op)),
-            DType::F16 => zip_typed::<half::f16, bool>(&a, &b, &shape, k::compare_fn(op)),
-            DType::BF16 => zip_typed::<half::bf16, bool>(&a, &b, &shape, k::compare_fn(op)),
-            DType::I64 => zip_typed::<i64, bool>(&a, &b, &shape, k::compare_fn(op)),
-            DType::Bool => zip_typed::<bool, bool>(&a, &b, &shape, k::compare_fn(op)),
-        });
+        let out = match dtype {
+            DType::F32 => cmp_typed::<f32>(op, &a, &b, &shape),
+            DType::F64 => cmp_typed::<f64>(op, &a, &b, &shape),
+            DType::F16 => cmp_typed::<half::f16>(op, &a, &b, &shape),
+            DType::BF16 => cmp_typed::<half::bf16>(op, &a, &b, &shape),
+            DType::I64 => cmp_typed::<i64>(op, &a, &b, &shape),
+            DType::Bool => cmp_typed::<bool>(op, &a, &b, &shape),
+        };
+        return Ok(Tensor::from_storage(CpuStorage::Bool(out), &shape));
     }
     match dtype {
-        DType::F32 => Ok(zip_typed::<f32, f32>(&a, &b, &shape, k::binary_fn(op))),
-        DType::F64 => Ok(zip_typed::<f64, f64>(&a, &b, &shape, k::binary_fn(op))),
+        DType::F32 => Ok(binary_typed::<f32>(op, &a, &b, &shape)),
+        DType::F64 => Ok(binary_typed::<f64>(op, &a, &b, &shape)),
         DType::F16 | DType::BF16 => {
             let r = binary_raw(op, &a.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?)?;
             r.to_dtype(dtype)
