@@ -157,7 +157,9 @@ pub fn conv2d(
     let out_shape = [xs[0], ws[0], ho, wo];
     let buf = dispatch_float!(x.dtype(), "conv2d", T => {
         let bv = bias.map(contiguous_vec::<T>);
-        k::conv2d::<T>(&contiguous_vec::<T>(&x4), xs, &contiguous_vec::<T>(weight), ws, bv.as_deref(), &p)
+        x4.with_contiguous::<T, _>(|xv| {
+            weight.with_contiguous::<T, _>(|wv| k::conv2d::<T>(xv, xs, wv, ws, bv.as_deref(), &p))
+        })
     });
     let out = Tensor::from_storage(buf, &out_shape);
     let (xd, wd) = (x4.detach(), weight.detach());
@@ -249,7 +251,11 @@ pub fn conv_transpose2d(
     let out_shape = [xs[0], ws[1] * p.groups, ho, wo];
     let buf = dispatch_float!(x.dtype(), "conv_transpose2d", T => {
         let bv = bias.map(contiguous_vec::<T>);
-        k::conv_transpose2d::<T>(&contiguous_vec::<T>(&x4), xs, &contiguous_vec::<T>(weight), ws, bv.as_deref(), &p, output_padding)
+        x4.with_contiguous::<T, _>(|xv| {
+            weight.with_contiguous::<T, _>(|wv| {
+                k::conv_transpose2d::<T>(xv, xs, wv, ws, bv.as_deref(), &p, output_padding)
+            })
+        })
     });
     let out = Tensor::from_storage(buf, &out_shape);
     let (xd, wd) = (x4.detach(), weight.detach());

@@ -139,7 +139,7 @@ pub fn max_pool2d_with_indices(
         pk::pool2d_output_size((xs[2], xs[3]), kernel, stride, padding, dilation, ceil_mode);
     let out_shape = [xs[0], xs[1], ho, wo];
     let (vals, idx) = float_dispatch!("max_pool2d", x.dtype(), T => {
-        let (v, i) = pk::max_pool2d::<T>(&x4.contiguous_vec::<T>(), xs, &p);
+        let (v, i) = x4.with_contiguous::<T, _>(|xv| pk::max_pool2d::<T>(xv, xs, &p));
         (storage(v), i)
     });
     let out = Tensor::from_storage(vals, &out_shape);
@@ -215,7 +215,7 @@ pub fn avg_pool2d(
     let (ho, wo) =
         pk::pool2d_output_size((xs[2], xs[3]), kernel, stride, padding, (1, 1), ceil_mode);
     let out_shape = [xs[0], xs[1], ho, wo];
-    let buf = float_dispatch!("avg_pool2d", x.dtype(), T => storage(pk::avg_pool2d::<T>(&x4.contiguous_vec::<T>(), xs, &p)));
+    let buf = float_dispatch!("avg_pool2d", x.dtype(), T => storage(x4.with_contiguous::<T, _>(|xv| pk::avg_pool2d::<T>(xv, xs, &p))));
     let out = Tensor::from_storage(buf, &out_shape);
     let ir = kiln_ir::Op::AvgPool2d {
         kernel: [kernel.0, kernel.1],
@@ -475,7 +475,8 @@ pub fn layer_norm(
     let b = bias.map(|t| t.to_dtype(cdt)).transpose()?;
     let rows = x.numel() / k.max(1);
     let (y, mean, rstd) = float_dispatch!("layer_norm", cdt, T => {
-        let (y, m, r) = nk::layer_norm::<T>(&xc.contiguous_vec::<T>(), k, vec_of::<T>(w.as_ref()).as_deref(), vec_of::<T>(b.as_ref()).as_deref(), eps);
+        let (wv, bv) = (vec_of::<T>(w.as_ref()), vec_of::<T>(b.as_ref()));
+        let (y, m, r) = xc.with_contiguous::<T, _>(|xv| nk::layer_norm::<T>(xv, k, wv.as_deref(), bv.as_deref(), eps));
         (storage(y), storage(m), storage(r))
     });
     let out = Tensor::from_storage(y, &s).to_dtype(x.dtype())?;
