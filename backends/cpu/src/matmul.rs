@@ -320,8 +320,7 @@ pub(crate) fn matmul_impl<T: Float>(
 
     if batch == 1
         && nthreads > 1
-        && work >= GEMM_PAR_WORK
-        && work < ROW_SPLIT_WORK
+        && (GEMM_PAR_WORK..ROW_SPLIT_WORK).contains(&work)
         && m >= 2 * nthreads
     {
         // A medium product: split the rows of A and C across the threads,
