@@ -630,3 +630,41 @@ pub(crate) mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod row_split_tests {
+    use super::*;
+
+    /// A medium product (row-split path) with a transposed B and beta = 1.
+    #[test]
+    fn row_split_matches_naive() {
+        let (m, k, n) = (67, 53, 71);
+        assert!((GEMM_PAR_WORK..ROW_SPLIT_WORK).contains(&(m * k * n)));
+        let a: Vec<f64> = (0..m * k).map(|i| ((i * 7) % 13) as f64 - 6.0).collect();
+        let bt: Vec<f64> = (0..n * k).map(|i| ((i * 5) % 11) as f64 - 5.0).collect();
+        let mut c: Vec<f64> = (0..m * n).map(|i| (i % 3) as f64).collect();
+        let c0 = c.clone();
+        let lb = MatLayout::contiguous(n, k).t();
+        matmul_into(
+            &mut c,
+            MatLayout::contiguous(m, n),
+            1.0,
+            1.0,
+            &a,
+            MatLayout::contiguous(m, k),
+            &bt,
+            lb,
+            1,
+            m,
+            k,
+            n,
+        );
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 =
+                    c0[i * n + j] + (0..k).map(|p| a[i * k + p] * bt[j * k + p]).sum::<f64>();
+                assert_eq!(c[i * n + j], want);
+            }
+        }
+    }
+}
