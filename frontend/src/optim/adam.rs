@@ -87,6 +87,9 @@ impl Default for AdamOptions {
 }
 
 impl GroupOptions for AdamOptions {
+    fn lr_mut(&mut self) -> &mut f64 {
+        &mut self.lr
+    }
     fn to_json(&self) -> Map<String, Value> {
         let mut m = Map::new();
         m.insert("lr".into(), Value::from(self.lr));
@@ -286,13 +289,7 @@ impl Optimizer for Adam {
     }
 
     fn set_lr(&mut self, group: usize, lr: f64) -> Result<()> {
-        let g = self
-            .g
-            .groups
-            .get_mut(group)
-            .ok_or_else(|| Error::op("set_lr", format!("no parameter group {group}")))?;
-        g.options.lr = lr;
-        Ok(())
+        self.g.set_lr(group, lr)
     }
 }
 

@@ -36,6 +36,8 @@ impl<O> ParamGroup<O> {
 pub trait GroupOptions: Clone {
     fn to_json(&self) -> Map<String, Value>;
     fn update_from_json(&mut self, v: &Map<String, Value>) -> Result<()>;
+    /// The group's learning rate, for schedulers.
+    fn lr_mut(&mut self) -> &mut f64;
 }
 
 /// `optimizer.state_dict()`: `state[i]` is the state of parameter `i`
@@ -165,6 +167,16 @@ impl<O: GroupOptions, S> Groups<O, S> {
             }
         }
         self.groups.push(group);
+        Ok(())
+    }
+
+    /// Sets group `group`'s learning rate.
+    pub fn set_lr(&mut self, group: usize, lr: f64) -> Result<()> {
+        let g = self
+            .groups
+            .get_mut(group)
+            .ok_or_else(|| Error::op("set_lr", format!("no parameter group {group}")))?;
+        *g.options.lr_mut() = lr;
         Ok(())
     }
 
