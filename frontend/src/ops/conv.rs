@@ -114,6 +114,48 @@ fn check_conv(
     Ok((x4, unbatched))
 }
 
+/// Records `ConvolutionBackward0` for a conv-like op: `grad_input(g)` and
+/// `grad_weight(g)` compute those gradients' buffers (shapes `xs`, `ws`);
+/// the bias gradient is the sum of `g` over N, H and W. The fused kernels
+/// are not differentiable again (explicitly).
+fn record_conv_backward(
+    op: &'static str,
+    inputs: &[&Tensor],
+    out: &Tensor,
+    has_bias: bool,
+    (xs, ws): ([usize; 4], [usize; 4]),
+    grad_input: impl Fn(&Tensor) -> Result<CpuStorage> + Send + Sync + 'static,
+    grad_weight: impl Fn(&Tensor) -> Result<CpuStorage> + Send + Sync + 'static,
+) {
+    record("ConvolutionBackward0", inputs, &[out], move |g, needs| {
+        let g = g[0].as_ref().unwrap();
+        let mut res = Vec::new();
+        for (i, (f, shape)) in [
+            (&grad_input as &dyn Fn(&Tensor) -> Result<CpuStorage>, xs),
+            (&grad_weight, ws),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            res.push(if needs[i] {
+                let t = Tensor::from_storage(f(g)?, &shape);
+                record_no_double_backward(op, &[g], &[&t]);
+                Some(t)
+            } else {
+                None
+            });
+        }
+        if has_bias {
+            res.push(if needs[2] {
+                Some(g.sum_dims(&[0, 2, 3], false)?)
+            } else {
+                None
+            });
+        }
+        Ok(res)
+    });
+}
+
 fn finish(out: Tensor, unbatched: bool) -> Result<Tensor> {
     if unbatched {
         out.squeeze_dim(0)
@@ -175,37 +217,21 @@ pub fn conv2d(
         groups: p.groups,
     };
     crate::trace::record(ir, &inputs, &[&out]);
-    record("ConvolutionBackward0", &inputs, &[&out], move |g, needs| {
-        let g = g[0].as_ref().unwrap();
-        let dtype = g.dtype();
-        let mut res = Vec::new();
-        let gi = if needs[0] {
-            let buf = dispatch_float!(dtype, "conv2d backward", T => k::conv2d_backward_input::<T>(&contiguous_vec::<T>(g), &contiguous_vec::<T>(&wd), ws, xs, &p));
-            let t = Tensor::from_storage(buf, &xs);
-            record_no_double_backward("conv2d", &[g], &[&t]);
-            Some(t)
-        } else {
-            None
-        };
-        res.push(gi);
-        let gw = if needs[1] {
-            let buf = dispatch_float!(dtype, "conv2d backward", T => k::conv2d_backward_weight::<T>(&contiguous_vec::<T>(&xd), xs, &contiguous_vec::<T>(g), ws, &p));
-            let t = Tensor::from_storage(buf, &ws);
-            record_no_double_backward("conv2d", &[g], &[&t]);
-            Some(t)
-        } else {
-            None
-        };
-        res.push(gw);
-        if has_bias {
-            res.push(if needs[2] {
-                Some(g.sum_dims(&[0, 2, 3], false)?)
-            } else {
-                None
-            });
-        }
-        Ok(res)
-    });
+    record_conv_backward(
+        "conv2d",
+        &inputs,
+        &out,
+        has_bias,
+        (xs, ws),
+        move |g| {
+            Ok(dispatch_float!(g.dtype(), "conv2d backward", T =>
+                k::conv2d_backward_input::<T>(&contiguous_vec::<T>(g), &contiguous_vec::<T>(&wd), ws, xs, &p)))
+        },
+        move |g| {
+            Ok(dispatch_float!(g.dtype(), "conv2d backward", T =>
+                k::conv2d_backward_weight::<T>(&contiguous_vec::<T>(&xd), xs, &contiguous_vec::<T>(g), ws, &p)))
+        },
+    );
     finish(out, unbatched)
 }
 
@@ -272,37 +298,21 @@ pub fn conv_transpose2d(
         groups: p.groups,
     };
     crate::trace::record(ir, &inputs, &[&out]);
-    record("ConvolutionBackward0", &inputs, &[&out], move |g, needs| {
-        let g = g[0].as_ref().unwrap();
-        let dtype = g.dtype();
-        let mut res = Vec::new();
-        let gi = if needs[0] {
-            let buf = dispatch_float!(dtype, "conv_transpose2d backward", T => k::conv_transpose2d_backward_input::<T>(&contiguous_vec::<T>(g), out_shape, &contiguous_vec::<T>(&wd), ws, xs, &p));
-            let t = Tensor::from_storage(buf, &xs);
-            record_no_double_backward("conv_transpose2d", &[g], &[&t]);
-            Some(t)
-        } else {
-            None
-        };
-        res.push(gi);
-        let gw = if needs[1] {
-            let buf = dispatch_float!(dtype, "conv_transpose2d backward", T => k::conv_transpose2d_backward_weight::<T>(&contiguous_vec::<T>(&xd), xs, &contiguous_vec::<T>(g), out_shape, ws, &p));
-            let t = Tensor::from_storage(buf, &ws);
-            record_no_double_backward("conv_transpose2d", &[g], &[&t]);
-            Some(t)
-        } else {
-            None
-        };
-        res.push(gw);
-        if has_bias {
-            res.push(if needs[2] {
-                Some(g.sum_dims(&[0, 2, 3], false)?)
-            } else {
-                None
-            });
-        }
-        Ok(res)
-    });
+    record_conv_backward(
+        "conv_transpose2d",
+        &inputs,
+        &out,
+        has_bias,
+        (xs, ws),
+        move |g| {
+            Ok(dispatch_float!(g.dtype(), "conv_transpose2d backward", T =>
+                k::conv_transpose2d_backward_input::<T>(&contiguous_vec::<T>(g), out_shape, &contiguous_vec::<T>(&wd), ws, xs, &p)))
+        },
+        move |g| {
+            Ok(dispatch_float!(g.dtype(), "conv_transpose2d backward", T =>
+                k::conv_transpose2d_backward_weight::<T>(&contiguous_vec::<T>(&xd), xs, &contiguous_vec::<T>(g), out_shape, ws, &p)))
+        },
+    );
     finish(out, unbatched)
 }
 
