@@ -142,10 +142,14 @@ impl Em<'_, '_> {
     }
 
     fn exp(&mut self, x: CV) -> CV {
+        // Clamp to [-104, 88.73] with compare + select (cheaper than x64's
+        // NaN-exact fmin/fmax sequences); NaN compares false and stays NaN.
         let lo = self.fc(-104.0);
         let hi = self.fc(88.73);
-        let x = self.b.ins().fmin(x, hi);
-        let x = self.b.ins().fmax(x, lo); // NaN stays NaN
+        let m = self.cmp(FloatCC::GreaterThan, x, hi);
+        let x = self.sel(m, hi, x);
+        let m = self.cmp(FloatCC::LessThan, x, lo);
+        let x = self.sel(m, lo, x);
         let y = self.mulc(x, LOG2E);
         let y = self.addc(y, ROUND_MAGIC);
         let magic = self.fc(ROUND_MAGIC);
@@ -307,10 +311,11 @@ impl Em<'_, '_> {
             }
             Tanh => self.tanh(x),
             Sigmoid => self.sigmoid(x),
-            // fmax(-0, 0) = +0 and fmax(NaN, 0) = NaN, as relu.
+            // x <= 0 ? +0 : x: relu(-0) = +0 and relu(NaN) = NaN.
             Relu => {
                 let z = self.fc(0.0);
-                self.b.ins().fmax(x, z)
+                let m = self.cmp(FloatCC::LessThanOrEqual, x, z);
+                self.sel(m, z, x)
             }
             LeakyRelu(s) => {
                 let m = self.cmpc(FloatCC::GreaterThan, x, 0.0);
@@ -514,13 +519,20 @@ fn body(
                 s
             }
         };
+        // (i / inner) % size, with shifts and masks for powers of two.
         let bidx = |em: &mut Em, i: CV, inner: usize, size: usize| {
             let q = if inner == 1 {
                 i
+            } else if inner.is_power_of_two() {
+                em.b.ins().ushr_imm_u(i, inner.trailing_zeros() as i64)
             } else {
                 em.b.ins().udiv_imm_u(i, inner as i64)
             };
-            em.b.ins().urem_imm_u(q, size as i64)
+            if size.is_power_of_two() {
+                em.b.ins().band_imm_u(q, (size - 1) as i64)
+            } else {
+                em.b.ins().urem_imm_u(q, size as i64)
+            }
         };
         let v = match d.access {
             InputAccess::Contiguous => load_at(em, i, fty),
@@ -709,9 +721,17 @@ pub(crate) fn compile(
         b.seal_all_blocks();
         b.finalize(module.target_config());
     }
+    // KILN_CLIF_DISASM=1 prints the machine code of every kernel (debugging).
+    let disasm = std::env::var_os("KILN_CLIF_DISASM").is_some();
+    ctx.set_disasm(disasm);
     module
         .define_function(id, &mut ctx)
         .map_err(|e| CompileError::new("kernel", format!("codegen: {e:?}")))?;
+    if disasm {
+        if let Some(v) = ctx.compiled_code().and_then(|c| c.vcode.as_ref()) {
+            eprintln!("{v}");
+        }
+    }
     module.clear_context(&mut ctx);
     module
         .finalize_definitions()

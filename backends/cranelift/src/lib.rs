@@ -264,6 +264,27 @@ impl PointwiseKernel {
     /// Runs the kernel. `inputs[j]` must hold `self.inputs()[j].numel`
     /// elements, each output `numel(shape)`.
     pub fn run(&self, inputs: &[&[f32]], outputs: &mut [&mut [f32]]) -> Result<(), RunError> {
+        self.run_with_threshold(inputs, outputs, PAR_THRESHOLD)
+    }
+
+    /// As [`run`](Self::run) but on the calling thread only (for callers
+    /// already inside a rayon task, and to measure [`PAR_THRESHOLD`]).
+    pub fn run_single_thread(
+        &self,
+        inputs: &[&[f32]],
+        outputs: &mut [&mut [f32]],
+    ) -> Result<(), RunError> {
+        self.run_with_threshold(inputs, outputs, usize::MAX)
+    }
+
+    /// As [`run`](Self::run), split across rayon threads when the kernel
+    /// has at least `threshold` elements (`run` uses [`PAR_THRESHOLD`]).
+    pub fn run_with_threshold(
+        &self,
+        inputs: &[&[f32]],
+        outputs: &mut [&mut [f32]],
+        threshold: usize,
+    ) -> Result<(), RunError> {
         if inputs.len() != self.inputs.len() || outputs.len() != self.outputs.len() {
             return Err(RunError(format!(
                 "expected {} inputs and {} outputs, got {} and {}",
@@ -301,7 +322,7 @@ impl PointwiseKernel {
         // and `InputAccess` indices stay below `numel` of the input); the
         // start of every range is a multiple of 4 as the vector loop's
         // broadcast loads need; chunks write disjoint output ranges.
-        if n >= PAR_THRESHOLD && rayon::current_num_threads() > 1 {
+        if n >= threshold && rayon::current_num_threads() > 1 {
             let parts = rayon::current_num_threads() * 4;
             let chunk = n.div_ceil(parts).div_ceil(64) * 64;
             (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {

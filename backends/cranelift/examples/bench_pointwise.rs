@@ -1,0 +1,104 @@
+//! Benchmark of the JIT pointwise kernel on the zoo's pointwise_chain
+//! (python/zoo.py PointwiseChain) at 4096x1024 f32: compile time (ms) and
+//! median run time (ms), plus the single-thread vs rayon timings at small
+//! sizes that `PAR_THRESHOLD` is chosen from.
+//!
+//! `cargo run --release -p kiln-cranelift --example bench_pointwise`
+
+use kiln_cranelift::{PointwiseKernel, PAR_THRESHOLD};
+use kiln_ir::{plan_fusion, BinaryOp, Graph, InputKind, Op, OutputKind, TensorType, UnaryOp};
+use std::time::Instant;
+
+fn chain(rows: usize, cols: usize) -> Graph {
+    let t = |s: &[usize]| TensorType::new(s, kiln_ir::DType::F32);
+    let mut g = Graph::new();
+    let x = g
+        .add_input(InputKind::User(0), t(&[rows, cols]), "")
+        .unwrap();
+    let scale = g
+        .add_input(InputKind::Param("scale".into()), t(&[cols]), "")
+        .unwrap();
+    let shift = g
+        .add_input(InputKind::Buffer("shift".into()), t(&[cols]), "")
+        .unwrap();
+    let s = "PointwiseChain";
+    let bin = |g: &mut Graph, b, x, y| g.add1(Op::Binary(b), &[x, y], s).unwrap();
+    let un = |g: &mut Graph, u, x| g.add1(Op::Unary(u), &[x], s).unwrap();
+    let y = bin(&mut g, BinaryOp::Mul, x, scale);
+    let y = bin(&mut g, BinaryOp::Add, y, shift);
+    let a = un(&mut g, UnaryOp::GeluErf, y);
+    let b = un(&mut g, UnaryOp::Sigmoid, y);
+    let ab = bin(&mut g, BinaryOp::Mul, a, b);
+    let hy = un(&mut g, UnaryOp::MulScalar(0.5), y);
+    let th = un(&mut g, UnaryOp::Tanh, hy);
+    let y = bin(&mut g, BinaryOp::Add, ab, th);
+    let ay = un(&mut g, UnaryOp::Abs, y);
+    let ny = un(&mut g, UnaryOp::Neg, ay);
+    let e = un(&mut g, UnaryOp::Exp, ny);
+    let d = un(&mut g, UnaryOp::AddScalar(-0.1), y);
+    let r = un(&mut g, UnaryOp::Relu, d);
+    let r = un(&mut g, UnaryOp::MulScalar(0.5), r);
+    let y = bin(&mut g, BinaryOp::Add, e, r);
+    let yy = bin(&mut g, BinaryOp::Mul, y, y);
+    let p = un(&mut g, UnaryOp::AddScalar(1.0), yy);
+    let q = un(&mut g, UnaryOp::Sqrt, p);
+    let out = un(&mut g, UnaryOp::AddScalar(-1.0), q);
+    g.add_output(out, OutputKind::User).unwrap();
+    g
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn compile(rows: usize, cols: usize) -> (PointwiseKernel, f64) {
+    let g = chain(rows, cols);
+    let plan = plan_fusion(&g).unwrap();
+    let t = Instant::now();
+    let k = PointwiseKernel::compile(&g, &plan.kernels[0]).unwrap();
+    (k, t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// Median ms of `k` run split across threads above `threshold` elements.
+fn time_run(k: &PointwiseKernel, rows: usize, cols: usize, threshold: usize, reps: usize) -> f64 {
+    let x: Vec<f32> = (0..rows * cols)
+        .map(|i| (i % 1000) as f32 * 0.01 - 5.0)
+        .collect();
+    let scale = vec![1.1f32; cols];
+    let shift = vec![0.1f32; cols];
+    let mut out = vec![0.0f32; rows * cols];
+    let mut ts = Vec::with_capacity(reps);
+    for _ in 0..reps + 3 {
+        let t = Instant::now();
+        k.run_with_threshold(&[&x, &scale, &shift], &mut [&mut out], threshold)
+            .unwrap();
+        ts.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    median(ts[3..].to_vec())
+}
+
+fn main() {
+    let (rows, cols) = (4096, 1024);
+    let compile_ms = median((0..7).map(|_| compile(rows, cols).1).collect());
+    let (k, _) = compile(rows, cols);
+    let run_ms = time_run(&k, rows, cols, PAR_THRESHOLD, 30);
+    let run1_ms = time_run(&k, rows, cols, usize::MAX, 10);
+    let threads = rayon::current_num_threads();
+    println!("pointwise_chain {rows}x{cols} f32 (cranelift JIT, {threads} threads)");
+    println!("  compile: {compile_ms:.3} ms (median of 7)");
+    println!("  run:     {run_ms:.3} ms (median of 30), single thread {run1_ms:.3} ms");
+    println!(
+        "  {:.2} GB/s read+write",
+        (rows * cols * 8) as f64 / (run_ms * 1e-3) / 1e9
+    );
+    println!(
+        "\nparallel threshold (PAR_THRESHOLD = {PAR_THRESHOLD}): elements, 1 thread ms, rayon ms"
+    );
+    for n in [2048usize, 4096, 8192, 16384, 32768, 65536, 131072] {
+        let (k, _) = compile(n / 256, 256);
+        let s = time_run(&k, n / 256, 256, usize::MAX, 300);
+        let p = time_run(&k, n / 256, 256, 0, 300);
+        println!("  {n:>7} {s:.4} {p:.4}");
+    }
+}
