@@ -1,11 +1,11 @@
 //! Benchmark of the JIT pointwise kernel on the zoo's pointwise_chain
 //! (python/zoo.py PointwiseChain) at 4096x1024 f32: compile time (ms) and
 //! median run time (ms), plus the single-thread vs rayon timings at small
-//! sizes that `PAR_THRESHOLD` is chosen from.
+//! sizes that `PAR_WORK` is chosen from.
 //!
 //! `cargo run --release -p kiln-cranelift --example bench_pointwise`
 
-use kiln_cranelift::{PointwiseKernel, PAR_THRESHOLD};
+use kiln_cranelift::{PointwiseKernel, PAR_WORK};
 use kiln_ir::{plan_fusion, BinaryOp, Graph, InputKind, Op, OutputKind, TensorType, UnaryOp};
 use std::time::Instant;
 
@@ -82,7 +82,7 @@ fn main() {
     let (rows, cols) = (4096, 1024);
     let compile_ms = median((0..7).map(|_| compile(rows, cols).1).collect());
     let (k, _) = compile(rows, cols);
-    let run_ms = time_run(&k, rows, cols, PAR_THRESHOLD, 30);
+    let run_ms = time_run(&k, rows, cols, k.par_threshold(), 30);
     let run1_ms = time_run(&k, rows, cols, usize::MAX, 10);
     let threads = rayon::current_num_threads();
     println!("pointwise_chain {rows}x{cols} f32 (cranelift JIT, {threads} threads)");
@@ -92,8 +92,36 @@ fn main() {
         "  {:.2} GB/s read+write",
         (rows * cols * 8) as f64 / (run_ms * 1e-3) / 1e9
     );
+    // A light kernel (one relu) for the other end of the threshold.
+    println!("\nrelu: elements, 1 thread ms, rayon ms");
+    let mut relu_th = 0;
+    for n in [16384usize, 32768, 65536, 131072, 262144, 524288] {
+        let mut g = Graph::new();
+        let t = TensorType::new(&[n], kiln_ir::DType::F32);
+        let x = g.add_input(InputKind::User(0), t, "").unwrap();
+        let y = g.add1(Op::Unary(UnaryOp::Relu), &[x], "").unwrap();
+        g.add_output(y, OutputKind::User).unwrap();
+        let plan = plan_fusion(&g).unwrap();
+        let k = PointwiseKernel::compile(&g, &plan.kernels[0]).unwrap();
+        let xs: Vec<f32> = (0..n).map(|i| i as f32 - 1000.0).collect();
+        let mut out = vec![0.0f32; n];
+        let mut tm = |th: usize| {
+            let mut ts = Vec::new();
+            for _ in 0..300 {
+                let t = Instant::now();
+                k.run_with_threshold(&[&xs], &mut [&mut out], th).unwrap();
+                ts.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            median(ts)
+        };
+        let (s, p) = (tm(usize::MAX), tm(0));
+        relu_th = k.par_threshold();
+        println!("  {n:>7} {s:.4} {p:.4}");
+    }
+    println!("  (relu par_threshold {relu_th} elements)");
     println!(
-        "\nparallel threshold (PAR_THRESHOLD = {PAR_THRESHOLD}): elements, 1 thread ms, rayon ms"
+        "\npointwise_chain (PAR_WORK = {PAR_WORK}, par_threshold {} elements): elements, 1 thread ms, rayon ms",
+        k.par_threshold()
     );
     for n in [2048usize, 4096, 8192, 16384, 32768, 65536, 131072] {
         let (k, _) = compile(n / 256, 256);

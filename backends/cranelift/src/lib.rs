@@ -24,7 +24,8 @@
 //!   vector `[C]` over `[N, C]`, a per-channel `[1, C, 1, 1]` over
 //!   `[N, C, H, W]`, any block of consecutive output dims).
 //! * [`PointwiseKernel::run`] checks the slice lengths and runs the kernel,
-//!   split across rayon threads above [`PAR_THRESHOLD`] elements.
+//!   split across rayon threads above [`PointwiseKernel::par_threshold`]
+//!   elements (derived from the kernel's estimated cost and [`PAR_WORK`]).
 //!
 //! Supported ops (f32 values, bool masks from comparisons): add, sub, mul,
 //! div, maximum, minimum, eq/ne/lt/le/gt/ge (feeding where or a cast), neg,
@@ -41,14 +42,20 @@ use kiln_ir::{DType, Graph, Kernel, KernelKind, Value};
 use rayon::prelude::*;
 use std::fmt;
 
-/// Kernels with at least this many output elements are split into chunks
-/// run in parallel with rayon.
+/// A kernel is split into chunks run in parallel with rayon when
+/// `elements * cost_per_element >= PAR_WORK` (cost units of ~0.12 ns, see
+/// `codegen::cost_per_element`); [`PointwiseKernel::par_threshold`] gives
+/// the resulting element count.
 ///
-/// Measured with `examples/bench_pointwise.rs` (pointwise_chain, 2 cores):
-/// see the table there. Below about 32K elements the chain takes under
-/// ~30 us on one core and the rayon fork/join (~5-10 us) eats most of the
-/// gain of a second core; from 32K on, two threads are faster.
-pub const PAR_THRESHOLD: usize = 32 * 1024;
+/// Measured with `examples/bench_pointwise.rs` on 2 cores (single thread
+/// vs rayon, median ms): a lone relu (2.2 units/element) gains from the
+/// second core only from ~512K elements (262144: 0.041 vs 0.082;
+/// 524288: 0.139 vs 0.127), the pointwise_chain (~97 units) from ~4K
+/// elements (2048: 0.023 vs 0.017-0.051, noisy; 4096: 0.046 vs 0.029;
+/// 16384: 0.183 vs 0.097). Both cross over near 0.4-1.1M units (~50-130
+/// us of single-thread work); 1M keeps the light kernels single-threaded
+/// where rayon's fork/join noise dominates.
+pub const PAR_WORK: usize = 1 << 20;
 
 /// Why a kernel could not be compiled. `op` is the graph op's name (or
 /// `kernel` for structural problems) so that a caller can fall back.
@@ -137,6 +144,7 @@ pub struct PointwiseKernel {
     outputs: Vec<Value>,
     shape: Vec<usize>,
     numel: usize,
+    par_threshold: usize,
     _code: Code,
 }
 
@@ -241,6 +249,7 @@ impl PointwiseKernel {
             outputs: kernel.outputs.clone(),
             shape,
             numel,
+            par_threshold: PAR_WORK.div_ceil(codegen::cost_per_element(graph, kernel)),
             _code: Code(Some(module)),
         })
     }
@@ -256,6 +265,11 @@ impl PointwiseKernel {
         &self.outputs
     }
 
+    /// Element count from which `run` splits the work across threads.
+    pub fn par_threshold(&self) -> usize {
+        self.par_threshold
+    }
+
     /// The output (index space) shape.
     pub fn shape(&self) -> &[usize] {
         &self.shape
@@ -264,11 +278,11 @@ impl PointwiseKernel {
     /// Runs the kernel. `inputs[j]` must hold `self.inputs()[j].numel`
     /// elements, each output `numel(shape)`.
     pub fn run(&self, inputs: &[&[f32]], outputs: &mut [&mut [f32]]) -> Result<(), RunError> {
-        self.run_with_threshold(inputs, outputs, PAR_THRESHOLD)
+        self.run_with_threshold(inputs, outputs, self.par_threshold)
     }
 
     /// As [`run`](Self::run) but on the calling thread only (for callers
-    /// already inside a rayon task, and to measure [`PAR_THRESHOLD`]).
+    /// already inside a rayon task, and to measure [`PAR_WORK`]).
     pub fn run_single_thread(
         &self,
         inputs: &[&[f32]],
@@ -278,7 +292,7 @@ impl PointwiseKernel {
     }
 
     /// As [`run`](Self::run), split across rayon threads when the kernel
-    /// has at least `threshold` elements (`run` uses [`PAR_THRESHOLD`]).
+    /// has at least `threshold` elements (`run` uses [`Self::par_threshold`]).
     pub fn run_with_threshold(
         &self,
         inputs: &[&[f32]],

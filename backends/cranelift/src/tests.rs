@@ -165,7 +165,8 @@ const UNARY: [UnaryOp; 25] = [
 
 #[test]
 fn every_unary_op_matches_reference_over_wide_range() {
-    // 100_003 points: above PAR_THRESHOLD (parallel path) with a tail of 3.
+    // 100_003 points (a tail of 3), above par_threshold for the
+    // transcendentals (parallel path), below for the cheap ops.
     let n = 100_003;
     let xs = grid(n);
     for u in UNARY {
@@ -184,23 +185,13 @@ fn every_unary_op_matches_reference_over_wide_range() {
 
 #[test]
 fn unary_ops_at_odd_lengths_and_around_the_threshold() {
-    for n in [
-        1,
-        2,
-        3,
-        4,
-        5,
-        7,
-        9,
-        63,
-        1023,
-        PAR_THRESHOLD - 1,
-        PAR_THRESHOLD + 5,
-    ] {
-        let xs: Vec<f32> = (0..n)
-            .map(|i| ((i * 37) % 101) as f32 * 0.3 - 15.0)
-            .collect();
-        for u in [UnaryOp::GeluErf, UnaryOp::Tanh, UnaryOp::Relu, UnaryOp::Exp] {
+    for u in [UnaryOp::GeluErf, UnaryOp::Tanh, UnaryOp::Relu, UnaryOp::Exp] {
+        let th = compile_only(&unary_graph(u, 8)).unwrap().par_threshold();
+        assert!(th > 1000 && th < PAR_WORK, "{u:?}: {th}");
+        for n in [1, 2, 3, 4, 5, 7, 9, 63, 1023, th - 1, th, th + 5] {
+            let xs: Vec<f32> = (0..n)
+                .map(|i| ((i * 37) % 101) as f32 * 0.3 - 15.0)
+                .collect();
             let g = unary_graph(u, n);
             let data = HashMap::from([(InputKind::User(0), xs.clone())]);
             let (jit, r) = run_both(&g, &data);
@@ -213,6 +204,15 @@ fn unary_ops_at_odd_lengths_and_around_the_threshold() {
             );
         }
     }
+}
+
+#[test]
+fn parallel_threshold_follows_cost() {
+    let relu = compile_only(&unary_graph(UnaryOp::Relu, 8)).unwrap();
+    let chain = compile_only(&pointwise_chain(2, 4)).unwrap();
+    // A light kernel needs far more elements than the transcendental chain.
+    assert!(relu.par_threshold() > 100_000, "{}", relu.par_threshold());
+    assert!(chain.par_threshold() < 20_000, "{}", chain.par_threshold());
 }
 
 #[test]
@@ -256,7 +256,7 @@ fn vals(n: usize, seed: usize) -> Vec<f32> {
 
 #[test]
 fn binary_ops_are_exact() {
-    for n in [5, 4099, PAR_THRESHOLD + 7] {
+    for n in [5, 4099, 500_007] {
         for b in [
             BinaryOp::Add,
             BinaryOp::Sub,
