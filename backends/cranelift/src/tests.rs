@@ -512,3 +512,64 @@ fn run_checks_lengths() {
     assert!(k.run(&[&x], &mut [&mut o]).is_err());
     assert!(k.run(&[], &mut [&mut o]).is_err());
 }
+
+#[test]
+fn two_outputs_and_bool_casts() {
+    // y = relu(x - 0.5) is a graph output and feeds z = cast(cast(y, bool), f32) * x.
+    let n = 1003;
+    let mut g = Graph::new();
+    let x = g.add_input(InputKind::User(0), ty(&[n]), "").unwrap();
+    let y = g
+        .add1(Op::Unary(UnaryOp::AddScalar(-0.5)), &[x], "t")
+        .unwrap();
+    let y = g.add1(Op::Unary(UnaryOp::Relu), &[y], "t").unwrap();
+    let b = g.add1(Op::Cast(DType::Bool), &[y], "t").unwrap();
+    let f = g.add1(Op::Cast(DType::F32), &[b], "t").unwrap();
+    let z = g.add1(Op::Binary(BinaryOp::Mul), &[f, x], "t").unwrap();
+    g.add_output(z, OutputKind::User).unwrap();
+    g.add_output(y, OutputKind::User).unwrap();
+    let plan = plan_fusion(&g).unwrap();
+    assert_eq!(plan.kernels.len(), 1);
+    let k = PointwiseKernel::compile(&g, &plan.kernels[0]).unwrap();
+    assert_eq!(k.outputs().len(), 2);
+    let xs = grid(n);
+    let mut o0 = vec![0.0f32; n];
+    let mut o1 = vec![0.0f32; n];
+    k.run(&[&xs], &mut [&mut o0, &mut o1]).unwrap();
+    let r = eval_graph(&g, &|_| Some(xs.iter().map(|&v| v as f64).collect())).unwrap();
+    // Kernel outputs are in node order: y first, then z.
+    let by_value = |v: Value| g.outputs().iter().position(|o| o.value == v).unwrap();
+    for (slot, out) in [(0, &o0), (1, &o1)] {
+        let gi = by_value(k.outputs()[slot]);
+        check_close(
+            &format!("output {slot}"),
+            out,
+            &r[gi].data,
+            &|i| xs[i] as f64,
+            &tol_of((0.5, 0.25 * EPS, 0.0)),
+        );
+    }
+}
+
+#[test]
+fn non_pointwise_kernel_is_refused() {
+    let mut g = Graph::new();
+    let x = g.add_input(InputKind::User(0), ty(&[4, 8]), "").unwrap();
+    let y = g
+        .add1(
+            Op::Reduce {
+                op: kiln_ir::ReduceOp::Sum,
+                dims: vec![1],
+                keepdim: false,
+            },
+            &[x],
+            "t",
+        )
+        .unwrap();
+    g.add_output(y, OutputKind::User).unwrap();
+    let e = compile_only(&g).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "cranelift backend: reduction kernels are not supported (pointwise only)"
+    );
+}
