@@ -185,6 +185,16 @@ fn classify(s: &[usize], out: &[usize]) -> Option<InputAccess> {
 impl PointwiseKernel {
     /// Compiles a `Pointwise` kernel of `graph` (from `kiln_ir::plan_fusion`).
     pub fn compile(graph: &Graph, kernel: &Kernel) -> Result<PointwiseKernel, CompileError> {
+        Self::compile_with(graph, kernel, true)
+    }
+
+    /// `compile`, with fused multiply-add in polynomials only if `allow_fma`
+    /// (and the host has it); tests cover both code paths.
+    pub(crate) fn compile_with(
+        graph: &Graph,
+        kernel: &Kernel,
+        allow_fma: bool,
+    ) -> Result<PointwiseKernel, CompileError> {
         if kernel.kind != KernelKind::Pointwise {
             return Err(CompileError::new(
                 kernel.kind.name(),
@@ -242,7 +252,7 @@ impl PointwiseKernel {
                 ));
             }
         }
-        let (module, func) = codegen::compile(graph, kernel, &inputs)?;
+        let (module, func) = codegen::compile(graph, kernel, &inputs, allow_fma)?;
         Ok(PointwiseKernel {
             func,
             inputs,

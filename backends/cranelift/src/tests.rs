@@ -45,14 +45,22 @@ fn grid(n: usize) -> Vec<f32> {
 
 /// Compiles the single compute kernel of `g` (must be pointwise).
 fn compile_only(g: &Graph) -> Result<PointwiseKernel, CompileError> {
+    compile_fma(g, true)
+}
+
+fn compile_fma(g: &Graph, fma: bool) -> Result<PointwiseKernel, CompileError> {
     let plan = plan_fusion(g).unwrap();
     assert_eq!(plan.kernels.len(), 1, "{:?}", plan.kernel_ops(g));
-    PointwiseKernel::compile(g, &plan.kernels[0])
+    PointwiseKernel::compile_with(g, &plan.kernels[0], fma)
 }
 
 /// Runs the graph's one kernel with the JIT and with the f64 reference.
 fn run_both(g: &Graph, data: &HashMap<InputKind, Vec<f32>>) -> (Vec<f32>, Vec<f64>) {
-    let k = compile_only(g).unwrap();
+    run_both_fma(g, data, true)
+}
+
+fn run_both_fma(g: &Graph, data: &HashMap<InputKind, Vec<f32>>, fma: bool) -> (Vec<f32>, Vec<f64>) {
+    let k = compile_fma(g, fma).unwrap();
     let ins: Vec<&[f32]> = k
         .inputs()
         .iter()
@@ -169,12 +177,12 @@ fn every_unary_op_matches_reference_over_wide_range() {
     // transcendentals (parallel path), below for the cheap ops.
     let n = 100_003;
     let xs = grid(n);
-    for u in UNARY {
+    for (u, fma) in UNARY.iter().flat_map(|&u| [(u, true), (u, false)]) {
         let g = unary_graph(u, n);
         let data = HashMap::from([(InputKind::User(0), xs.clone())]);
-        let (jit, r) = run_both(&g, &data);
+        let (jit, r) = run_both_fma(&g, &data, fma);
         check_close(
-            &format!("{u:?}"),
+            &format!("{u:?} fma={fma}"),
             &jit,
             &r,
             &|i| xs[i] as f64,
@@ -429,7 +437,13 @@ pub(crate) fn pointwise_chain(rows: usize, cols: usize) -> Graph {
 
 #[test]
 fn pointwise_chain_matches_reference() {
-    for (rows, cols) in [(3, 5), (4, 16), (17, 33), (256, 1000)] {
+    for (rows, cols, fma) in [
+        (3, 5, true),
+        (4, 16, true),
+        (17, 33, true),
+        (256, 1000, true),
+        (256, 1000, false),
+    ] {
         let g = pointwise_chain(rows, cols);
         let n = rows * cols;
         let xs = grid(n);
@@ -440,14 +454,14 @@ fn pointwise_chain_matches_reference() {
             (InputKind::Param("scale".into()), scale.clone()),
             (InputKind::Buffer("shift".into()), shift.clone()),
         ]);
-        let (jit, r) = run_both(&g, &data);
+        let (jit, r) = run_both_fma(&g, &data, fma);
         // Per-op bounds summed along the chain, each stage's derivative is
         // at most ~1.5 in magnitude (gelu*sigmoid + tanh/2, exp(-|y|) +
         // relu/2, y/sqrt(y^2+1)): gelu's 2e-7*max(1,|y1|) plus ~a dozen
         // 3.5-ulp terms of values <= max(1, |y1|) -> 3e-6 * max(1, |y1|).
         let y1 = |i: usize| xs[i] as f64 * scale[i % cols] as f64 + shift[i % cols] as f64;
         check_close(
-            &format!("chain {rows}x{cols}"),
+            &format!("chain {rows}x{cols} fma={fma}"),
             &jit,
             &r,
             &y1,
