@@ -115,6 +115,15 @@ impl Em<'_, '_> {
     fn div(&mut self, a: CV, b: CV) -> CV {
         self.b.ins().fdiv(a, b)
     }
+    /// a * b + c, fused where FMA is enabled.
+    fn madd(&mut self, a: CV, b: CV, c: CV) -> CV {
+        if self.fma {
+            self.b.ins().fma(a, b, c)
+        } else {
+            let t = self.mul(a, b);
+            self.add(t, c)
+        }
+    }
     fn addc(&mut self, a: CV, c: f32) -> CV {
         let c = self.fc(c);
         self.add(a, c)
@@ -171,17 +180,18 @@ impl Em<'_, '_> {
         let x = self.sel(m, hi, x);
         let m = self.cmp(FloatCC::LessThan, x, lo);
         let x = self.sel(m, lo, x);
-        let y = self.mulc(x, LOG2E);
-        let y = self.addc(y, ROUND_MAGIC);
+        let l2e = self.fc(LOG2E);
         let magic = self.fc(ROUND_MAGIC);
+        let y = self.madd(x, l2e, magic);
         let n = self.sub(y, magic);
         let yb = self.as_bits(y);
         let mb = self.ic(ROUND_MAGIC.to_bits() as i32);
         let ni = self.b.ins().isub(yb, mb);
-        let t = self.mulc(n, LN2_HI);
-        let r = self.sub(x, t);
-        let t = self.mulc(n, LN2_LO);
-        let r = self.sub(r, t);
+        let nn = self.b.ins().fneg(n);
+        let c = self.fc(LN2_HI);
+        let r = self.madd(nn, c, x);
+        let c = self.fc(LN2_LO);
+        let r = self.madd(nn, c, r);
         let p = self.poly(
             r,
             &[
@@ -194,8 +204,7 @@ impl Em<'_, '_> {
             ],
         );
         let p = self.mul(p, r);
-        let p = self.mul(p, r);
-        let e = self.add(p, r);
+        let e = self.madd(p, r, r);
         let e = self.addc(e, 1.0);
         let one = self.b.ins().iconst(I32, 1);
         let n1 = self.b.ins().sshr(ni, one);
@@ -233,9 +242,8 @@ impl Em<'_, '_> {
                 -0.333_332_8,
             ],
         );
-        let small = self.mul(p, z);
-        let small = self.mul(small, x);
-        let small = self.add(small, x);
+        let pz = self.mul(p, z);
+        let small = self.madd(pz, x, x);
         let a2 = self.mulc(a, 2.0);
         let e = self.exp(a2);
         let d = self.addc(e, 1.0);
@@ -263,9 +271,8 @@ impl Em<'_, '_> {
                 -1.0 / 3.0,
             ],
         );
-        let small = self.mul(p, z);
-        let small = self.mul(small, x);
-        let small = self.add(small, x);
+        let pz = self.mul(p, z);
+        let small = self.madd(pz, x, x);
         let small = self.mulc(small, std::f32::consts::FRAC_2_SQRT_PI);
         let h = self.mulc(a, 0.5);
         let h = self.addc(h, 1.0);
