@@ -163,6 +163,10 @@ fn classify(s: &[usize], out: &[usize]) -> Option<InputAccess> {
     if n == 1 {
         return Some(InputAccess::Scalar);
     }
+    if out.contains(&0) {
+        // Nothing is read: no index arithmetic (no modulo by 0).
+        return Some(InputAccess::Contiguous);
+    }
     if s.len() > out.len() {
         return None;
     }
@@ -230,7 +234,17 @@ impl PointwiseKernel {
         }
         for &n in &kernel.nodes {
             let node = graph.node(n);
-            if node.outputs.len() != 1 || node.outputs[0].shape != shape {
+            if node.outputs.len() != 1 {
+                let name = node.op.name();
+                return Err(CompileError::new(
+                    name,
+                    format!(
+                        "op {name} with {} outputs not supported",
+                        node.outputs.len()
+                    ),
+                ));
+            }
+            if node.outputs[0].shape != shape {
                 return Err(CompileError::new(
                     node.op.name(),
                     format!(

@@ -587,3 +587,15 @@ fn non_pointwise_kernel_is_refused() {
         "cranelift backend: reduction kernels are not supported (pointwise only)"
     );
 }
+
+#[test]
+fn empty_index_space() {
+    let g = binary_graph(BinaryOp::Add, &[0, 3], &[3], &[0, 3]);
+    let k = compile_only(&g).unwrap();
+    let y = [1.0f32, 2.0, 3.0];
+    let mut out: Vec<f32> = vec![];
+    k.run(&[&[], &y], &mut [&mut out]).unwrap();
+    let g = binary_graph(BinaryOp::Add, &[3, 0], &[0], &[3, 0]);
+    let k = compile_only(&g).unwrap();
+    k.run(&[&[], &[]], &mut [&mut out]).unwrap();
+}
