@@ -95,6 +95,7 @@ fn main() {
     // A light kernel (one relu) for the other end of the threshold.
     println!("\nrelu: elements, 1 thread ms, rayon ms");
     let mut relu_th = 0;
+    let mut relu_compile_ms = 0.0;
     for n in [16384usize, 32768, 65536, 131072, 262144, 524288] {
         let mut g = Graph::new();
         let t = TensorType::new(&[n], kiln_ir::DType::F32);
@@ -102,6 +103,13 @@ fn main() {
         let y = g.add1(Op::Unary(UnaryOp::Relu), &[x], "").unwrap();
         g.add_output(y, OutputKind::User).unwrap();
         let plan = plan_fusion(&g).unwrap();
+        let mut cts = Vec::new();
+        for _ in 0..7 {
+            let t = Instant::now();
+            PointwiseKernel::compile(&g, &plan.kernels[0]).unwrap();
+            cts.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        relu_compile_ms = median(cts);
         let k = PointwiseKernel::compile(&g, &plan.kernels[0]).unwrap();
         let xs: Vec<f32> = (0..n).map(|i| i as f32 - 1000.0).collect();
         let mut out = vec![0.0f32; n];
@@ -118,7 +126,7 @@ fn main() {
         relu_th = k.par_threshold();
         println!("  {n:>7} {s:.4} {p:.4}");
     }
-    println!("  (relu par_threshold {relu_th} elements)");
+    println!("  (relu par_threshold {relu_th} elements, compile {relu_compile_ms:.3} ms)");
     println!(
         "\npointwise_chain (PAR_WORK = {PAR_WORK}, par_threshold {} elements): elements, 1 thread ms, rayon ms",
         k.par_threshold()

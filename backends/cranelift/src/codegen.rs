@@ -21,12 +21,14 @@ use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
 use cranelift_codegen::ir::{
     AbiParam, Block, Endianness, InstBuilder, MemFlagsData, Type, UserFuncName, Value as CV,
 };
+use cranelift_codegen::isa::OwnedTargetIsa;
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, Linkage, Module};
 use kiln_ir::{BinaryOp, DType, Graph, Kernel, Op, UnaryOp, Value};
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
 pub(crate) type KernelFn = unsafe extern "C" fn(*const *const f32, *const *mut f32, u64, u64);
 
@@ -657,19 +659,26 @@ fn body(
     }
 }
 
+/// The host ISA (detected once per process; detection and flag parsing
+/// cost about as much as compiling a small kernel).
+fn host_isa() -> Result<OwnedTargetIsa, String> {
+    static ISA: OnceLock<Result<OwnedTargetIsa, String>> = OnceLock::new();
+    ISA.get_or_init(|| {
+        let mut fb = settings::builder();
+        fb.set("opt_level", "speed").map_err(|e| e.to_string())?;
+        fb.set("use_colocated_libcalls", "false")
+            .map_err(|e| e.to_string())?;
+        fb.set("is_pic", "false").map_err(|e| e.to_string())?;
+        cranelift_native::builder()?
+            .finish(settings::Flags::new(fb))
+            .map_err(|e| e.to_string())
+    })
+    .clone()
+}
+
 fn isa_and_module() -> Result<JITModule, CompileError> {
-    let jit_err = |e: String| CompileError::new("kernel", format!("JIT setup failed: {e}"));
-    let mut fb = settings::builder();
-    fb.set("opt_level", "speed")
-        .map_err(|e| jit_err(e.to_string()))?;
-    fb.set("use_colocated_libcalls", "false")
-        .map_err(|e| jit_err(e.to_string()))?;
-    fb.set("is_pic", "false")
-        .map_err(|e| jit_err(e.to_string()))?;
-    let isa = cranelift_native::builder()
-        .map_err(|e| jit_err(e.to_string()))?
-        .finish(settings::Flags::new(fb))
-        .map_err(|e| jit_err(e.to_string()))?;
+    let isa =
+        host_isa().map_err(|e| CompileError::new("kernel", format!("JIT setup failed: {e}")))?;
     Ok(JITModule::new(JITBuilder::with_isa(
         isa,
         default_libcall_names(),

@@ -599,3 +599,18 @@ fn empty_index_space() {
     let k = compile_only(&g).unwrap();
     k.run(&[&[], &[]], &mut [&mut out]).unwrap();
 }
+
+#[test]
+fn kernels_are_send_and_sync() {
+    fn check<T: Send + Sync>(_: &T) {}
+    let k = compile_only(&unary_graph(UnaryOp::Relu, 8)).unwrap();
+    check(&k);
+    // Run from another thread while this one holds it too.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut o = [0.0f32; 8];
+            k.run(&[&[-1.0; 8]], &mut [&mut o]).unwrap();
+            assert_eq!(o, [0.0; 8]);
+        });
+    });
+}
