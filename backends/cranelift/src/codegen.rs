@@ -16,10 +16,11 @@
 //! and without FMA.
 
 use crate::{CompileError, InputAccess, KernelInput};
-use cranelift_codegen::ir::condcodes::FloatCC;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
 use cranelift_codegen::ir::{
-    AbiParam, Block, Endianness, InstBuilder, MemFlagsData, Type, UserFuncName, Value as CV,
+    AbiParam, Block, ConstantData, Endianness, InstBuilder, MemFlagsData, Type, UserFuncName,
+    Value as CV,
 };
 use cranelift_codegen::isa::OwnedTargetIsa;
 use cranelift_codegen::settings::{self, Configurable};
@@ -602,6 +603,36 @@ fn body(
                     // 4 consecutive elements that do not wrap.
                     let idx = bidx(em, i, 1, size);
                     load_at(em, idx, F32X4)
+                } else if inner > 4 && inner <= i32::MAX as usize {
+                    // The 4 lanes span at most two consecutive elements
+                    // c0, c1: lane j takes c1 when (i % inner) + j >= inner.
+                    let q = if inner.is_power_of_two() {
+                        em.b.ins().ushr_imm_u(i, inner.trailing_zeros() as i64)
+                    } else {
+                        em.b.ins().udiv_imm_u(i, inner as i64)
+                    };
+                    let qi = em.b.ins().imul_imm_u(q, inner as i64);
+                    let r = em.b.ins().isub(i, qi);
+                    let c0 = bidx(em, q, 1, size);
+                    let c1 = em.b.ins().iadd_imm_s(c0, 1);
+                    let wrap = em.b.ins().icmp_imm_u(IntCC::Equal, c1, size as i64);
+                    let zero = em.b.ins().iconst(I64, 0);
+                    let c1 = em.b.ins().select(wrap, zero, c1);
+                    let s0 = load_at(em, c0, F32);
+                    let s1 = load_at(em, c1, F32);
+                    let v0 = splat(em, s0);
+                    let v1 = splat(em, s1);
+                    let r32 = em.b.ins().ireduce(I32, r);
+                    let rv = em.b.ins().splat(I32X4, r32);
+                    let bytes: Vec<u8> = (0u32..4).flat_map(|j| j.to_le_bytes()).collect();
+                    let lanes_c = em.b.func.dfg.constants.insert(ConstantData::from(bytes));
+                    let lane_ids = em.b.ins().vconst(I32X4, lanes_c);
+                    let pos = em.b.ins().iadd(rv, lane_ids);
+                    let inner_v = em.ic(inner as i32);
+                    let m =
+                        em.b.ins()
+                            .icmp(IntCC::SignedGreaterThanOrEqual, pos, inner_v);
+                    em.sel(m, v1, v0)
                 } else {
                     let idx = bidx(em, i, inner, size);
                     let s = load_at(em, idx, F32);
