@@ -618,3 +618,26 @@ fn kernels_are_send_and_sync() {
         });
     });
 }
+
+#[test]
+fn vector_loop_and_scalar_tail_agree_bitwise() {
+    // Length 7: lanes 0..4 go through the f32x4 loop, 4..7 through the
+    // scalar tail; the tail repeats the first three inputs.
+    let base = [-3.7f32, 0.3, 2.9];
+    let xs: Vec<f32> = [base[0], base[1], base[2], 1.5, base[0], base[1], base[2]].to_vec();
+    for u in UNARY {
+        for fma in [true, false] {
+            let k = compile_fma(&unary_graph(u, 7), fma).unwrap();
+            let mut o = vec![0.0f32; 7];
+            k.run(&[&xs], &mut [&mut o]).unwrap();
+            for j in 0..3 {
+                assert_eq!(
+                    o[j].to_bits(),
+                    o[4 + j].to_bits(),
+                    "{u:?} fma={fma} x={}",
+                    xs[j]
+                );
+            }
+        }
+    }
+}
