@@ -4,6 +4,13 @@
 //! sizes that `PAR_WORK` is chosen from.
 //!
 //! `cargo run --release -p kiln-cranelift --example bench_pointwise`
+//!
+//! One run on the 2-core dev machine (Intel Xeon, AVX-512 host, Cranelift
+//! emits 128-bit VEX code), 2026-11-25: compile 1.5 ms; run 19.6 ms median
+//! on 2 threads (38.8 ms on one: ~9.3 ns per element, compute-bound: the
+//! chain evaluates erf, three exps and three divisions per element); a
+//! single relu kernel compiles in 0.1 ms. Per op, one thread, ns/element:
+//! relu 0.28, exp 0.94, sigmoid 1.21, tanh 1.95, erf 3.03, gelu 3.22.
 
 use kiln_cranelift::{PointwiseKernel, PAR_WORK};
 use kiln_ir::{plan_fusion, BinaryOp, Graph, InputKind, Op, OutputKind, TensorType, UnaryOp};
