@@ -350,8 +350,30 @@ impl PointwiseKernel {
                 )));
             }
         }
-        let ins: Vec<*const f32> = inputs.iter().map(|x| x.as_ptr()).collect();
-        let outs: Vec<*mut f32> = outputs.iter_mut().map(|o| o.as_mut_ptr()).collect();
+        // Pointer tables on the stack for up to 16 operands: a call
+        // allocates nothing (the runtime's steady state must not).
+        let mut ins_a = [std::ptr::null::<f32>(); 16];
+        let mut outs_a = [std::ptr::null_mut::<f32>(); 16];
+        let (mut ins_v, mut outs_v) = (Vec::new(), Vec::new());
+        let ins: &[*const f32] = if inputs.len() <= 16 {
+            for (p, x) in ins_a.iter_mut().zip(inputs) {
+                *p = x.as_ptr();
+            }
+            &ins_a[..inputs.len()]
+        } else {
+            ins_v.extend(inputs.iter().map(|x| x.as_ptr()));
+            &ins_v
+        };
+        let n_out = outputs.len();
+        let outs: &[*mut f32] = if n_out <= 16 {
+            for (p, o) in outs_a.iter_mut().zip(outputs.iter_mut()) {
+                *p = o.as_mut_ptr();
+            }
+            &outs_a[..n_out]
+        } else {
+            outs_v.extend(outputs.iter_mut().map(|o| o.as_mut_ptr()));
+            &outs_v
+        };
         let n = self.numel;
         let f = self.func;
         let (ip, op) = (ins.as_ptr() as usize, outs.as_ptr() as usize);
