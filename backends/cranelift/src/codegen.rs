@@ -603,6 +603,25 @@ fn body(
                     // 4 consecutive elements that do not wrap.
                     let idx = bidx(em, i, 1, size);
                     load_at(em, idx, F32X4)
+                } else if inner == 1 && size >= 4 {
+                    // A trailing vector whose length is not a multiple of
+                    // 4: lanes idx0 + j, wrapping at most once.
+                    let idx0 = bidx(em, i, 1, size);
+                    let s = load_at(em, idx0, F32);
+                    let mut v = splat(em, s);
+                    for lane in 1..lanes {
+                        let t = em.b.ins().iadd_imm_s(idx0, lane as i64);
+                        let w = em.b.ins().icmp_imm_u(
+                            IntCC::UnsignedGreaterThanOrEqual,
+                            t,
+                            size as i64,
+                        );
+                        let tw = em.b.ins().iadd_imm_s(t, -(size as i64));
+                        let idx = em.b.ins().select(w, tw, t);
+                        let s = load_at(em, idx, F32);
+                        v = em.b.ins().insertlane(v, s, lane as u8);
+                    }
+                    v
                 } else if inner > 4 && inner <= i32::MAX as usize {
                     // The 4 lanes span at most two consecutive elements
                     // c0, c1: lane j takes c1 when (i % inner) + j >= inner.

@@ -304,9 +304,11 @@ fn broadcast_operands() {
         (vec![3, 5], vec![1, 1], vec![3, 5]),
         (vec![300, 128], vec![128], vec![300, 128]),
         (vec![33], vec![40, 33], vec![40, 33]),
-        // inner 3 (per-lane gather), inner 169 (two-channel select) on
-        // the parallel path.
+        // inner 3 and [3] over [6, 3] (per-lane gather), a trailing [33]
+        // (wrapping lanes), inner 169 (two-channel select, parallel path).
         (vec![5, 7, 3], vec![7, 1], vec![5, 7, 3]),
+        (vec![6, 3], vec![3], vec![6, 3]),
+        (vec![1000, 33], vec![33], vec![1000, 33]),
         (vec![128, 16, 13, 13], vec![16, 1, 1], vec![128, 16, 13, 13]),
     ];
     for (sx, sy, so) in cases {
