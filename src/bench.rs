@@ -13,6 +13,10 @@ pub struct BenchRow {
     pub shape: Vec<usize>,
     /// Median ms per eager forward (no_grad, eval mode).
     pub eager_ms: f64,
+    /// Median ms per forward of `jit::compile`d model, and how many of its
+    /// kernels run as machine code.
+    pub compiled_ms: f64,
+    pub jit_kernels: usize,
 }
 
 /// Median ms of `f` after warm-up: at least `min_runs` calls and `min_time` s.
@@ -57,10 +61,23 @@ pub fn bench_eager(models: &[String], large: bool, min_time: f64) -> Result<Vec<
                 10,
             )
         })?;
+        let compiled = crate::jit::compile(&model, &[x.clone()])?;
+        let cms = crate::no_grad(|| {
+            median_ms(
+                || {
+                    std::hint::black_box(compiled.forward(&[x.clone()])?);
+                    Ok(())
+                },
+                min_time,
+                10,
+            )
+        })?;
         rows.push(BenchRow {
             model: name,
             shape,
             eager_ms: ms,
+            compiled_ms: cms,
+            jit_kernels: compiled.jit_kernel_count(),
         });
     }
     Ok(rows)
@@ -68,11 +85,13 @@ pub fn bench_eager(models: &[String], large: bool, min_time: f64) -> Result<Vec<
 
 /// The table `kiln bench` prints.
 pub fn format_table(rows: &[BenchRow]) -> String {
-    let mut s = String::from("| model | input shape | kiln eager ms |\n|---|---|---|\n");
+    let mut s = String::from(
+        "| model | input shape | kiln eager ms | kiln compiled ms | JIT kernels |\n|---|---|---|---|---|\n",
+    );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {:?} | {:.3} |\n",
-            r.model, r.shape, r.eager_ms
+            "| {} | {:?} | {:.3} | {:.3} | {} |\n",
+            r.model, r.shape, r.eager_ms, r.compiled_ms, r.jit_kernels
         ));
     }
     s

@@ -231,6 +231,42 @@ impl Tensor {
         })
     }
 
+    /// Runs `f` on the elements of contiguous f32 tensors, borrowed in place
+    /// (for backends that read tensor memory directly). An error names the
+    /// tensor that is not contiguous f32.
+    pub fn with_f32_slices<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+        let datas: Vec<TensorData> = tensors.iter().map(|t| t.data()).collect();
+        for (i, d) in datas.iter().enumerate() {
+            if d.dtype != DType::F32 || !d.layout.is_contiguous() {
+                return Err(Error::op(
+                    "with_f32_slices",
+                    format!(
+                        "tensor {i} must be contiguous f32, got {} with shape {:?} and strides {:?}",
+                        d.dtype, d.layout.shape, d.layout.strides
+                    ),
+                ));
+            }
+        }
+        let guards: Vec<_> = datas.iter().map(|d| d.storage.buf.read()).collect();
+        let slices: Vec<&[f32]> = guards
+            .iter()
+            .zip(&datas)
+            .map(|(g, d)| {
+                let s = <f32 as Element>::slice(g).expect("dtype checked");
+                &s[d.layout.offset..d.layout.offset + d.layout.numel()]
+            })
+            .collect();
+        Ok(f(&slices))
+    }
+
+    /// A contiguous f32 tensor of `shape` whose buffer `fill` writes
+    /// completely (the buffer may hold stale values before).
+    pub fn f32_filled_by(shape: &[usize], fill: impl FnOnce(&mut [f32])) -> Tensor {
+        let mut v = kiln_cpu::buffers::alloc_uninit::<f32>(kiln_ir::numel(shape));
+        fill(&mut v);
+        Tensor::from_storage(CpuStorage::F32(v), shape)
+    }
+
     /// The elements in row-major order as a Vec of the tensor's dtype.
     pub(crate) fn contiguous_vec<T: Element>(&self) -> Vec<T> {
         self.with_slice::<T, _>(|s, l| {

@@ -139,7 +139,7 @@ fn run(
 }
 
 /// `%5 = relu(%4) : f32[2,3]  # Net/ReLU[act]`, numbered as in the listing.
-fn describe_node(g: &Graph, pos: &HashMap<NodeId, usize>, n: NodeId) -> String {
+pub(crate) fn describe_node(g: &Graph, pos: &HashMap<NodeId, usize>, n: NodeId) -> String {
     let node = g.node(n);
     let name = |v: &Value| {
         if g.node(v.node).outputs.len() == 1 {
@@ -176,7 +176,7 @@ fn check_type(what: &str, got: &Tensor, want: &TensorType) -> Result<()> {
     Ok(())
 }
 
-fn check_types(outs: &[Tensor], want: &[TensorType]) -> Result<()> {
+pub(crate) fn check_types(outs: &[Tensor], want: &[TensorType]) -> Result<()> {
     if outs.len() != want.len() {
         return Err(Error::Input(format!(
             "the op produced {} outputs, the graph records {}",
@@ -218,7 +218,7 @@ pub fn constant_tensor(ty: &TensorType, data: &[f64]) -> Result<Tensor> {
 }
 
 /// Run one node. `a` holds its operands in order.
-fn exec_node(
+pub(crate) fn exec_node(
     op: &Op,
     a: &[Tensor],
     inputs: &[Tensor],

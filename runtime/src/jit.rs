@@ -105,3 +105,5 @@ pub fn check_trace(traced: &TracedModule, inputs: &[Tensor], rtol: f64) -> Resul
     }
     Ok(check)
 }
+
+pub use crate::compiled::{compile, CompiledModule};

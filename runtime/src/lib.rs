@@ -6,12 +6,14 @@
 //! file (`export`). It sits above the frontend and never the other way
 //! round. `CompiledModule` (guards, memory plan, live hooks) joins later.
 
+pub mod compiled;
 pub mod error;
 pub mod export;
 pub mod interpreter;
 pub mod jit;
 pub mod traced;
 
+pub use compiled::{compile, CompiledModule};
 pub use error::{Error, Result};
 pub use export::{from_bytes, load, GRAPH_KEY, VERSION_KEY};
 pub use interpreter::{run_graph, run_graph_collect, Collected};

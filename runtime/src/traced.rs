@@ -240,7 +240,7 @@ impl TracedModule {
     /// Copy new buffer values into the live buffers (under no_grad). All
     /// targets are checked first, and values aliasing a target buffer are
     /// materialized, so a failure writes nothing and order does not matter.
-    fn write_back(&self, updates: Vec<(String, Tensor)>) -> Result<()> {
+    pub(crate) fn write_back(&self, updates: Vec<(String, Tensor)>) -> Result<()> {
         let mut plan = Vec::with_capacity(updates.len());
         for (name, v) in &updates {
             let dst = self.bind(&InputKind::Buffer(name.clone()))?;
