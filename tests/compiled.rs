@@ -66,12 +66,38 @@ fn pointwise_chain_is_one_machine_code_kernel() {
     let eager = kiln::no_grad(|| m.call(&x)).unwrap();
     let got = kiln::no_grad(|| c.forward(&[x.clone()])).unwrap();
     assert!(rel(&got[0], &eager) <= 1e-5);
-    // Guard: another input shape is a clear error.
-    let err = c
-        .forward(&[Tensor::zeros(&[3, 1024], kiln::DType::F32)])
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("compiled for f32[64,1024]"), "{err}");
+}
+
+/// Guards: another input shape, or a switch to training mode, compiles a
+/// new variant (cached) and never gives a wrong answer; tracing a training
+/// variant does not update the buffers a second time.
+#[test]
+fn failed_guards_recompile_and_are_cached() {
+    let (m, x) = model("seed_cnn");
+    m.eval();
+    let c = jit::compile(&m, &[x.clone()]).unwrap();
+    assert_eq!(c.variant_count(), 1);
+    let x2 = Tensor::randn(&[3, 1, 28, 28], kiln::DType::F32);
+    let got = kiln::no_grad(|| c.forward(&[x2.clone()])).unwrap();
+    let want = kiln::no_grad(|| m.call(&x2)).unwrap();
+    assert!(rel(&got[0], &want) <= 1e-5);
+    assert_eq!(c.variant_count(), 2);
+    kiln::no_grad(|| c.forward(&[x2.clone()])).unwrap();
+    assert_eq!(c.variant_count(), 2, "cached");
+    // Training mode: a new variant; one call updates the buffers once.
+    let (eager, _) = model("seed_cnn");
+    eager.train(true);
+    let want = kiln::no_grad(|| eager.call(&x)).unwrap();
+    m.train(true);
+    let got = kiln::no_grad(|| c.forward(&[x.clone()])).unwrap();
+    assert_eq!(c.variant_count(), 3);
+    assert!(rel(&got[0], &want) <= 1e-5);
+    for ((n, a), (_, b)) in m.named_buffers().into_iter().zip(eager.named_buffers()) {
+        assert!(
+            rel(&a, &b) <= 1e-5,
+            "buffer {n} after one compiled training call"
+        );
+    }
 }
 
 #[test]

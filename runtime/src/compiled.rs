@@ -13,8 +13,10 @@ use crate::interpreter::{check_types, describe_node, exec_node, tensor_type};
 use crate::{Error, Result, TracedModule};
 use kiln_cranelift::{InputAccess, PointwiseKernel};
 use kiln_frontend::nn::Module;
+use kiln_frontend::nn::ModuleExt;
 use kiln_frontend::Tensor;
 use kiln_ir::{plan_fusion, DType, InputKind, KernelKind, NodeId, OpClass, Value};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -25,8 +27,10 @@ enum Step {
     Jit(Box<PointwiseKernel>),
 }
 
-/// A module compiled along its fusion plan (see the module docs).
-pub struct CompiledModule {
+/// One compiled graph: the variant for one set of input types and one
+/// training flag.
+pub struct Variant {
+    training: bool,
     traced: TracedModule,
     /// Listing number of each node (for error messages).
     pos: HashMap<NodeId, usize>,
@@ -37,10 +41,46 @@ pub struct CompiledModule {
 }
 
 /// Traces `module` on `inputs`, runs the standard passes and compiles the
-/// fusion plan's pointwise kernels with Cranelift.
+/// fusion plan's pointwise kernels with Cranelift. Later calls with other
+/// input shapes or dtypes, or after `train()`/`eval()`, compile another
+/// variant (cached, at most `MAX_VARIANTS`).
 pub fn compile(module: &Arc<dyn Module>, inputs: &[Tensor]) -> Result<CompiledModule> {
+    let first = compile_variant(module, inputs)?;
+    Ok(CompiledModule {
+        module: module.clone(),
+        variants: Mutex::new(vec![Arc::new(first)]),
+        max_variants: MAX_VARIANTS,
+    })
+}
+
+/// The most variants a `CompiledModule` keeps; past it, a call with new
+/// input types is an error (with a warning naming the limit) rather than
+/// unbounded recompilation.
+pub const MAX_VARIANTS: usize = 8;
+
+/// Compiles one variant. Tracing runs the forward once; in training mode
+/// that would update the buffers, so their values are restored afterwards
+/// (the compiled call is what updates them).
+fn compile_variant(module: &Arc<dyn Module>, inputs: &[Tensor]) -> Result<Variant> {
     let start = std::time::Instant::now();
-    let mut traced = crate::jit::trace(module, inputs)?;
+    let training = module.is_training();
+    let snapshot: Vec<(Tensor, Tensor)> = if training {
+        module
+            .named_buffers()
+            .into_iter()
+            .map(|(_, t)| Ok((t.clone(), t.detach().clone_tensor()?)))
+            .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    let traced = crate::jit::trace(module, inputs);
+    kiln_frontend::no_grad(|| -> kiln_frontend::Result<()> {
+        for (live, saved) in &snapshot {
+            live.copy_(saved)?;
+        }
+        Ok(())
+    })?;
+    let mut traced = traced?;
     traced.run_passes()?;
     let plan = plan_fusion(traced.graph())?;
     let g = traced.graph();
@@ -64,7 +104,8 @@ pub fn compile(module: &Arc<dyn Module>, inputs: &[Tensor]) -> Result<CompiledMo
         }
         steps.push(Step::Nodes(k.nodes.clone()));
     }
-    Ok(CompiledModule {
+    Ok(Variant {
+        training,
         traced,
         pos,
         leaves,
@@ -74,7 +115,75 @@ pub fn compile(module: &Arc<dyn Module>, inputs: &[Tensor]) -> Result<CompiledMo
     })
 }
 
+/// A module compiled along its fusion plan (see the module docs), with a
+/// cache of variants guarded by input types and the training flag.
+pub struct CompiledModule {
+    module: Arc<dyn Module>,
+    variants: Mutex<Vec<Arc<Variant>>>,
+    max_variants: usize,
+}
+
 impl CompiledModule {
+    /// The variant for these inputs and the module's current mode,
+    /// compiling it if needed.
+    pub fn variant(&self, inputs: &[Tensor]) -> Result<Arc<Variant>> {
+        let training = self.module.is_training();
+        let types: Vec<kiln_ir::TensorType> = inputs.iter().map(tensor_type).collect();
+        {
+            let vs = self.variants.lock();
+            if let Some(v) = vs
+                .iter()
+                .find(|v| v.training == training && v.traced.input_types() == types)
+            {
+                return Ok(v.clone());
+            }
+            if vs.len() >= self.max_variants {
+                let msg = format!(
+                    "recompilation limit reached: {} variants are compiled (limit {}); inputs {types:?} in {} mode would need another",
+                    vs.len(),
+                    self.max_variants,
+                    if training { "training" } else { "eval" }
+                );
+                eprintln!("kiln: warning: {msg}");
+                return Err(Error::Input(msg));
+            }
+        }
+        let v = Arc::new(compile_variant(&self.module, inputs)?);
+        self.variants.lock().push(v.clone());
+        Ok(v)
+    }
+
+    /// How many variants are compiled.
+    pub fn variant_count(&self) -> usize {
+        self.variants.lock().len()
+    }
+
+    fn first(&self) -> Arc<Variant> {
+        self.variants.lock()[0].clone()
+    }
+
+    /// Kernels of the first variant compiled to machine code.
+    pub fn jit_kernel_count(&self) -> usize {
+        self.first().jit_kernel_count()
+    }
+
+    /// Why pointwise kernels of the first variant fell back (see `Variant`).
+    pub fn fallbacks(&self) -> Vec<String> {
+        self.first().fallbacks().to_vec()
+    }
+
+    /// Trace + passes + codegen time of the first variant.
+    pub fn compile_ms(&self) -> f64 {
+        self.first().compile_ms()
+    }
+
+    /// Runs the variant for these inputs (compiling it on first use).
+    pub fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        self.variant(inputs)?.forward(inputs)
+    }
+}
+
+impl Variant {
     /// The traced, optimized graph this module runs.
     pub fn traced(&self) -> &TracedModule {
         &self.traced
