@@ -2,35 +2,10 @@
 //! (pointwise kernels as Cranelift machine code, the rest on the eager
 //! kernels) equals eager, in eval and in training mode (buffers included).
 
+mod common;
+use common::{fixtures, model, rel};
 use kiln::nn::prelude::*;
-use kiln::nn::StateDict;
 use kiln::{jit, zoo, Tensor};
-use std::path::Path;
-use std::sync::Arc;
-
-fn fixtures() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.shape(), b.shape());
-    let (a, b) = (a.to_vec::<f64>(), b.to_vec::<f64>());
-    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
-        / scale
-}
-
-fn model(name: &str) -> (Arc<dyn Module>, Tensor) {
-    let m = zoo::build(name).unwrap();
-    m.load_safetensors(fixtures().join(format!("{name}.safetensors")), true)
-        .unwrap();
-    let io =
-        StateDict::load_safetensors(fixtures().join(format!("{name}.io.safetensors"))).unwrap();
-    (m, io.get("input").unwrap().clone())
-}
 
 #[test]
 fn every_zoo_model_compiled_equals_eager() {

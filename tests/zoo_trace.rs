@@ -5,39 +5,16 @@
 //! `check_trace` catches a frozen branch, and simple_net's listing matches
 //! its golden file.
 
+mod common;
+use common::{fixtures, model, rel};
 use kiln::nn::prelude::*;
 use kiln::nn::StateDict;
 use kiln::runtime::{load, TracedModule};
 use kiln::{jit, zoo, DType, Result, Tensor};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 const TOL: f64 = 1e-5;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.shape(), b.shape());
-    let (a, b) = (a.to_vec::<f64>(), b.to_vec::<f64>());
-    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
-        / scale
-}
-
-/// The zoo model with the fixture's weights, and the fixture's input.
-fn model(name: &str) -> (Arc<dyn Module>, Tensor) {
-    let m = zoo::build(name).unwrap();
-    m.load_safetensors(fixtures().join(format!("{name}.safetensors")), true)
-        .unwrap();
-    let io =
-        StateDict::load_safetensors(fixtures().join(format!("{name}.io.safetensors"))).unwrap();
-    (m, io.get("input").unwrap().clone())
-}
 
 fn buffers(m: &dyn Module) -> Vec<(String, Tensor)> {
     m.named_buffers()
