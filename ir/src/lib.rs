@@ -18,6 +18,7 @@ pub mod op;
 pub mod ops;
 pub mod passes;
 pub mod printer;
+pub mod sample_graphs;
 pub mod shape;
 pub mod types;
 

@@ -402,32 +402,7 @@ pub fn transformer_block() -> Graph {
 
 /// PointwiseChain(width=16) on [4, 16].
 pub fn pointwise_chain() -> Graph {
-    let s = "PointwiseChain";
-    let mut g = Graph::new();
-    let x = g.add_input(InputKind::User(0), t(&[4, 16]), "").unwrap();
-    let scale = param(&mut g, "scale", &[16]);
-    let shift = buffer(&mut g, "shift", t(&[16]));
-    let y = bin(&mut g, BinaryOp::Mul, x, scale, s);
-    let y = bin(&mut g, BinaryOp::Add, y, shift, s);
-    let a = un(&mut g, UnaryOp::GeluErf, y, s);
-    let b = un(&mut g, UnaryOp::Sigmoid, y, s);
-    let ab = bin(&mut g, BinaryOp::Mul, a, b, s);
-    let hy = un(&mut g, UnaryOp::MulScalar(0.5), y, s);
-    let th = un(&mut g, UnaryOp::Tanh, hy, s);
-    let y = bin(&mut g, BinaryOp::Add, ab, th, s);
-    let ay = un(&mut g, UnaryOp::Abs, y, s);
-    let ny = un(&mut g, UnaryOp::Neg, ay, s);
-    let e = un(&mut g, UnaryOp::Exp, ny, s);
-    let d = un(&mut g, UnaryOp::AddScalar(-0.1), y, s);
-    let r = un(&mut g, UnaryOp::Relu, d, s);
-    let r = un(&mut g, UnaryOp::MulScalar(0.5), r, s);
-    let y = bin(&mut g, BinaryOp::Add, e, r, s);
-    let yy = bin(&mut g, BinaryOp::Mul, y, y, s);
-    let p = un(&mut g, UnaryOp::AddScalar(1.0), yy, s);
-    let q = un(&mut g, UnaryOp::Sqrt, p, s);
-    let out = un(&mut g, UnaryOp::AddScalar(-1.0), q, s);
-    finish(&mut g, out);
-    g
+    crate::sample_graphs::pointwise_chain(4, 16)
 }
 
 /// y = x*w + b; sqrt(mean(y, 1, keepdim)); y - that: a reduction with a

@@ -13,46 +13,8 @@
 //! relu 0.28, exp 0.94, sigmoid 1.21, tanh 1.95, erf 3.03, gelu 3.22.
 
 use kiln_cranelift::{PointwiseKernel, PAR_WORK};
-use kiln_ir::{plan_fusion, BinaryOp, Graph, InputKind, Op, OutputKind, TensorType, UnaryOp};
+use kiln_ir::{plan_fusion, Graph, InputKind, Op, OutputKind, TensorType, UnaryOp};
 use std::time::Instant;
-
-fn chain(rows: usize, cols: usize) -> Graph {
-    let t = |s: &[usize]| TensorType::new(s, kiln_ir::DType::F32);
-    let mut g = Graph::new();
-    let x = g
-        .add_input(InputKind::User(0), t(&[rows, cols]), "")
-        .unwrap();
-    let scale = g
-        .add_input(InputKind::Param("scale".into()), t(&[cols]), "")
-        .unwrap();
-    let shift = g
-        .add_input(InputKind::Buffer("shift".into()), t(&[cols]), "")
-        .unwrap();
-    let s = "PointwiseChain";
-    let bin = |g: &mut Graph, b, x, y| g.add1(Op::Binary(b), &[x, y], s).unwrap();
-    let un = |g: &mut Graph, u, x| g.add1(Op::Unary(u), &[x], s).unwrap();
-    let y = bin(&mut g, BinaryOp::Mul, x, scale);
-    let y = bin(&mut g, BinaryOp::Add, y, shift);
-    let a = un(&mut g, UnaryOp::GeluErf, y);
-    let b = un(&mut g, UnaryOp::Sigmoid, y);
-    let ab = bin(&mut g, BinaryOp::Mul, a, b);
-    let hy = un(&mut g, UnaryOp::MulScalar(0.5), y);
-    let th = un(&mut g, UnaryOp::Tanh, hy);
-    let y = bin(&mut g, BinaryOp::Add, ab, th);
-    let ay = un(&mut g, UnaryOp::Abs, y);
-    let ny = un(&mut g, UnaryOp::Neg, ay);
-    let e = un(&mut g, UnaryOp::Exp, ny);
-    let d = un(&mut g, UnaryOp::AddScalar(-0.1), y);
-    let r = un(&mut g, UnaryOp::Relu, d);
-    let r = un(&mut g, UnaryOp::MulScalar(0.5), r);
-    let y = bin(&mut g, BinaryOp::Add, e, r);
-    let yy = bin(&mut g, BinaryOp::Mul, y, y);
-    let p = un(&mut g, UnaryOp::AddScalar(1.0), yy);
-    let q = un(&mut g, UnaryOp::Sqrt, p);
-    let out = un(&mut g, UnaryOp::AddScalar(-1.0), q);
-    g.add_output(out, OutputKind::User).unwrap();
-    g
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -60,7 +22,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn compile(rows: usize, cols: usize) -> (PointwiseKernel, f64) {
-    let g = chain(rows, cols);
+    let g = kiln_ir::sample_graphs::pointwise_chain(rows, cols);
     let plan = plan_fusion(&g).unwrap();
     let t = Instant::now();
     let k = PointwiseKernel::compile(&g, &plan.kernels[0]).unwrap();
