@@ -4,6 +4,7 @@
 //! Dims are already normalized (non-negative) and view shapes have their -1
 //! resolved by the tracer.
 
+use crate::shape::reduced_shape;
 use crate::types::{IrError, Result, TensorType};
 use crate::{broadcast_shapes, BinaryOp, DType, ReduceOp, UnaryOp};
 use serde::{Deserialize, Serialize};
@@ -606,20 +607,6 @@ fn check_dims(op: &Op, ops: &[TensorType], dims: &[usize], rank: usize) -> Resul
         seen[d] = true;
     }
     Ok(())
-}
-
-fn reduced_shape(shape: &[usize], dims: &[usize], keepdim: bool) -> Vec<usize> {
-    let mut out = Vec::new();
-    for (i, &s) in shape.iter().enumerate() {
-        if dims.contains(&i) {
-            if keepdim {
-                out.push(1);
-            }
-        } else {
-            out.push(s);
-        }
-    }
-    out
 }
 
 fn require_float(op: &Op, ops: &[TensorType], t: &TensorType, what: &str) -> Result<()> {

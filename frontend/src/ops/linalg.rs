@@ -132,6 +132,23 @@ fn check_float_pair(op: &str, a: &Tensor, b: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// Two 2-d operands whose inner dims agree, or PyTorch's error.
+fn check_mat_pair(op: &str, sa: &[usize], sb: &[usize]) -> Result<()> {
+    if sa.len() != 2 || sb.len() != 2 || sa[1] != sb[0] {
+        return Err(Error::op(
+            op,
+            format!(
+                "mat1 and mat2 shapes cannot be multiplied ({}x{} and {}x{})",
+                sa.first().unwrap_or(&0),
+                sa.get(1).unwrap_or(&0),
+                sb.first().unwrap_or(&0),
+                sb.get(1).unwrap_or(&0)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Tensor {
     /// `torch.matmul`: dot for 1-d x 1-d, matrix-vector, vector-matrix,
     /// matrix product, and batched products with broadcast batch dims.
@@ -221,18 +238,7 @@ impl Tensor {
     pub fn mm(&self, other: &Tensor) -> Result<Tensor> {
         check_float_pair("mm", self, other)?;
         let (sa, sb) = (self.shape(), other.shape());
-        if sa.len() != 2 || sb.len() != 2 || sa[1] != sb[0] {
-            return Err(Error::op(
-                "mm",
-                format!(
-                    "mat1 and mat2 shapes cannot be multiplied ({}x{} and {}x{})",
-                    sa.first().unwrap_or(&0),
-                    sa.get(1).unwrap_or(&0),
-                    sb.first().unwrap_or(&0),
-                    sb.get(1).unwrap_or(&0)
-                ),
-            ));
-        }
+        check_mat_pair("mm", &sa, &sb)?;
         let out = bmm_raw(self, other, &[], sa[0], sa[1], sb[1])?;
         crate::trace::record(kiln_ir::Op::MatMul, &[self, other], &[&out]);
         let (a, b) = (self.detach(), other.detach());
@@ -261,18 +267,7 @@ impl Tensor {
     pub fn addmm(bias: &Tensor, mat1: &Tensor, mat2: &Tensor) -> Result<Tensor> {
         check_float_pair("addmm", mat1, mat2)?;
         let (sa, sb) = (mat1.shape(), mat2.shape());
-        if sa.len() != 2 || sb.len() != 2 || sa[1] != sb[0] {
-            return Err(Error::op(
-                "addmm",
-                format!(
-                    "mat1 and mat2 shapes cannot be multiplied ({}x{} and {}x{})",
-                    sa.first().unwrap_or(&0),
-                    sa.get(1).unwrap_or(&0),
-                    sb.first().unwrap_or(&0),
-                    sb.get(1).unwrap_or(&0)
-                ),
-            ));
-        }
+        check_mat_pair("addmm", &sa, &sb)?;
         let (m, k, n) = (sa[0], sa[1], sb[1]);
         let bshape = bias.shape();
         if kiln_ir::broadcast_shapes(&bshape, &[m, n]).ok().as_deref() != Some(&[m, n][..]) {

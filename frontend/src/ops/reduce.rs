@@ -34,20 +34,7 @@ pub(crate) fn reduce_dims(op: &str, dims: &[isize], ndim: usize) -> Result<Vec<u
     Ok(out)
 }
 
-/// Output shape of a reduction over `dims`.
-pub(crate) fn reduced_shape(shape: &[usize], dims: &[usize], keepdim: bool) -> Vec<usize> {
-    let mut out = Vec::new();
-    for (i, &s) in shape.iter().enumerate() {
-        if dims.contains(&i) {
-            if keepdim {
-                out.push(1);
-            }
-        } else {
-            out.push(s);
-        }
-    }
-    out
-}
+pub(crate) use kiln_ir::shape::reduced_shape;
 
 impl Tensor {
     /// The tensor permuted so `dims` come last, made contiguous: rows of
