@@ -274,18 +274,7 @@ pub fn cross_entropy(
     }
     let class_dim: usize = if shape.len() == 1 { 0 } else { 1 };
     let c = shape[class_dim];
-    if let Some(w) = weight {
-        if w.dim() != 1 || w.numel() != c || !w.is_floating_point() {
-            return Err(Error::op(
-                OP,
-                format!(
-                    "weight tensor should be defined either for all {c} classes or no classes but got weight tensor of shape: {:?} ({})",
-                    w.shape(),
-                    w.dtype()
-                ),
-            ));
-        }
-    }
+    crate::ops::nll::check_class_weight(OP, weight, c)?;
     // weight viewed as [1, C, 1, ...] to broadcast against the input
     let weight_nd = |w: &Tensor| -> Result<Tensor> {
         let mut v = vec![1isize; shape.len()];

@@ -22,6 +22,24 @@ use kiln_ir::DType;
 
 const OP: &str = "nll_loss";
 
+/// A class-weight tensor must be 1-d float with one entry per class
+/// (`nll_loss` and `cross_entropy` share PyTorch's check and message).
+pub(crate) fn check_class_weight(op: &str, weight: Option<&Tensor>, c: usize) -> Result<()> {
+    if let Some(w) = weight {
+        if w.dim() != 1 || w.numel() != c || !w.is_floating_point() {
+            return Err(Error::op(
+                op,
+                format!(
+                    "weight tensor should be defined either for all {c} classes or no classes but got weight tensor of shape: {:?} ({})",
+                    w.shape(),
+                    w.dtype()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `F.nll_loss(input, target, weight, ignore_index, reduction)`. `input`
 /// holds log-probabilities (floating), `target` class indices (i64) in
 /// `[0, C)` or equal to `ignore_index` (PyTorch's default is -100).
@@ -87,18 +105,7 @@ pub fn nll_loss(
         }
     }
     let c = if nd == 1 { shape[0] } else { shape[1] };
-    if let Some(w) = weight {
-        if w.dim() != 1 || w.numel() != c || !w.is_floating_point() {
-            return Err(Error::op(
-                OP,
-                format!(
-                    "weight tensor should be defined either for all {c} classes or no classes but got weight tensor of shape: {:?} ({})",
-                    w.shape(),
-                    w.dtype()
-                ),
-            ));
-        }
-    }
+    check_class_weight(OP, weight, c)?;
     if nd == 3 || nd > 4 {
         // PyTorch's nll_loss_nd: view as [N, C, 1, -1], run nll_loss2d, view back.
         let n = shape[0] as isize;
