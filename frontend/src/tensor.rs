@@ -259,6 +259,19 @@ impl Tensor {
         Ok(f(&slices))
     }
 
+    /// Runs `f` on the elements of a contiguous f32 tensor (read-locked,
+    /// allocating nothing, for the compiled runtime's steady state); `None`
+    /// if the tensor is not contiguous f32.
+    pub fn with_f32_contiguous<R>(&self, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+        let d = self.inner.data.read();
+        if d.dtype != DType::F32 || !(d.layout.numel() == 0 || d.layout.is_contiguous()) {
+            return None;
+        }
+        let buf = d.storage.buf.read();
+        let s = <f32 as Element>::slice(&buf)?;
+        Some(f(&s[d.layout.offset..d.layout.offset + d.layout.numel()]))
+    }
+
     /// A contiguous f32 tensor of `shape` whose buffer `fill` writes
     /// completely (the buffer may hold stale values before).
     pub fn f32_filled_by(shape: &[usize], fill: impl FnOnce(&mut [f32])) -> Tensor {

@@ -9,34 +9,25 @@
 //! traced ones (a mismatch is an error naming both; recompilation on other
 //! shapes is part of the open compiled-backend issue).
 
-use crate::interpreter::{check_types, describe_node, exec_node, tensor_type};
+use crate::interpreter::{exec_node, tensor_type};
+use crate::program::{LeafSrc, Program};
 use crate::{Error, Result, TracedModule};
-use kiln_cranelift::{InputAccess, PointwiseKernel};
 use kiln_frontend::nn::Module;
 use kiln_frontend::nn::ModuleExt;
 use kiln_frontend::Tensor;
-use kiln_ir::{plan_fusion, DType, InputKind, KernelKind, NodeId, OpClass, Value};
+use kiln_ir::{plan_fusion, DType, InputKind, Op};
 use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::sync::Arc;
-
-enum Step {
-    /// Nodes run one by one with the eager kernels.
-    Nodes(Vec<NodeId>),
-    /// One JIT-compiled pointwise kernel.
-    Jit(Box<PointwiseKernel>),
-}
 
 /// One compiled graph: the variant for one set of input types and one
 /// training flag.
 pub struct Variant {
     training: bool,
     traced: TracedModule,
-    /// Listing number of each node (for error messages).
-    pos: HashMap<NodeId, usize>,
-    leaves: Vec<NodeId>,
-    steps: Vec<Step>,
-    fallbacks: Vec<String>,
+    program: Program,
+    /// The arena of intermediate values, reused by every call (a call
+    /// that finds it busy, from another thread, uses a fresh one).
+    arena: Mutex<Vec<f32>>,
     compile_ms: f64,
 }
 
@@ -81,36 +72,28 @@ fn compile_variant(module: &Arc<dyn Module>, inputs: &[Tensor]) -> Result<Varian
         Ok(())
     })?;
     let mut traced = traced?;
-    traced.run_passes()?;
+    kiln_ir::passes::PassManager::compile_pipeline().run(traced.graph_mut())?;
     let plan = plan_fusion(traced.graph())?;
     let g = traced.graph();
-    let order = g.topo_order()?;
-    let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-    let leaves: Vec<NodeId> = order
-        .into_iter()
-        .filter(|&n| matches!(g.node(n).op.class(), OpClass::Input | OpClass::Constant))
-        .collect();
-    let mut steps = Vec::new();
-    let mut fallbacks = Vec::new();
-    for k in &plan.kernels {
-        if k.kind == KernelKind::Pointwise {
-            match PointwiseKernel::compile(g, k) {
-                Ok(pk) => {
-                    steps.push(Step::Jit(Box::new(pk)));
-                    continue;
-                }
-                Err(e) => fallbacks.push(e.to_string()),
+    let program = Program::build(g, &plan, &|n| {
+        Ok(match &g.node(n).op {
+            Op::Input {
+                kind: InputKind::User(i),
+                ..
+            } => LeafSrc::User(*i),
+            Op::Input { kind, .. } => LeafSrc::State(kind.clone()),
+            op => {
+                let mut t = exec_node(op, &[], &[], &|k| traced.bind(k))?;
+                LeafSrc::Const(t.remove(0))
             }
-        }
-        steps.push(Step::Nodes(k.nodes.clone()));
-    }
+        })
+    })?;
+    let arena = Mutex::new(vec![0f32; program.arena_len()]);
     Ok(Variant {
         training,
         traced,
-        pos,
-        leaves,
-        steps,
-        fallbacks,
+        program,
+        arena,
         compile_ms: start.elapsed().as_secs_f64() * 1e3,
     })
 }
@@ -191,16 +174,24 @@ impl Variant {
 
     /// Kernels compiled to machine code.
     pub fn jit_kernel_count(&self) -> usize {
-        self.steps
-            .iter()
-            .filter(|s| matches!(s, Step::Jit(_)))
-            .count()
+        self.program.jit_count()
     }
 
-    /// Why each pointwise kernel that runs on the eager kernels could not
-    /// be lowered (the backend's error, naming the op).
+    /// Nodes that run on the interpreter's kernels, each as `op: reason`
+    /// (the backend's error naming the op).
     pub fn fallbacks(&self) -> &[String] {
-        &self.fallbacks
+        self.program.fallbacks()
+    }
+
+    /// The steps of the compiled program, in order (`jit`, `gemm`,
+    /// `conv2d`, `gather`, `fallback`, ...).
+    pub fn step_names(&self) -> Vec<&'static str> {
+        self.program.step_names()
+    }
+
+    /// Elements of the arena holding every intermediate value.
+    pub fn arena_len(&self) -> usize {
+        self.program.arena_len()
     }
 
     /// Trace + passes + codegen time.
@@ -229,75 +220,32 @@ impl Variant {
         }
         let g = self.traced.graph();
         let bind = |k: &InputKind| self.traced.bind(k);
-        let mut values: HashMap<Value, Tensor> = HashMap::new();
-        let run_node = |n: NodeId, values: &mut HashMap<Value, Tensor>| -> Result<()> {
-            let node = g.node(n);
-            let args: Vec<Tensor> = g.operands(n).iter().map(|v| values[v].clone()).collect();
-            let outs = exec_node(&node.op, &args, inputs, &bind)
-                .and_then(|o| check_types(&o, &node.outputs).map(|_| o))
-                .map_err(|e| Error::Exec {
-                    node: describe_node(g, &self.pos, n),
-                    source: Box::new(e),
-                })?;
-            for (k, t) in outs.into_iter().enumerate() {
-                values.insert(Value::new(n, k), t);
+        let leaves: Vec<Tensor> = self
+            .program
+            .leaves()
+            .iter()
+            .map(|l| {
+                let t = match l {
+                    LeafSrc::User(i) => inputs[*i].clone(),
+                    LeafSrc::State(k) => bind(k)?,
+                    LeafSrc::Const(t) => t.clone(),
+                };
+                Ok(if t.dtype() == DType::F32 && !t.is_contiguous() {
+                    t.contiguous()?
+                } else {
+                    t
+                })
+            })
+            .collect::<Result<_>>()?;
+        let outs = match self.arena.try_lock() {
+            Some(mut arena) => self.program.run(g, &leaves, &mut arena, inputs, &bind)?,
+            None => {
+                let mut arena = vec![0f32; self.program.arena_len()];
+                self.program.run(g, &leaves, &mut arena, inputs, &bind)?
             }
-            Ok(())
         };
-        for &n in &self.leaves {
-            run_node(n, &mut values)?;
-        }
-        for step in &self.steps {
-            match step {
-                Step::Nodes(nodes) => {
-                    for &n in nodes {
-                        run_node(n, &mut values)?;
-                    }
-                }
-                Step::Jit(k) => {
-                    let ins: Vec<Tensor> = k
-                        .inputs()
-                        .iter()
-                        .map(|i| {
-                            let t = &values[&i.value];
-                            let t = if t.dtype() == DType::F32 {
-                                t.clone()
-                            } else {
-                                t.to_dtype(DType::F32)?
-                            };
-                            let t = if matches!(i.access, InputAccess::Scalar) && t.numel() == 1 {
-                                t.reshape_to(&[1])?
-                            } else {
-                                t
-                            };
-                            Ok(t.contiguous()?)
-                        })
-                        .collect::<Result<_>>()?;
-                    let refs: Vec<&Tensor> = ins.iter().collect();
-                    let shape = k.shape().to_vec();
-                    let n_out = k.outputs().len();
-                    let mut bufs: Vec<Vec<f32>> = Vec::with_capacity(n_out);
-                    Tensor::with_f32_slices(&refs, |slices| -> Result<()> {
-                        bufs = (0..n_out)
-                            .map(|_| kiln_cpu::buffers::alloc_uninit::<f32>(kiln_ir::numel(&shape)))
-                            .collect();
-                        let mut outs: Vec<&mut [f32]> =
-                            bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
-                        k.run(slices, &mut outs).map_err(|e| Error::Input(e.0))
-                    })??;
-                    for (v, b) in k.outputs().iter().zip(bufs) {
-                        let want = &g.value_type(*v);
-                        let t = Tensor::from_vec(b, &shape)?;
-                        let t = if want.dtype == DType::F32 {
-                            t
-                        } else {
-                            t.to_dtype(want.dtype)?
-                        };
-                        values.insert(*v, t);
-                    }
-                }
-            }
-        }
+        let values: std::collections::HashMap<kiln_ir::Value, Tensor> =
+            g.outputs().iter().map(|o| o.value).zip(outs).collect();
         let mut user = Vec::new();
         let mut updates = Vec::new();
         for o in g.outputs() {

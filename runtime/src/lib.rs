@@ -11,6 +11,7 @@ pub mod error;
 pub mod export;
 pub mod interpreter;
 pub mod jit;
+mod program;
 pub mod traced;
 
 pub use compiled::{compile, CompiledModule};

@@ -107,6 +107,11 @@ impl TracedModule {
         &self.graph
     }
 
+    /// The graph, for passes (the compiled backends' pipeline).
+    pub(crate) fn graph_mut(&mut self) -> &mut Graph {
+        &mut self.graph
+    }
+
     /// The live module this traced module binds from, if any.
     pub fn module(&self) -> Option<&Arc<dyn Module>> {
         self.module.as_ref()

@@ -377,12 +377,29 @@ impl PointwiseKernel {
             outs_v.extend(outputs.iter_mut().map(|o| o.as_mut_ptr()));
             &outs_v
         };
+        // SAFETY: lengths checked above; safe references never alias.
+        unsafe { self.run_ptrs(ins, outs, threshold) };
+        Ok(())
+    }
+
+    /// Runs the kernel on raw pointers (the compiled runtime's arena), split
+    /// across rayon threads from `threshold` elements.
+    ///
+    /// # Safety
+    /// `ins[j]` must be valid for reads of `self.inputs()[j].numel`
+    /// elements and `outs[j]` for writes of `numel(shape)` elements, for
+    /// the whole call. An output may be the same pointer as a `Contiguous`
+    /// input (in place: element `i` is read before it is written, by the
+    /// same lane); otherwise outputs must not overlap any input or each
+    /// other.
+    pub unsafe fn run_ptrs(&self, ins: &[*const f32], outs: &[*mut f32], threshold: usize) {
+        debug_assert_eq!(ins.len(), self.inputs.len());
+        debug_assert_eq!(outs.len(), self.outputs.len());
         let n = self.numel;
         let f = self.func;
         let (ip, op) = (ins.as_ptr() as usize, outs.as_ptr() as usize);
-        // SAFETY (both calls): every pointer covers the element count the
-        // code reads or writes for indices in [start, end) (checked above,
-        // and `InputAccess` indices stay below `numel` of the input); the
+        // SAFETY (both calls): the caller's contract covers every index in
+        // [0, n) (`InputAccess` indices stay below `numel` of the input); the
         // start of every range is a multiple of 4 as the vector loop's
         // broadcast loads need; chunks write disjoint output ranges.
         if n >= threshold && rayon::current_num_threads() > 1 {
@@ -403,7 +420,25 @@ impl PointwiseKernel {
         } else {
             unsafe { f(ins.as_ptr(), outs.as_ptr(), 0, n as u64) };
         }
-        Ok(())
+    }
+
+    /// Runs the kernel over the flat index range `[start, end)` only, on the
+    /// calling thread: the epilogue of one output tile of a matmul or conv,
+    /// applied while the tile is in cache.
+    ///
+    /// # Safety
+    /// As [`run_ptrs`](Self::run_ptrs) (pointers are to the WHOLE operands,
+    /// not the tile), and `start` must be a multiple of 4, `end <= numel`.
+    pub unsafe fn run_range_ptrs(
+        &self,
+        ins: &[*const f32],
+        outs: &[*mut f32],
+        start: usize,
+        end: usize,
+    ) {
+        debug_assert!(start.is_multiple_of(4) && start <= end && end <= self.numel);
+        // SAFETY: the caller's contract.
+        unsafe { (self.func)(ins.as_ptr(), outs.as_ptr(), start as u64, end as u64) };
     }
 }
 

@@ -7,6 +7,7 @@ use crate::graph::{verify, Graph, Value};
 use crate::types::{IrError, Result};
 
 mod algebra;
+mod bn_decompose;
 mod bn_fold;
 mod const_fold;
 mod cse;
@@ -14,6 +15,7 @@ mod dce;
 mod views;
 
 pub use algebra::simplify_algebra;
+pub use bn_decompose::decompose_batchnorm_eval;
 pub use bn_fold::fold_batchnorm;
 pub use const_fold::{constant_fold, FOLD_MAX_ELEMENTS};
 pub use cse::cse;
@@ -59,6 +61,17 @@ impl PassManager {
             .add("simplify_views", simplify_views)
             .add("constant_fold", constant_fold)
             .add("fold_batchnorm", fold_batchnorm)
+            .add("cse", cse)
+            .add("dce", dce);
+        pm
+    }
+
+    /// The pipeline of the compiled backends: `standard`, then eval-mode
+    /// BatchNorms that did not fold become a per-channel multiply-add
+    /// (`decompose_batchnorm_eval`), cleaned up by CSE and DCE.
+    pub fn compile_pipeline() -> PassManager {
+        let mut pm = PassManager::standard();
+        pm.add("decompose_batchnorm_eval", decompose_batchnorm_eval)
             .add("cse", cse)
             .add("dce", dce);
         pm

@@ -1,0 +1,1430 @@
+//! The compiled CPU program of one variant: the fusion plan lowered to a
+//! flat list of steps over one f32 arena.
+//!
+//! Every f32 value has a home: a leaf (user input, parameter, buffer or
+//! constant, read in place) or a range of the arena, described as a strided
+//! view (`Loc`), so reshape/permute/expand/slice/select cost nothing.
+//! Steps are JIT-compiled pointwise kernels (kiln-cranelift), matmul/addmm
+//! on the gemm kernels (strided operands read in place), conv2d, pooling,
+//! softmax and layer_norm on kiln-cpu's kernels, gathers that materialize a
+//! view where a kernel needs contiguous data, and, for what has no native
+//! lowering, the reference interpreter's `exec_node` on tensors: an
+//! explicit fallback listed by `Program::fallbacks` with the op's name.
+//!
+//! Memory is planned at compile time: arena buffers are assigned offsets by
+//! liveness (a buffer is reused once its last reader has run), and a
+//! pointwise kernel writes in place over an input that dies with it. The
+//! arena lives in the variant and is reused by every call, so a steady-state
+//! call allocates only its outputs (plus what fallback nodes allocate).
+
+use crate::interpreter::{check_types, describe_node, exec_node};
+use crate::{Error, Result};
+use kiln_cpu::conv::Conv2dParams;
+use kiln_cpu::matmul::MatLayout;
+use kiln_cpu::pool::{AvgPool2dParams, MaxPool2dParams};
+use kiln_cranelift::PointwiseKernel;
+use kiln_frontend::Tensor;
+use kiln_ir::{
+    DType, FusionPlan, Graph, InputKind, Kernel, KernelKind, NodeId, Op, OpClass, Value,
+};
+use std::collections::{HashMap, HashSet};
+
+/// Where a value's elements live: a leaf tensor or an arena buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Base {
+    Leaf(usize),
+    Buf(usize),
+}
+
+/// A strided view of a base (offsets and strides in elements).
+#[derive(Clone, Debug)]
+struct Loc {
+    base: Base,
+    off: usize,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+}
+
+impl Loc {
+    fn contiguous(base: Base, off: usize, shape: &[usize]) -> Loc {
+        Loc {
+            base,
+            off,
+            shape: shape.to_vec(),
+            strides: kiln_ir::contiguous_strides(shape),
+        }
+    }
+
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// PyTorch's `is_contiguous` (strides of size-1 dims ignored).
+    fn is_contiguous(&self) -> bool {
+        let mut expected = 1usize;
+        for i in (0..self.shape.len()).rev() {
+            if self.shape[i] != 1 {
+                if self.strides[i] != expected {
+                    return false;
+                }
+                expected *= self.shape[i];
+            }
+        }
+        true
+    }
+
+    /// Elements from `off` to the last one touched, plus one.
+    fn extent(&self) -> usize {
+        if self.shape.contains(&0) {
+            return 0;
+        }
+        1 + self
+            .shape
+            .iter()
+            .zip(&self.strides)
+            .map(|(&n, &s)| (n - 1) * s)
+            .sum::<usize>()
+    }
+
+    fn span(&self) -> Span {
+        debug_assert!(self.is_contiguous());
+        Span {
+            base: self.base,
+            off: self.off,
+            len: self.numel(),
+        }
+    }
+
+    /// Dims `a..b` merged into one (size, stride) if they are laid out as
+    /// one run (`stride[i] == stride[i+1] * shape[i+1]`).
+    fn merged(&self, a: usize, b: usize) -> Option<(usize, usize)> {
+        if a == b {
+            return Some((1, 0));
+        }
+        for i in a..b - 1 {
+            if self.shape[i] != 1 && self.strides[i] != self.strides[i + 1] * self.shape[i + 1] {
+                return None;
+            }
+        }
+        Some((self.shape[a..b].iter().product(), self.strides[b - 1]))
+    }
+}
+
+/// A contiguous range of a base.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    base: Base,
+    off: usize,
+    len: usize,
+}
+
+/// Where a fallback node's operand comes from.
+#[derive(Clone, Debug)]
+enum Arg {
+    /// Computed by an earlier fallback node.
+    Tensor(Value),
+    Leaf(usize),
+    /// An f32 view, copied into a new tensor.
+    View(Loc),
+}
+
+#[derive(Clone, Debug)]
+enum Bias {
+    /// `[n]`, added to every row.
+    Row(Span),
+    /// `[m, n]`.
+    Full(Span),
+}
+
+/// A pointwise kernel and its operands.
+struct Jit {
+    kernel: Box<PointwiseKernel>,
+    ins: Vec<Span>,
+    outs: Vec<Span>,
+}
+
+enum Step {
+    Jit(Jit),
+    Gemm {
+        a: Span,
+        la: MatLayout,
+        b: Span,
+        lb: MatLayout,
+        bias: Option<Bias>,
+        batch: usize,
+        m: usize,
+        k: usize,
+        n: usize,
+        out: Span,
+    },
+    Conv {
+        x: Span,
+        xs: [usize; 4],
+        w: Span,
+        ws: [usize; 4],
+        bias: Option<Span>,
+        p: Conv2dParams,
+        out: Span,
+    },
+    MaxPool {
+        x: Span,
+        xs: [usize; 4],
+        p: MaxPool2dParams,
+        out: Span,
+    },
+    AvgPool {
+        x: Span,
+        xs: [usize; 4],
+        p: AvgPool2dParams,
+        out: Span,
+    },
+    Softmax {
+        x: Span,
+        k: usize,
+        log: bool,
+        out: Span,
+    },
+    LayerNorm {
+        x: Span,
+        k: usize,
+        w: Option<Span>,
+        b: Option<Span>,
+        eps: f64,
+        out: Span,
+    },
+    /// Materializes a strided view.
+    Gather {
+        src: Loc,
+        out: Span,
+    },
+    /// Runs one node on tensors with the interpreter's kernels.
+    Fallback {
+        node: NodeId,
+        args: Vec<Arg>,
+    },
+    /// Copies a fallback node's f32 output into the arena.
+    Import {
+        value: Value,
+        out: Span,
+    },
+}
+
+impl Step {
+    fn name(&self) -> &'static str {
+        match self {
+            Step::Jit(_) => "jit",
+            Step::Gemm { .. } => "gemm",
+            Step::Conv { .. } => "conv2d",
+            Step::MaxPool { .. } => "max_pool2d",
+            Step::AvgPool { .. } => "avg_pool2d",
+            Step::Softmax { .. } => "softmax",
+            Step::LayerNorm { .. } => "layer_norm",
+            Step::Gather { .. } => "gather",
+            Step::Fallback { .. } => "fallback",
+            Step::Import { .. } => "import",
+        }
+    }
+}
+
+/// What a leaf is bound to at each call.
+#[derive(Clone, Debug)]
+pub(crate) enum LeafSrc {
+    User(usize),
+    State(InputKind),
+    Const(Tensor),
+}
+
+/// How a graph output is produced at the end of a call.
+#[derive(Clone, Debug)]
+enum OutSrc {
+    Tensor(Value),
+    Leaf(usize),
+    View(Loc),
+}
+
+/// A lowered graph (see the module docs).
+pub(crate) struct Program {
+    leaves: Vec<LeafSrc>,
+    steps: Vec<Step>,
+    /// Arena offset of each buffer.
+    buf_offsets: Vec<usize>,
+    buf_lens: Vec<usize>,
+    arena_len: usize,
+    outputs: Vec<OutSrc>,
+    /// `op: reason` for every node that runs on the fallback path.
+    fallbacks: Vec<String>,
+    pos: HashMap<NodeId, usize>,
+    has_fallback: bool,
+}
+
+// ------------------------------------------------------------------ building
+
+struct Builder<'g> {
+    g: &'g Graph,
+    locs: HashMap<Value, Loc>,
+    /// Values produced by fallback nodes (held as tensors at run time).
+    tensors: HashSet<Value>,
+    leaf_of: HashMap<Value, usize>,
+    buf_lens: Vec<usize>,
+    steps: Vec<Step>,
+    /// Buffers each step reads and writes (for liveness).
+    reads: Vec<Vec<usize>>,
+    writes: Vec<Vec<usize>>,
+    fallbacks: Vec<String>,
+}
+
+fn bufs_of(spans: &[Span]) -> Vec<usize> {
+    spans
+        .iter()
+        .filter_map(|s| match s.base {
+            Base::Buf(b) => Some(b),
+            Base::Leaf(_) => None,
+        })
+        .collect()
+}
+
+fn pair(v: [usize; 2]) -> (usize, usize) {
+    (v[0], v[1])
+}
+
+fn four(s: &[usize]) -> Option<[usize; 4]> {
+    s.try_into().ok()
+}
+
+impl<'g> Builder<'g> {
+    fn new_buf(&mut self, len: usize) -> usize {
+        self.buf_lens.push(len);
+        self.buf_lens.len() - 1
+    }
+
+    fn push(&mut self, step: Step, reads: Vec<usize>, writes: Vec<usize>) {
+        self.steps.push(step);
+        self.reads.push(reads);
+        self.writes.push(writes);
+    }
+
+    fn is_f32(&self, v: Value) -> bool {
+        self.g.value_type(v).dtype == DType::F32
+    }
+
+    /// The value's view, importing a fallback result into the arena if
+    /// needed. `None` for non-f32 values.
+    fn loc(&mut self, v: Value) -> Option<Loc> {
+        if let Some(l) = self.locs.get(&v) {
+            return Some(l.clone());
+        }
+        if !self.is_f32(v) || !self.tensors.contains(&v) {
+            return None;
+        }
+        let shape = self.g.value_type(v).shape.clone();
+        let b = self.new_buf(kiln_ir::numel(&shape));
+        let loc = Loc::contiguous(Base::Buf(b), 0, &shape);
+        self.push(
+            Step::Import {
+                value: v,
+                out: loc.span(),
+            },
+            vec![],
+            vec![b],
+        );
+        self.locs.insert(v, loc.clone());
+        Some(loc)
+    }
+
+    /// The value as a contiguous span (gathering a strided view).
+    fn contiguous(&mut self, v: Value) -> Option<Span> {
+        let loc = self.loc(v)?;
+        if loc.is_contiguous() {
+            return Some(loc.span());
+        }
+        let b = self.new_buf(loc.numel());
+        let out = Loc::contiguous(Base::Buf(b), 0, &loc.shape);
+        let reads = bufs_of(&[Span {
+            base: loc.base,
+            off: 0,
+            len: 0,
+        }]);
+        self.push(
+            Step::Gather {
+                src: loc,
+                out: out.span(),
+            },
+            reads,
+            vec![b],
+        );
+        self.locs.insert(v, out.clone());
+        Some(out.span())
+    }
+
+    /// A fresh contiguous arena value for output `v`.
+    fn output(&mut self, v: Value) -> Span {
+        let shape = self.g.value_type(v).shape.clone();
+        let b = self.new_buf(kiln_ir::numel(&shape));
+        let loc = Loc::contiguous(Base::Buf(b), 0, &shape);
+        let s = loc.span();
+        self.locs.insert(v, loc);
+        s
+    }
+
+    fn fallback(&mut self, n: NodeId, why: String) {
+        let mut args = Vec::new();
+        let mut reads = Vec::new();
+        for v in self.g.operands(n) {
+            let a = if self.tensors.contains(&v) {
+                Arg::Tensor(v)
+            } else if let Some(&i) = self.leaf_of.get(&v) {
+                Arg::Leaf(i)
+            } else {
+                let loc = self.locs[&v].clone();
+                if let Base::Buf(b) = loc.base {
+                    reads.push(b);
+                }
+                Arg::View(loc)
+            };
+            args.push(a);
+        }
+        for k in 0..self.g.node(n).outputs.len() {
+            self.tensors.insert(Value::new(n, k));
+        }
+        self.fallbacks
+            .push(format!("{}: {why}", self.g.node(n).op.name()));
+        self.push(Step::Fallback { node: n, args }, reads, vec![]);
+    }
+
+    /// Values of `nodes` used by a node outside `nodes` or returned.
+    fn escaping(&self, nodes: &[NodeId]) -> Vec<Value> {
+        let set: HashSet<NodeId> = nodes.iter().copied().collect();
+        let mut out = Vec::new();
+        for &n in nodes {
+            for k in 0..self.g.node(n).outputs.len() {
+                let v = Value::new(n, k);
+                if self.g.is_graph_output(v)
+                    || self.g.users(v).iter().any(|(u, _)| !set.contains(u))
+                {
+                    out.push(v);
+                }
+            }
+        }
+        out
+    }
+
+    /// A run of pointwise nodes as one JIT kernel; `internal` are values
+    /// used only inside the fusion-plan kernel (safe to overwrite in place).
+    fn jit_run(
+        &mut self,
+        nodes: &[NodeId],
+        internal: &HashSet<Value>,
+    ) -> std::result::Result<(), String> {
+        let set: HashSet<NodeId> = nodes.iter().copied().collect();
+        let mut inputs: Vec<Value> = Vec::new();
+        for &n in nodes {
+            for v in self.g.operands(n) {
+                if !set.contains(&v.node) && !inputs.contains(&v) {
+                    inputs.push(v);
+                }
+            }
+        }
+        let outputs = self.escaping(nodes);
+        if let Some(v) = inputs.iter().find(|v| !self.is_f32(**v)) {
+            return Err(format!(
+                "kernel input of type {} (the JIT reads f32)",
+                self.g.value_type(*v)
+            ));
+        }
+        let kernel = Kernel {
+            kind: KernelKind::Pointwise,
+            nodes: nodes.to_vec(),
+            inputs: inputs.clone(),
+            outputs: outputs.clone(),
+        };
+        let pk = PointwiseKernel::compile(self.g, &kernel).map_err(|e| e.to_string())?;
+        let mut ins = Vec::new();
+        for d in pk.inputs() {
+            let s = self
+                .contiguous(d.value)
+                .ok_or_else(|| format!("input {:?} has no f32 home", d.value))?;
+            ins.push(s);
+        }
+        let out_numel: usize = pk.shape().iter().product();
+        let mut outs = Vec::new();
+        let mut taken: HashSet<usize> = HashSet::new();
+        for &v in pk.outputs() {
+            // In place over a same-sized contiguous input that dies here.
+            let reuse = pk.inputs().iter().zip(&ins).find_map(|(d, s)| {
+                let whole =
+                    matches!(s.base, Base::Buf(b) if s.off == 0 && self.buf_lens[b] == s.len);
+                let dies = internal.contains(&d.value)
+                    && self.g.users(d.value).iter().all(|(u, _)| set.contains(u));
+                match s.base {
+                    Base::Buf(b) if whole && dies && s.len == out_numel && !taken.contains(&b) => {
+                        Some(b)
+                    }
+                    _ => None,
+                }
+            });
+            let span = match reuse {
+                Some(b) => {
+                    taken.insert(b);
+                    let shape = self.g.value_type(v).shape.clone();
+                    let loc = Loc::contiguous(Base::Buf(b), 0, &shape);
+                    let s = loc.span();
+                    self.locs.insert(v, loc);
+                    s
+                }
+                None => self.output(v),
+            };
+            outs.push(span);
+        }
+        let reads = bufs_of(&ins);
+        let writes = bufs_of(&outs);
+        self.push(
+            Step::Jit(Jit {
+                kernel: Box::new(pk),
+                ins,
+                outs,
+            }),
+            reads,
+            writes,
+        );
+        Ok(())
+    }
+
+    /// A view op as a new `Loc` over the operand's base (no copy).
+    fn view(&mut self, n: NodeId) -> std::result::Result<(), String> {
+        let node = self.g.node(n);
+        let x = self.g.operands(n)[0];
+        let out_shape = node.outputs[0].shape.clone();
+        let mut l = self.loc(x).ok_or_else(|| "non-f32 view".to_string())?;
+        let nl = match &node.op {
+            Op::Reshape { .. } | Op::Contiguous => {
+                if !l.is_contiguous() {
+                    let s = self.contiguous(x).ok_or("no home")?;
+                    l = Loc::contiguous(s.base, s.off, &l.shape);
+                }
+                Loc::contiguous(l.base, l.off, &out_shape)
+            }
+            Op::Permute { dims } => Loc {
+                base: l.base,
+                off: l.off,
+                shape: dims.iter().map(|&d| l.shape[d]).collect(),
+                strides: dims.iter().map(|&d| l.strides[d]).collect(),
+            },
+            Op::Expand { shape } => {
+                let lead = shape.len() - l.shape.len();
+                let mut strides = vec![0usize; shape.len()];
+                for i in 0..l.shape.len() {
+                    strides[lead + i] = if l.shape[i] == shape[lead + i] {
+                        l.strides[i]
+                    } else {
+                        0
+                    };
+                }
+                Loc {
+                    base: l.base,
+                    off: l.off,
+                    shape: shape.clone(),
+                    strides,
+                }
+            }
+            Op::Slice {
+                dim,
+                start,
+                end,
+                step,
+            } => {
+                let mut nl = l.clone();
+                nl.off += start * l.strides[*dim];
+                nl.shape[*dim] = (end.saturating_sub(*start)).div_ceil(*step);
+                nl.strides[*dim] *= step;
+                nl
+            }
+            Op::Select { dim, index } => {
+                let mut nl = l.clone();
+                nl.off += index * l.strides[*dim];
+                nl.shape.remove(*dim);
+                nl.strides.remove(*dim);
+                nl
+            }
+            other => return Err(format!("{} is not a view", other.name())),
+        };
+        if nl.shape != out_shape {
+            return Err(format!(
+                "view shape {:?} disagrees with the graph's {:?}",
+                nl.shape, out_shape
+            ));
+        }
+        self.locs.insert(Value::new(n, 0), nl);
+        Ok(())
+    }
+
+    /// matmul / addmm on the gemm kernels.
+    fn gemm(&mut self, n: NodeId) -> std::result::Result<(), String> {
+        let node = self.g.node(n);
+        let ops = self.g.operands(n);
+        let (bias_v, av, bv) = match node.op {
+            Op::Addmm => (Some(ops[0]), ops[1], ops[2]),
+            _ => (None, ops[0], ops[1]),
+        };
+        let out_v = Value::new(n, 0);
+        if ![av, bv, out_v].iter().all(|v| self.is_f32(*v))
+            || bias_v.is_some_and(|v| !self.is_f32(v))
+        {
+            return Err("non-f32 operands".into());
+        }
+        let ta = self.g.value_type(av).shape.clone();
+        let tb = self.g.value_type(bv).shape.clone();
+        let (ra, rb) = (ta.len(), tb.len());
+        if ra < 2 || rb < 2 {
+            return Err("1-D operand".into());
+        }
+        let (m, k, n_) = (ta[ra - 2], ta[ra - 1], tb[rb - 1]);
+        let mut la_loc = self.loc(av).ok_or("no home")?;
+        let mut lb_loc = self.loc(bv).ok_or("no home")?;
+        let ml = |l: &Loc, row: usize, col: usize, batch_stride: usize| MatLayout {
+            offset: 0,
+            row_stride: l.strides[row],
+            col_stride: l.strides[col],
+            batch_stride,
+        };
+        let (batch, m_eff, la, lb);
+        if rb == 2 {
+            // [.., m, k] @ [k, n]: batch dims of A fold into its rows.
+            if la_loc.merged(0, ra - 1).is_none() {
+                let s = self.contiguous(av).ok_or("no home")?;
+                la_loc = Loc::contiguous(s.base, s.off, &ta);
+            }
+            let (rows, rs) = la_loc.merged(0, ra - 1).expect("contiguous merges");
+            batch = 1;
+            m_eff = rows;
+            la = MatLayout {
+                offset: 0,
+                row_stride: if rows == 1 { k } else { rs },
+                col_stride: la_loc.strides[ra - 1],
+                batch_stride: 0,
+            };
+            lb = ml(&lb_loc, 0, 1, 0);
+        } else if ra == 2 || ta[..ra - 2] == tb[..rb - 2] {
+            let nb = rb - 2;
+            if lb_loc.merged(0, nb).is_none() {
+                let s = self.contiguous(bv).ok_or("no home")?;
+                lb_loc = Loc::contiguous(s.base, s.off, &tb);
+            }
+            let (bbatch, bbs) = lb_loc.merged(0, nb).expect("contiguous merges");
+            let (abatch, abs) = if ra == 2 {
+                (1, 0)
+            } else {
+                if la_loc.merged(0, ra - 2).is_none() {
+                    let s = self.contiguous(av).ok_or("no home")?;
+                    la_loc = Loc::contiguous(s.base, s.off, &ta);
+                }
+                la_loc.merged(0, ra - 2).expect("contiguous merges")
+            };
+            batch = bbatch;
+            debug_assert!(abatch == 1 || abatch == bbatch);
+            m_eff = m;
+            la = ml(&la_loc, ra - 2, ra - 1, if abatch == 1 { 0 } else { abs });
+            lb = ml(&lb_loc, rb - 2, rb - 1, if bbatch == 1 { 0 } else { bbs });
+        } else {
+            return Err("broadcast batch dims of both operands".into());
+        }
+        let bias = match bias_v {
+            None => None,
+            Some(v) => {
+                let shape = self.g.value_type(v).shape.clone();
+                let s = self.contiguous(v).ok_or("no home")?;
+                let numel: usize = shape.iter().product();
+                if numel == n_ && shape.last() == Some(&n_) && batch == 1 {
+                    Some(Bias::Row(s))
+                } else if shape == [m_eff, n_] && batch == 1 {
+                    Some(Bias::Full(s))
+                } else {
+                    return Err(format!("bias of shape {shape:?}"));
+                }
+            }
+        };
+        let a = Span {
+            base: la_loc.base,
+            off: la_loc.off,
+            len: la_loc.extent(),
+        };
+        let b = Span {
+            base: lb_loc.base,
+            off: lb_loc.off,
+            len: lb_loc.extent(),
+        };
+        let out = self.output(out_v);
+        let mut reads = bufs_of(&[a, b]);
+        if let Some(Bias::Row(s) | Bias::Full(s)) = &bias {
+            reads.extend(bufs_of(&[*s]));
+        }
+        let writes = bufs_of(&[out]);
+        self.push(
+            Step::Gemm {
+                a,
+                la,
+                b,
+                lb,
+                bias,
+                batch,
+                m: m_eff,
+                k,
+                n: n_,
+                out,
+            },
+            reads,
+            writes,
+        );
+        Ok(())
+    }
+
+    /// conv2d, pooling, softmax, layer_norm on kiln-cpu's kernels.
+    fn native(&mut self, n: NodeId) -> std::result::Result<(), String> {
+        let node = self.g.node(n).clone();
+        let ops = self.g.operands(n);
+        let out_v = Value::new(n, 0);
+        if node.outputs.len() != 1 || !self.is_f32(out_v) || ops.iter().any(|v| !self.is_f32(*v)) {
+            return Err("non-f32 operands or several outputs".into());
+        }
+        let xs = self.g.value_type(ops[0]).shape.clone();
+        match &node.op {
+            Op::Conv2d {
+                stride,
+                padding,
+                dilation,
+                groups,
+            } => {
+                let x = self.contiguous(ops[0]).ok_or("no home")?;
+                let w = self.contiguous(ops[1]).ok_or("no home")?;
+                let ws = four(&self.g.value_type(ops[1]).shape).ok_or("weight not 4-D")?;
+                let bias = match ops.get(2) {
+                    Some(&b) => Some(self.contiguous(b).ok_or("no home")?),
+                    None => None,
+                };
+                let out = self.output(out_v);
+                let mut reads = bufs_of(&[x, w]);
+                reads.extend(bufs_of(&bias.into_iter().collect::<Vec<_>>()));
+                self.push(
+                    Step::Conv {
+                        x,
+                        xs: four(&xs).ok_or("input not 4-D")?,
+                        w,
+                        ws,
+                        bias,
+                        p: Conv2dParams {
+                            stride: pair(*stride),
+                            padding: pair(*padding),
+                            dilation: pair(*dilation),
+                            groups: *groups,
+                        },
+                        out,
+                    },
+                    reads,
+                    bufs_of(&[out]),
+                );
+            }
+            Op::MaxPool2d {
+                kernel,
+                stride,
+                padding,
+                dilation,
+                ceil_mode,
+            } => {
+                let xs4 = four(&xs).ok_or("input not 4-D")?;
+                let x = self.contiguous(ops[0]).ok_or("no home")?;
+                let out = self.output(out_v);
+                self.push(
+                    Step::MaxPool {
+                        x,
+                        xs: xs4,
+                        p: MaxPool2dParams {
+                            kernel: pair(*kernel),
+                            stride: pair(*stride),
+                            padding: pair(*padding),
+                            dilation: pair(*dilation),
+                            ceil_mode: *ceil_mode,
+                        },
+                        out,
+                    },
+                    bufs_of(&[x]),
+                    bufs_of(&[out]),
+                );
+            }
+            Op::AvgPool2d {
+                kernel,
+                stride,
+                padding,
+                ceil_mode,
+                count_include_pad,
+                divisor_override,
+            } => {
+                let xs4 = four(&xs).ok_or("input not 4-D")?;
+                let x = self.contiguous(ops[0]).ok_or("no home")?;
+                let out = self.output(out_v);
+                self.push(
+                    Step::AvgPool {
+                        x,
+                        xs: xs4,
+                        p: AvgPool2dParams {
+                            kernel: pair(*kernel),
+                            stride: pair(*stride),
+                            padding: pair(*padding),
+                            ceil_mode: *ceil_mode,
+                            count_include_pad: *count_include_pad,
+                            divisor_override: *divisor_override,
+                        },
+                        out,
+                    },
+                    bufs_of(&[x]),
+                    bufs_of(&[out]),
+                );
+            }
+            Op::Softmax { dim } | Op::LogSoftmax { dim } => {
+                if *dim + 1 != xs.len() {
+                    return Err("softmax over a dim other than the last".into());
+                }
+                let x = self.contiguous(ops[0]).ok_or("no home")?;
+                let out = self.output(out_v);
+                self.push(
+                    Step::Softmax {
+                        x,
+                        k: xs[*dim],
+                        log: matches!(node.op, Op::LogSoftmax { .. }),
+                        out,
+                    },
+                    bufs_of(&[x]),
+                    bufs_of(&[out]),
+                );
+            }
+            Op::LayerNorm {
+                normalized_shape,
+                eps,
+                has_weight,
+                has_bias,
+            } => {
+                let k: usize = normalized_shape.iter().product();
+                let x = self.contiguous(ops[0]).ok_or("no home")?;
+                let w = if *has_weight {
+                    Some(self.contiguous(ops[1]).ok_or("no home")?)
+                } else {
+                    None
+                };
+                let b = if *has_bias {
+                    Some(
+                        self.contiguous(ops[1 + *has_weight as usize])
+                            .ok_or("no home")?,
+                    )
+                } else {
+                    None
+                };
+                let out = self.output(out_v);
+                let mut reads = bufs_of(&[x]);
+                reads.extend(bufs_of(
+                    &w.iter().chain(b.iter()).copied().collect::<Vec<_>>(),
+                ));
+                self.push(
+                    Step::LayerNorm {
+                        x,
+                        k,
+                        w,
+                        b,
+                        eps: *eps,
+                        out,
+                    },
+                    reads,
+                    bufs_of(&[out]),
+                );
+            }
+            other => return Err(format!("no native CPU lowering for {}", other.name())),
+        }
+        Ok(())
+    }
+
+    fn lower_kernel(&mut self, k: &Kernel) {
+        // Values produced and consumed only inside this kernel.
+        let inside: HashSet<NodeId> = k.nodes.iter().copied().collect();
+        let internal: HashSet<Value> = k
+            .nodes
+            .iter()
+            .flat_map(|&n| (0..self.g.node(n).outputs.len()).map(move |i| Value::new(n, i)))
+            .filter(|v| !k.outputs.contains(v) && !self.g.is_graph_output(*v))
+            .filter(|v| self.g.users(*v).iter().all(|(u, _)| inside.contains(u)))
+            .collect();
+        let mut i = 0;
+        while i < k.nodes.len() {
+            let n = k.nodes[i];
+            let class = self.g.node(n).op.class();
+            if class == OpClass::Pointwise {
+                let mut j = i;
+                while j < k.nodes.len() && self.g.node(k.nodes[j]).op.class() == OpClass::Pointwise
+                {
+                    j += 1;
+                }
+                let run = k.nodes[i..j].to_vec();
+                if let Err(why) = self.jit_run(&run, &internal) {
+                    for &m in &run {
+                        self.fallback(m, why.clone());
+                    }
+                }
+                i = j;
+                continue;
+            }
+            let r = match class {
+                OpClass::View => self.view(n),
+                OpClass::Contraction if matches!(self.g.node(n).op, Op::MatMul | Op::Addmm) => {
+                    self.gemm(n)
+                }
+                OpClass::Contraction | OpClass::Pool | OpClass::Reduction => self.native(n),
+                _ => Err(format!(
+                    "no native CPU lowering for {}",
+                    self.g.node(n).op.name()
+                )),
+            };
+            if let Err(why) = r {
+                self.fallback(n, why);
+            }
+            i += 1;
+        }
+    }
+}
+
+/// Offsets for buffers by liveness: first fit in a free list, a buffer's
+/// range free again after the last step that reads it.
+fn plan_memory(lens: &[usize], first: &[usize], last: &[usize]) -> (Vec<usize>, usize) {
+    const ALIGN: usize = 16;
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|&b| (first[b], b));
+    let mut free: Vec<(usize, usize)> = Vec::new(); // (offset, len), sorted
+    let mut active: Vec<usize> = Vec::new();
+    let mut offsets = vec![0usize; lens.len()];
+    let mut top = 0usize;
+    let mut peak = 0usize;
+    for b in order {
+        // Release buffers whose last reader ran before this one is written.
+        let (done, keep): (Vec<usize>, Vec<usize>) =
+            active.into_iter().partition(|&a| last[a] < first[b]);
+        active = keep;
+        for a in done {
+            let len = lens[a].div_ceil(ALIGN) * ALIGN;
+            free.push((offsets[a], len));
+        }
+        free.sort();
+        let mut merged: Vec<(usize, usize)> = Vec::new();
+        for (o, l) in free.drain(..) {
+            match merged.last_mut() {
+                Some((mo, ml)) if *mo + *ml == o => *ml += l,
+                _ => merged.push((o, l)),
+            }
+        }
+        // The block at the top of the arena can grow.
+        if let Some(&(o, l)) = merged.last() {
+            if o + l == top {
+                top = o;
+                merged.pop();
+            }
+        }
+        free = merged;
+        let need = lens[b].div_ceil(ALIGN) * ALIGN;
+        let slot = free
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, l))| *l >= need)
+            .min_by_key(|(_, (_, l))| *l)
+            .map(|(i, _)| i);
+        offsets[b] = match slot {
+            Some(i) => {
+                let (o, l) = free[i];
+                if l == need {
+                    free.remove(i);
+                } else {
+                    free[i] = (o + need, l - need);
+                }
+                o
+            }
+            None => {
+                let o = top;
+                top += need;
+                peak = peak.max(top);
+                o
+            }
+        };
+        active.push(b);
+    }
+    (offsets, peak)
+}
+
+impl Program {
+    /// Lowers `g` along `plan`. `leaves` binds each Input/Constant node.
+    pub(crate) fn build(
+        g: &Graph,
+        plan: &FusionPlan,
+        bind_leaf: &dyn Fn(NodeId) -> Result<LeafSrc>,
+    ) -> Result<Program> {
+        let order = g.topo_order()?;
+        let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+        let mut b = Builder {
+            g,
+            locs: HashMap::new(),
+            tensors: HashSet::new(),
+            leaf_of: HashMap::new(),
+            buf_lens: Vec::new(),
+            steps: Vec::new(),
+            reads: Vec::new(),
+            writes: Vec::new(),
+            fallbacks: Vec::new(),
+        };
+        let mut leaves = Vec::new();
+        for &n in &order {
+            if matches!(g.node(n).op.class(), OpClass::Input | OpClass::Constant) {
+                let i = leaves.len();
+                leaves.push(bind_leaf(n)?);
+                let v = Value::new(n, 0);
+                b.leaf_of.insert(v, i);
+                if b.is_f32(v) {
+                    let shape = g.value_type(v).shape.clone();
+                    b.locs.insert(v, Loc::contiguous(Base::Leaf(i), 0, &shape));
+                }
+            }
+        }
+        for k in &plan.kernels {
+            b.lower_kernel(k);
+        }
+        let mut outputs = Vec::new();
+        let mut end_reads = Vec::new();
+        for o in g.outputs() {
+            let v = o.value;
+            outputs.push(if b.tensors.contains(&v) {
+                OutSrc::Tensor(v)
+            } else if let (Some(&i), false) = (b.leaf_of.get(&v), b.is_f32(v)) {
+                OutSrc::Leaf(i)
+            } else {
+                let loc = b.locs.get(&v).cloned().ok_or_else(|| {
+                    Error::Input(format!("compiled program: output {v:?} was not computed"))
+                })?;
+                if let Base::Buf(x) = loc.base {
+                    end_reads.push(x);
+                }
+                OutSrc::View(loc)
+            });
+        }
+        let nbuf = b.buf_lens.len();
+        let mut first = vec![usize::MAX; nbuf];
+        let mut last = vec![0usize; nbuf];
+        for (s, (r, w)) in b.reads.iter().zip(&b.writes).enumerate() {
+            for &x in w {
+                first[x] = first[x].min(s);
+                last[x] = last[x].max(s);
+            }
+            for &x in r {
+                last[x] = last[x].max(s);
+            }
+        }
+        for x in end_reads {
+            last[x] = usize::MAX;
+        }
+        for x in 0..nbuf {
+            if first[x] == usize::MAX {
+                first[x] = 0;
+            }
+        }
+        let (buf_offsets, arena_len) = plan_memory(&b.buf_lens, &first, &last);
+        for (o, l) in buf_offsets.iter().zip(&b.buf_lens) {
+            assert!(o + l <= arena_len, "memory plan: buffer outside the arena");
+        }
+        let has_fallback = b.steps.iter().any(|s| matches!(s, Step::Fallback { .. }));
+        Ok(Program {
+            leaves,
+            steps: b.steps,
+            buf_offsets,
+            buf_lens: b.buf_lens,
+            arena_len,
+            outputs,
+            fallbacks: b.fallbacks,
+            pos,
+            has_fallback,
+        })
+    }
+
+    pub(crate) fn leaves(&self) -> &[LeafSrc] {
+        &self.leaves
+    }
+
+    pub(crate) fn arena_len(&self) -> usize {
+        self.arena_len
+    }
+
+    pub(crate) fn fallbacks(&self) -> &[String] {
+        &self.fallbacks
+    }
+
+    pub(crate) fn jit_count(&self) -> usize {
+        self.steps
+            .iter()
+            .filter(|s| matches!(s, Step::Jit(_)))
+            .count()
+    }
+
+    /// Step names in order (for tests and `kiln graph`-style summaries).
+    pub(crate) fn step_names(&self) -> Vec<&'static str> {
+        self.steps.iter().map(Step::name).collect()
+    }
+
+    /// Runs the program. `leaves[i]` is leaf i's tensor (f32 ones
+    /// contiguous), `arena` holds at least `arena_len` elements. Returns
+    /// the graph outputs in order.
+    pub(crate) fn run(
+        &self,
+        g: &Graph,
+        leaves: &[Tensor],
+        arena: &mut [f32],
+        user_inputs: &[Tensor],
+        bind: &dyn Fn(&InputKind) -> Result<Tensor>,
+    ) -> Result<Vec<Tensor>> {
+        assert!(arena.len() >= self.arena_len, "arena too small");
+        let mut ptrs: Vec<(*const f32, usize)> = Vec::with_capacity(leaves.len());
+        with_leaf_slices(leaves, &mut ptrs, &mut |ptrs| {
+            let ctx = Ctx {
+                leaves: ptrs,
+                arena: arena.as_mut_ptr(),
+                offs: &self.buf_offsets,
+                lens: &self.buf_lens,
+            };
+            self.exec(g, &ctx, leaves, user_inputs, bind)
+        })
+    }
+
+    fn exec(
+        &self,
+        g: &Graph,
+        ctx: &Ctx,
+        leaves: &[Tensor],
+        user_inputs: &[Tensor],
+        bind: &dyn Fn(&InputKind) -> Result<Tensor>,
+    ) -> Result<Vec<Tensor>> {
+        let mut tensors: HashMap<Value, Tensor> = HashMap::new();
+        for step in &self.steps {
+            // SAFETY (every arm): spans come from the compile-time plan:
+            // each lies inside its leaf (checked types) or its arena buffer;
+            // buffers live at the same time never overlap (`plan_memory`),
+            // so an output span never aliases an input span, except the
+            // in-place pointwise case `run_ptrs` allows.
+            unsafe {
+                match step {
+                    Step::Jit(j) => {
+                        let mut ins = [std::ptr::null::<f32>(); 32];
+                        let mut outs = [std::ptr::null_mut::<f32>(); 16];
+                        if j.ins.len() > 32 || j.outs.len() > 16 {
+                            let i: Vec<*const f32> =
+                                j.ins.iter().map(|s| ctx.ptr(s) as *const f32).collect();
+                            let o: Vec<*mut f32> = j.outs.iter().map(|s| ctx.ptr(s)).collect();
+                            j.kernel.run_ptrs(&i, &o, j.kernel.par_threshold());
+                        } else {
+                            for (p, s) in ins.iter_mut().zip(&j.ins) {
+                                *p = ctx.ptr(s);
+                            }
+                            for (p, s) in outs.iter_mut().zip(&j.outs) {
+                                *p = ctx.ptr(s);
+                            }
+                            j.kernel.run_ptrs(
+                                &ins[..j.ins.len()],
+                                &outs[..j.outs.len()],
+                                j.kernel.par_threshold(),
+                            );
+                        }
+                    }
+                    Step::Gemm {
+                        a,
+                        la,
+                        b,
+                        lb,
+                        bias,
+                        batch,
+                        m,
+                        k,
+                        n,
+                        out,
+                    } => {
+                        let c = ctx.slice_mut(out);
+                        let beta = match bias {
+                            None => 0.0,
+                            Some(Bias::Row(s)) => {
+                                let bs = ctx.slice(s);
+                                for row in c.chunks_exact_mut(*n) {
+                                    row.copy_from_slice(bs);
+                                }
+                                1.0
+                            }
+                            Some(Bias::Full(s)) => {
+                                c.copy_from_slice(ctx.slice(s));
+                                1.0
+                            }
+                        };
+                        kiln_cpu::matmul::matmul_into(
+                            c,
+                            MatLayout::contiguous(*m, *n),
+                            beta,
+                            1.0,
+                            ctx.slice(a),
+                            *la,
+                            ctx.slice(b),
+                            *lb,
+                            *batch,
+                            *m,
+                            *k,
+                            *n,
+                        );
+                    }
+                    Step::Conv {
+                        x,
+                        xs,
+                        w,
+                        ws,
+                        bias,
+                        p,
+                        out,
+                    } => {
+                        let y = kiln_cpu::conv::conv2d(
+                            ctx.slice(x),
+                            *xs,
+                            ctx.slice(w),
+                            *ws,
+                            bias.as_ref().map(|b| ctx.slice(b)),
+                            p,
+                        );
+                        ctx.slice_mut(out).copy_from_slice(&y);
+                        kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(y));
+                    }
+                    Step::MaxPool { x, xs, p, out } => {
+                        let (y, _) = kiln_cpu::pool::max_pool2d(ctx.slice(x), *xs, p);
+                        ctx.slice_mut(out).copy_from_slice(&y);
+                        kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(y));
+                    }
+                    Step::AvgPool { x, xs, p, out } => {
+                        let y = kiln_cpu::pool::avg_pool2d(ctx.slice(x), *xs, p);
+                        ctx.slice_mut(out).copy_from_slice(&y);
+                        kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(y));
+                    }
+                    Step::Softmax { x, k, log, out } => {
+                        let y = kiln_cpu::reduce::softmax_rows(ctx.slice(x), *k, *log);
+                        ctx.slice_mut(out).copy_from_slice(&y);
+                        kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(y));
+                    }
+                    Step::LayerNorm {
+                        x,
+                        k,
+                        w,
+                        b,
+                        eps,
+                        out,
+                    } => {
+                        let (y, _, _) = kiln_cpu::norm::layer_norm(
+                            ctx.slice(x),
+                            *k,
+                            w.as_ref().map(|s| ctx.slice(s)),
+                            b.as_ref().map(|s| ctx.slice(s)),
+                            *eps,
+                        );
+                        ctx.slice_mut(out).copy_from_slice(&y);
+                        kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(y));
+                    }
+                    Step::Gather { src, out } => {
+                        gather_into(ctx, src, ctx.slice_mut(out));
+                    }
+                    Step::Import { value, out } => {
+                        let t = &tensors[value];
+                        let t = t.contiguous()?;
+                        t.with_f32_contiguous(|s| ctx.slice_mut(out).copy_from_slice(s))
+                            .ok_or_else(|| {
+                                Error::Input(format!("import of a non-f32 value {value:?}"))
+                            })?;
+                    }
+                    Step::Fallback { node, args } => {
+                        let args: Vec<Tensor> = args
+                            .iter()
+                            .map(|a| {
+                                Ok(match a {
+                                    Arg::Tensor(v) => tensors[v].clone(),
+                                    Arg::Leaf(i) => leaves[*i].clone(),
+                                    Arg::View(loc) => Tensor::f32_filled_by(&loc.shape, |d| {
+                                        gather_into(ctx, loc, d)
+                                    }),
+                                })
+                            })
+                            .collect::<Result<_>>()?;
+                        let op = &g.node(*node).op;
+                        let outs = exec_node(op, &args, user_inputs, bind)
+                            .and_then(|o| check_types(&o, &g.node(*node).outputs).map(|_| o))
+                            .map_err(|e| Error::Exec {
+                                node: describe_node(g, &self.pos, *node),
+                                source: Box::new(e),
+                            })?;
+                        for (k, t) in outs.into_iter().enumerate() {
+                            tensors.insert(Value::new(*node, k), t);
+                        }
+                    }
+                }
+            }
+        }
+        let _ = self.has_fallback;
+        self.outputs
+            .iter()
+            .map(|o| {
+                Ok(match o {
+                    OutSrc::Tensor(v) => tensors[v].clone(),
+                    OutSrc::Leaf(i) => leaves[*i].clone(),
+                    OutSrc::View(loc) => {
+                        Tensor::f32_filled_by(&loc.shape, |d| unsafe { gather_into(ctx, loc, d) })
+                    }
+                })
+            })
+            .collect()
+    }
+}
+
+/// Raw views of the leaves and the arena for one call.
+struct Ctx<'a> {
+    leaves: &'a [(*const f32, usize)],
+    arena: *mut f32,
+    offs: &'a [usize],
+    lens: &'a [usize],
+}
+
+impl Ctx<'_> {
+    unsafe fn base_ptr(&self, base: Base) -> *mut f32 {
+        match base {
+            Base::Leaf(i) => self.leaves[i].0 as *mut f32,
+            // SAFETY: offsets are inside the arena (`plan_memory`).
+            Base::Buf(b) => unsafe { self.arena.add(self.offs[b]) },
+        }
+    }
+
+    unsafe fn ptr(&self, s: &Span) -> *mut f32 {
+        let cap = match s.base {
+            Base::Leaf(i) => self.leaves[i].1,
+            Base::Buf(b) => self.lens[b],
+        };
+        assert!(
+            s.off + s.len <= cap,
+            "compiled program: span {s:?} outside its base of {cap} elements"
+        );
+        // SAFETY: the caller's plan keeps `off` inside the base.
+        unsafe { self.base_ptr(s.base).add(s.off) }
+    }
+
+    unsafe fn slice<'s>(&self, s: &Span) -> &'s [f32] {
+        if s.len == 0 {
+            return &[];
+        }
+        // SAFETY: as `ptr`, and the span is inside its base.
+        unsafe { std::slice::from_raw_parts(self.ptr(s), s.len) }
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice_mut<'s>(&self, s: &Span) -> &'s mut [f32] {
+        if s.len == 0 {
+            return &mut [];
+        }
+        // SAFETY: as `slice`; no other live reference covers an output span.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr(s), s.len) }
+    }
+}
+
+/// Copies the strided view `loc` into `dst` (row-major).
+unsafe fn gather_into(ctx: &Ctx, loc: &Loc, dst: &mut [f32]) {
+    let n = loc.numel();
+    if n == 0 {
+        return;
+    }
+    // SAFETY: the view lies inside its base.
+    let base = unsafe { ctx.base_ptr(loc.base).add(loc.off) } as *const f32;
+    let nd = loc.shape.len();
+    if nd == 0 {
+        dst[0] = unsafe { *base };
+        return;
+    }
+    let inner = loc.shape[nd - 1];
+    let is = loc.strides[nd - 1];
+    let mut idx = vec![0usize; nd];
+    let mut w = 0;
+    while w < n {
+        let off: usize = idx.iter().zip(&loc.strides).map(|(i, s)| i * s).sum();
+        let row = &mut dst[w..w + inner];
+        if is == 1 {
+            // SAFETY: the row lies inside the view.
+            row.copy_from_slice(unsafe { std::slice::from_raw_parts(base.add(off), inner) });
+        } else {
+            for (j, r) in row.iter_mut().enumerate() {
+                *r = unsafe { *base.add(off + j * is) };
+            }
+        }
+        w += inner;
+        for d in (0..nd - 1).rev() {
+            idx[d] += 1;
+            if idx[d] < loc.shape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+}
+
+/// Holds a read lock on every leaf while `f` runs on raw views of them
+/// (null for leaves that are not contiguous f32: only fallback nodes read
+/// those, as tensors).
+fn with_leaf_slices<R>(
+    ts: &[Tensor],
+    ptrs: &mut Vec<(*const f32, usize)>,
+    f: &mut dyn FnMut(&[(*const f32, usize)]) -> R,
+) -> R {
+    match ts.split_first() {
+        None => f(ptrs),
+        Some((t, rest)) => {
+            let mut f = Some(f);
+            let mut ptrs_opt = Some(&mut *ptrs);
+            let r = t.with_f32_contiguous(|s| {
+                let p = ptrs_opt.take().expect("once");
+                p.push((s.as_ptr(), s.len()));
+                with_leaf_slices(rest, p, f.take().expect("once"))
+            });
+            match r {
+                Some(r) => r,
+                None => {
+                    ptrs.push((std::ptr::null(), 0));
+                    with_leaf_slices(rest, ptrs, f.take().expect("not used"))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_plan_reuses_dead_buffers() {
+        // b0 written at 0, read at 1; b1 written at 1, read at 2; b2 at 2..3.
+        let lens = [100, 100, 100];
+        let first = [0, 1, 2];
+        let last = [1, 2, 3];
+        let (offs, top) = plan_memory(&lens, &first, &last);
+        // b0 and b1 overlap in time; b2 may take b0's place.
+        assert_ne!(offs[0], offs[1]);
+        assert_eq!(offs[2], offs[0]);
+        assert_eq!(top, 2 * 112);
+    }
+
+    #[test]
+    fn memory_plan_never_overlaps_live_buffers() {
+        let lens = [10, 50, 20, 70, 5, 40];
+        let first = [0, 0, 1, 2, 3, 3];
+        let last = [2, 1, 4, 3, 5, 5];
+        let (offs, _) = plan_memory(&lens, &first, &last);
+        for a in 0..lens.len() {
+            for b in a + 1..lens.len() {
+                let live = first[a] <= last[b] && first[b] <= last[a];
+                let overlap = offs[a] < offs[b] + lens[b] && offs[b] < offs[a] + lens[a];
+                assert!(!(live && overlap), "buffers {a} and {b} overlap while live");
+            }
+        }
+    }
+}
