@@ -90,9 +90,23 @@ enum Command {
     /// python/bench_peers.py times PyTorch) at the fixture shapes, or the
     /// throughput shapes with --large.
     Bench {
-        /// Throughput shapes instead of the fixture (latency) shapes.
+        /// What the compiled column runs: eager (no compiled column),
+        /// interp (the traced graph on the reference interpreter) or cpu
+        /// (`jit::compile`).
+        #[arg(long, default_value = "cpu")]
+        backend: kiln::bench::Backend,
+        /// latency (the fixture shapes) or throughput (zoo.py's large shapes).
+        #[arg(long, default_value = "latency", value_parser = ["latency", "throughput"])]
+        shape: String,
+        /// Same as `--shape throughput`.
         #[arg(long)]
         large: bool,
+        /// Worker threads for kiln's kernels (rayon pool; default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Also write `{"MODEL": {"eager_ms", "compiled_ms", "compile_ms"}}` here.
+        #[arg(long)]
+        json: Option<PathBuf>,
         /// Comma-separated zoo model names (default: all).
         #[arg(long, value_delimiter = ',')]
         models: Option<Vec<String>>,
@@ -121,10 +135,21 @@ fn main() -> ExitCode {
             output,
         } => run(&file, &input, &output),
         Command::Bench {
+            backend,
+            shape,
             large,
+            threads,
+            json,
             models,
             min_time,
-        } => bench(large, models.unwrap_or_default(), min_time),
+        } => bench(
+            backend,
+            large || shape == "throughput",
+            threads,
+            json,
+            models.unwrap_or_default(),
+            min_time,
+        ),
         Command::Export {
             zoo,
             weights,
@@ -175,9 +200,26 @@ fn export(
     Ok(())
 }
 
-fn bench(large: bool, models: Vec<String>, min_time: f64) -> Result<(), String> {
-    let rows = kiln::bench::bench_eager(&models, large, min_time).map_err(|e| e.to_string())?;
+fn bench(
+    backend: kiln::bench::Backend,
+    large: bool,
+    threads: Option<usize>,
+    json: Option<PathBuf>,
+    models: Vec<String>,
+    min_time: f64,
+) -> Result<(), String> {
+    if let Some(n) = threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| format!("--threads {n}: {e}"))?;
+    }
+    let rows = kiln::bench::bench(&models, large, backend, min_time).map_err(|e| e.to_string())?;
     print!("{}", kiln::bench::format_table(&rows));
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&kiln::bench::to_json(&rows)).expect("json");
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     Ok(())
 }
 
