@@ -156,6 +156,13 @@ impl Tensor {
         Ok(shape[d])
     }
 
+    /// True if the tensor has this shape and dtype (allocates nothing: the
+    /// compiled runtime's guard).
+    pub fn has_type(&self, shape: &[usize], dtype: DType) -> bool {
+        let d = self.inner.data.read();
+        d.dtype == dtype && d.layout.shape == shape
+    }
+
     pub fn dim(&self) -> usize {
         self.inner.data.read().layout.shape.len()
     }

@@ -43,6 +43,24 @@ struct State {
 
 thread_local! {
     static TRACE: RefCell<Option<State>> = const { RefCell::new(None) };
+    static LIVE_HOOKS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// True while `trace_module_live_hooks` records (see `nn::call_with_forward`).
+pub fn live_hooks() -> bool {
+    is_tracing() && LIVE_HOOKS.with(|l| l.get())
+}
+
+/// Records a hooked submodule's call as one `module_call` node.
+pub(crate) fn record_module_call(path: &str, x: &Tensor, y: &Tensor) {
+    record(
+        Op::ModuleCall {
+            path: path.to_string(),
+            ty: ty(y),
+        },
+        &[x],
+        &[y],
+    );
 }
 
 /// True while a trace is being recorded on this thread (and not suspended).
@@ -404,6 +422,21 @@ pub fn trace_fn(
         outputs,
         warnings: st.warnings,
     })
+}
+
+/// `trace_module` for the compiled runtime, with hooks kept live: the
+/// root's hooks are not traced (the runtime runs them around the compiled
+/// forward) and every call of a submodule with hooks becomes a
+/// `module_call` node (see `nn::call_with_forward`).
+pub fn trace_module_live_hooks(module: &dyn crate::nn::Module, input: &Tensor) -> Result<Trace> {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            LIVE_HOOKS.with(|l| l.set(self.0));
+        }
+    }
+    let _reset = Reset(LIVE_HOOKS.with(|l| l.replace(true)));
+    trace_module(module, input)
 }
 
 /// Traces `module.call(input)`: its parameters and buffers are bound by

@@ -418,7 +418,10 @@ pub fn eval_op(op: &Op, args: &[Tensor64]) -> Result<Option<Vec<Tensor64>>> {
     let out_types = crate::op::infer(op, &types)?;
     let oty = &out_types[0];
     let data: Vec<Vec<f64>> = match op {
-        Op::Input { .. } | Op::Dropout { .. } | Op::ConvTranspose2d { .. } => return Ok(None),
+        Op::Input { .. }
+        | Op::Dropout { .. }
+        | Op::ConvTranspose2d { .. }
+        | Op::ModuleCall { .. } => return Ok(None),
         Op::Constant { data, .. } => vec![data.clone()],
         Op::Unary(u) => vec![args[0].data.iter().map(|&x| unary(*u, x)).collect()],
         Op::Binary(b) => {

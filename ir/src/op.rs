@@ -166,6 +166,15 @@ pub enum Op {
     Stack {
         dim: usize,
     },
+    /// A call of the submodule at `path` (relative to the traced root)
+    /// that has hooks: the compiled runtime runs the module's `call` (its
+    /// pre-hooks, forward and forward hooks, live) between compiled
+    /// segments. `ty` is the output type seen when tracing. Not pure: never
+    /// merged, folded or removed.
+    ModuleCall {
+        path: String,
+        ty: TensorType,
+    },
 }
 
 /// The family of an op: what fusion and the printer care about.
@@ -235,6 +244,7 @@ impl Op {
             Op::Contiguous => "contiguous",
             Op::Cat { .. } => "cat",
             Op::Stack { .. } => "stack",
+            Op::ModuleCall { .. } => "module_call",
         }
     }
 
@@ -271,14 +281,19 @@ impl Op {
             | Op::Slice { .. }
             | Op::Select { .. }
             | Op::Contiguous => OpClass::View,
-            Op::IndexSelect { .. } | Op::Cat { .. } | Op::Stack { .. } => OpClass::Copy,
+            Op::IndexSelect { .. } | Op::Cat { .. } | Op::Stack { .. } | Op::ModuleCall { .. } => {
+                OpClass::Copy
+            }
         }
     }
 
     /// False for ops whose result is not a function of their operands alone
     /// (graph inputs and random ops): CSE and constant folding skip them.
     pub fn is_pure(&self) -> bool {
-        !matches!(self, Op::Input { .. } | Op::Dropout { .. })
+        !matches!(
+            self,
+            Op::Input { .. } | Op::Dropout { .. } | Op::ModuleCall { .. }
+        )
     }
 
     /// Attributes as `key=value` pairs, in a stable order (for the printer).
@@ -297,6 +312,7 @@ impl Op {
         }
         let b = |x: bool| x.to_string();
         match self {
+            Op::ModuleCall { path, .. } => vec![("path", format!("{path:?}"))],
             Op::Input { kind, .. } => match kind {
                 InputKind::User(i) => vec![("index", i.to_string())],
                 InputKind::Param(n) | InputKind::Buffer(n) => vec![("name", format!("{n:?}"))],
@@ -692,6 +708,7 @@ pub fn infer(op: &Op, operands: &[TensorType]) -> Result<Vec<TensorType>> {
     let one = |t: TensorType| Ok(vec![t]);
     match op {
         Op::Input { ty, .. } => one(ty.clone()),
+        Op::ModuleCall { ty, .. } => one(ty.clone()),
         Op::Constant { ty, data } => {
             if data.len() != ty.numel() {
                 return Err(err(

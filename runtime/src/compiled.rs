@@ -1,59 +1,156 @@
-//! `CompiledModule` (first step of the compiled backend): a traced and
-//! optimized graph executed kernel by kernel along its fusion plan. Each
-//! pointwise kernel that the Cranelift backend can lower runs as one
-//! machine-code function; every other kernel runs node by node on the eager
-//! kernels (the interpreter's), an explicit and reported fallback
-//! (`CompiledModule::fallbacks` names the op that could not be lowered).
-//! Parameters and buffers are bound by name from the live module at every
-//! call, as for `TracedModule`. Guard: the input types must equal the
-//! traced ones (a mismatch is an error naming both; recompilation on other
-//! shapes is part of the open compiled-backend issue).
+//! `CompiledModule`: a module traced, optimized (`PassManager::compile_pipeline`),
+//! fused and lowered to a compiled CPU program (`program.rs`: JIT pointwise
+//! kernels, gemm/conv/pool/softmax/layer_norm kernels, one liveness-planned
+//! arena; nodes without a native lowering run on the interpreter's kernels,
+//! an explicit fallback that `fallbacks()` lists by op name).
+//!
+//! Live state: parameters and buffers are the live module's tensors (an
+//! optimizer step or `load_state_dict` is seen by the next call without
+//! recompiling), training-mode buffer updates are written back.
+//!
+//! Guards, checked at every call: the input shapes and dtypes, the training
+//! flag, and the module tree (children, their types, parameter and buffer
+//! names/dtypes/shapes, and the hooks registered on every module and
+//! globally). The tree is fingerprinted only when `nn::structure_epoch()`
+//! moved (any registration, replacement, hook change or `to(dtype)`), so a
+//! steady-state call does not walk the tree. A failed guard compiles a new
+//! variant (cached; at most `CompileOptions::max_variants`); past the
+//! limit, or with recompilation disabled, the call runs in eager mode with a
+//! warning printed once: never a wrong answer.
+//!
+//! Hooks stay live: the root's hooks run around the compiled forward
+//! (`nn::call_with_forward`), and each call of a submodule with hooks is a
+//! `module_call` node of the graph, executed by calling the module (its
+//! pre-hooks, forward and forward hooks, exactly as eager) between the
+//! compiled segments. Hooks registered after compilation change the
+//! fingerprint and so compile a variant with the new boundary.
 
 use crate::interpreter::{exec_node, tensor_type};
 use crate::program::{LeafSrc, Program};
 use crate::{Error, Result, TracedModule};
-use kiln_frontend::nn::Module;
-use kiln_frontend::nn::ModuleExt;
+use kiln_frontend::nn::{Module, ModuleExt};
 use kiln_frontend::Tensor;
-use kiln_ir::{plan_fusion, DType, InputKind, Op};
-use parking_lot::Mutex;
+use kiln_ir::{plan_fusion, DType, InputKind, Op, OutputKind, TensorType};
+use parking_lot::{Mutex, RwLock};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// One compiled graph: the variant for one set of input types and one
-/// training flag.
+/// Which backend runs the compiled graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// The compiled CPU program (Cranelift + gemm + rayon).
+    #[default]
+    Cpu,
+}
+
+/// Options of `jit::compile_with`.
+#[derive(Clone, Debug)]
+pub struct CompileOptions {
+    pub backend: Backend,
+    /// Compile a new variant when a guard fails (otherwise run eagerly).
+    pub allow_recompile: bool,
+    /// The most variants kept; past it, calls that match none run eagerly.
+    pub max_variants: usize,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions {
+            backend: Backend::Cpu,
+            allow_recompile: true,
+            max_variants: MAX_VARIANTS,
+        }
+    }
+}
+
+/// The default variant limit.
+pub const MAX_VARIANTS: usize = 8;
+
+/// Per-call scratch kept by a variant: the arena, the bound leaves and
+/// their raw views, reused so a steady-state call allocates only outputs.
+struct Scratch {
+    arena: Vec<f32>,
+    leaves: Vec<Tensor>,
+    ptrs: Vec<(usize, usize)>,
+}
+
+/// One compiled graph: the variant for one set of input types, one
+/// training flag and one module-tree fingerprint.
 pub struct Variant {
     training: bool,
+    tree: u64,
+    input_types: Vec<TensorType>,
     traced: TracedModule,
     program: Program,
-    /// The arena of intermediate values, reused by every call (a call
-    /// that finds it busy, from another thread, uses a fresh one).
-    arena: Mutex<Vec<f32>>,
+    /// Live parameter/buffer tensors per leaf (None for user inputs and
+    /// constants), rebound when `structure_epoch` moves.
+    bound: RwLock<(u64, Vec<Option<Tensor>>)>,
+    scratch: Mutex<Scratch>,
     compile_ms: f64,
 }
 
-/// Traces `module` on `inputs`, runs the standard passes and compiles the
-/// fusion plan's pointwise kernels with Cranelift. Later calls with other
-/// input shapes or dtypes, or after `train()`/`eval()`, compile another
-/// variant (cached, at most `MAX_VARIANTS`).
+/// `compile_with` with the default options.
 pub fn compile(module: &Arc<dyn Module>, inputs: &[Tensor]) -> Result<CompiledModule> {
-    let first = compile_variant(module, inputs)?;
+    compile_with(module, inputs, CompileOptions::default())
+}
+
+/// Traces `module` on `inputs` (hooks kept live), runs the compile
+/// pipeline and lowers the fusion plan to a compiled program.
+pub fn compile_with(
+    module: &Arc<dyn Module>,
+    inputs: &[Tensor],
+    options: CompileOptions,
+) -> Result<CompiledModule> {
+    if options.max_variants == 0 {
+        return Err(Error::Input(
+            "compile: max_variants must be at least 1".into(),
+        ));
+    }
+    let epoch = kiln_frontend::nn::structure_epoch();
+    let tree = fingerprint(&**module);
+    let first = compile_variant(module, inputs, tree)?;
     Ok(CompiledModule {
         module: module.clone(),
+        options,
         variants: Mutex::new(vec![Arc::new(first)]),
-        max_variants: MAX_VARIANTS,
+        seen: Mutex::new((epoch, tree)),
+        warned: AtomicBool::new(false),
+        eager_calls: AtomicU64::new(0),
     })
 }
 
-/// The most variants a `CompiledModule` keeps; past it, a call with new
-/// input types is an error (with a warning naming the limit) rather than
-/// unbounded recompilation.
-pub const MAX_VARIANTS: usize = 8;
+/// A hash of what the compiled graph depends on in the module tree: every
+/// module's path, type and hook ids, every parameter's and buffer's name,
+/// dtype and shape, and the global hooks.
+fn fingerprint(m: &dyn Module) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for (name, sub) in m.named_modules() {
+        name.hash(&mut h);
+        sub.core().type_name().hash(&mut h);
+        sub.core().hook_ids().hash(&mut h);
+    }
+    for (name, t) in m.named_parameters() {
+        ("p", name, t.shape(), t.dtype().short_name()).hash(&mut h);
+    }
+    for (name, t) in m.named_buffers() {
+        ("b", name, t.shape(), t.dtype().short_name()).hash(&mut h);
+    }
+    kiln_frontend::nn::global_hook_ids().hash(&mut h);
+    h.finish()
+}
 
 /// Compiles one variant. Tracing runs the forward once; in training mode
 /// that would update the buffers, so their values are restored afterwards
 /// (the compiled call is what updates them).
-fn compile_variant(module: &Arc<dyn Module>, inputs: &[Tensor]) -> Result<Variant> {
+fn compile_variant(module: &Arc<dyn Module>, inputs: &[Tensor], tree: u64) -> Result<Variant> {
     let start = std::time::Instant::now();
+    if inputs.len() != 1 {
+        return Err(Error::Input(format!(
+            "compile: kiln modules take one input tensor, got {}",
+            inputs.len()
+        )));
+    }
     let training = module.is_training();
     let snapshot: Vec<(Tensor, Tensor)> = if training {
         module
@@ -64,14 +161,14 @@ fn compile_variant(module: &Arc<dyn Module>, inputs: &[Tensor]) -> Result<Varian
     } else {
         Vec::new()
     };
-    let traced = crate::jit::trace(module, inputs);
+    let trace = kiln_frontend::trace::trace_module_live_hooks(&**module, &inputs[0]);
     kiln_frontend::no_grad(|| -> kiln_frontend::Result<()> {
         for (live, saved) in &snapshot {
             live.copy_(saved)?;
         }
         Ok(())
     })?;
-    let mut traced = traced?;
+    let mut traced = TracedModule::new(trace?.graph, module.clone())?;
     kiln_ir::passes::PassManager::compile_pipeline().run(traced.graph_mut())?;
     let plan = plan_fusion(traced.graph())?;
     let g = traced.graph();
@@ -88,52 +185,94 @@ fn compile_variant(module: &Arc<dyn Module>, inputs: &[Tensor]) -> Result<Varian
             }
         })
     })?;
-    let arena = Mutex::new(vec![0f32; program.arena_len()]);
-    Ok(Variant {
+    let input_types = traced.input_types();
+    let scratch = Mutex::new(Scratch {
+        arena: vec![0f32; program.arena_len()],
+        leaves: Vec::with_capacity(program.leaves().len()),
+        ptrs: Vec::with_capacity(program.leaves().len()),
+    });
+    let v = Variant {
         training,
+        tree,
+        input_types,
         traced,
         program,
-        arena,
+        bound: RwLock::new((u64::MAX, Vec::new())),
+        scratch,
         compile_ms: start.elapsed().as_secs_f64() * 1e3,
-    })
+    };
+    v.rebind(kiln_frontend::nn::structure_epoch())?;
+    Ok(v)
 }
 
 /// A module compiled along its fusion plan (see the module docs), with a
-/// cache of variants guarded by input types and the training flag.
+/// cache of variants guarded by input types, the training flag and the
+/// module tree.
 pub struct CompiledModule {
     module: Arc<dyn Module>,
+    options: CompileOptions,
     variants: Mutex<Vec<Arc<Variant>>>,
-    max_variants: usize,
+    /// (structure epoch, tree fingerprint) last seen.
+    seen: Mutex<(u64, u64)>,
+    warned: AtomicBool,
+    eager_calls: AtomicU64,
 }
 
 impl CompiledModule {
-    /// The variant for these inputs and the module's current mode,
-    /// compiling it if needed.
-    pub fn variant(&self, inputs: &[Tensor]) -> Result<Arc<Variant>> {
+    /// The compiled module's live module.
+    pub fn module(&self) -> &Arc<dyn Module> {
+        &self.module
+    }
+
+    fn tree(&self) -> u64 {
+        let epoch = kiln_frontend::nn::structure_epoch();
+        let mut seen = self.seen.lock();
+        if seen.0 != epoch {
+            *seen = (epoch, fingerprint(&*self.module));
+        }
+        seen.1
+    }
+
+    /// The variant for these inputs and the module's current state,
+    /// compiling it if allowed; `None` means "run eagerly" (limit reached
+    /// or recompilation disabled; a warning was printed once).
+    pub fn variant(&self, inputs: &[Tensor]) -> Result<Option<Arc<Variant>>> {
         let training = self.module.is_training();
-        let types: Vec<kiln_ir::TensorType> = inputs.iter().map(tensor_type).collect();
-        {
+        let tree = self.tree();
+        let matches = |v: &Variant| {
+            v.training == training
+                && v.tree == tree
+                && v.input_types.len() == inputs.len()
+                && v.input_types
+                    .iter()
+                    .zip(inputs)
+                    .all(|(t, x)| x.has_type(&t.shape, t.dtype))
+        };
+        let n = {
             let vs = self.variants.lock();
-            if let Some(v) = vs
-                .iter()
-                .find(|v| v.training == training && v.traced.input_types() == types)
-            {
-                return Ok(v.clone());
+            if let Some(v) = vs.iter().find(|v| matches(v)) {
+                return Ok(Some(v.clone()));
             }
-            if vs.len() >= self.max_variants {
-                let msg = format!(
-                    "recompilation limit reached: {} variants are compiled (limit {}); inputs {types:?} in {} mode would need another",
-                    vs.len(),
-                    self.max_variants,
+            vs.len()
+        };
+        if !self.options.allow_recompile || n >= self.options.max_variants {
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                let types: Vec<TensorType> = inputs.iter().map(tensor_type).collect();
+                eprintln!(
+                    "kiln: warning: {}: inputs {types:?} in {} mode match none of the {n} compiled variant(s); running in eager mode (raise CompileOptions::max_variants or allow recompilation)",
+                    if self.options.allow_recompile {
+                        "recompilation limit reached"
+                    } else {
+                        "recompilation disabled"
+                    },
                     if training { "training" } else { "eval" }
                 );
-                eprintln!("kiln: warning: {msg}");
-                return Err(Error::Input(msg));
             }
+            return Ok(None);
         }
-        let v = Arc::new(compile_variant(&self.module, inputs)?);
+        let v = Arc::new(compile_variant(&self.module, inputs, tree)?);
         self.variants.lock().push(v.clone());
-        Ok(v)
+        Ok(Some(v))
     }
 
     /// How many variants are compiled.
@@ -141,7 +280,13 @@ impl CompiledModule {
         self.variants.lock().len()
     }
 
-    fn first(&self) -> Arc<Variant> {
+    /// Calls that ran in eager mode because no variant could be compiled.
+    pub fn eager_call_count(&self) -> u64 {
+        self.eager_calls.load(Ordering::Relaxed)
+    }
+
+    /// The first compiled variant.
+    pub fn first(&self) -> Arc<Variant> {
         self.variants.lock()[0].clone()
     }
 
@@ -150,7 +295,7 @@ impl CompiledModule {
         self.first().jit_kernel_count()
     }
 
-    /// Why pointwise kernels of the first variant fell back (see `Variant`).
+    /// Nodes of the first variant that run on the fallback path.
     pub fn fallbacks(&self) -> Vec<String> {
         self.first().fallbacks().to_vec()
     }
@@ -160,14 +305,48 @@ impl CompiledModule {
         self.first().compile_ms()
     }
 
-    /// Runs the variant for these inputs (compiling it on first use).
+    /// Runs the module: the root's hooks (live) around the compiled
+    /// variant for these inputs.
     pub fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        self.variant(inputs)?.forward(inputs)
+        let root_hooks =
+            self.module.core().has_call_hooks() || !kiln_frontend::nn::global_hook_ids().is_empty();
+        if !root_hooks || inputs.len() != 1 {
+            return self.forward_body(inputs);
+        }
+        let y = kiln_frontend::nn::call_with_forward(&*self.module, &inputs[0], &|x| {
+            let mut outs = self
+                .forward_body(std::slice::from_ref(x))
+                .map_err(|e| kiln_frontend::Error::Lookup(e.to_string()))?;
+            Ok(outs.remove(0))
+        })?;
+        Ok(vec![y])
+    }
+
+    /// `forward` for one input and one output.
+    pub fn call(&self, x: &Tensor) -> Result<Tensor> {
+        let mut outs = self.forward(std::slice::from_ref(x))?;
+        Ok(outs.remove(0))
+    }
+
+    fn forward_body(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        match self.variant(inputs)? {
+            Some(v) => v.forward(&self.module, inputs),
+            None => {
+                self.eager_calls.fetch_add(1, Ordering::Relaxed);
+                if inputs.len() != 1 {
+                    return Err(Error::Input(format!(
+                        "kiln modules take one input tensor, got {}",
+                        inputs.len()
+                    )));
+                }
+                Ok(vec![self.module.forward(&inputs[0])?])
+            }
+        }
     }
 }
 
 impl Variant {
-    /// The traced, optimized graph this module runs.
+    /// The traced, optimized graph this variant runs.
     pub fn traced(&self) -> &TracedModule {
         &self.traced
     }
@@ -184,7 +363,7 @@ impl Variant {
     }
 
     /// The steps of the compiled program, in order (`jit`, `gemm`,
-    /// `conv2d`, `gather`, `fallback`, ...).
+    /// `conv2d`, `gather`, `fallback`, `module_call`, ...).
     pub fn step_names(&self) -> Vec<&'static str> {
         self.program.step_names()
     }
@@ -199,63 +378,121 @@ impl Variant {
         self.compile_ms
     }
 
-    /// Runs the compiled graph: user outputs returned, buffer updates
-    /// written back to the live module (as `TracedModule::forward`).
-    pub fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        let want = self.traced.input_types();
-        if inputs.len() != want.len() {
+    /// Re-reads the live parameter and buffer tensors (by name, type
+    /// checked) after the module tree changed.
+    fn rebind(&self, epoch: u64) -> Result<()> {
+        let g = self.traced.graph();
+        let mut fresh = Vec::with_capacity(self.program.leaves().len());
+        for (l, n) in self.program.leaves().iter().zip(self.program.leaf_nodes()) {
+            fresh.push(match l {
+                LeafSrc::State(k) => {
+                    let t = self.traced.bind(k)?;
+                    let want = &g.node(*n).outputs[0];
+                    if !t.has_type(&want.shape, want.dtype) {
+                        return Err(Error::Binding(format!(
+                            "{k:?} is {}, the compiled graph expects {want}",
+                            tensor_type(&t)
+                        )));
+                    }
+                    Some(t)
+                }
+                _ => None,
+            });
+        }
+        *self.bound.write() = (epoch, fresh);
+        Ok(())
+    }
+
+    /// Runs the compiled program: user outputs returned, buffer updates
+    /// written back to the live module.
+    pub fn forward(&self, module: &Arc<dyn Module>, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let outs = self.run_graph(module, inputs)?;
+        let g = self.traced.graph();
+        let mut user = Vec::with_capacity(1);
+        let mut updates = Vec::new();
+        for (o, t) in g.outputs().iter().zip(outs) {
+            match &o.kind {
+                OutputKind::User => user.push(t),
+                OutputKind::BufferUpdate(name) => updates.push((name.clone(), t)),
+            }
+        }
+        if !updates.is_empty() {
+            self.traced.write_back(updates)?;
+        }
+        Ok(user)
+    }
+
+    /// All graph outputs (user outputs and buffer updates, in order).
+    pub(crate) fn run_graph(
+        &self,
+        module: &Arc<dyn Module>,
+        inputs: &[Tensor],
+    ) -> Result<Vec<Tensor>> {
+        if inputs.len() != self.input_types.len() {
             return Err(Error::Input(format!(
                 "compiled module takes {} input(s), got {}",
-                want.len(),
+                self.input_types.len(),
                 inputs.len()
             )));
         }
-        for (i, (t, w)) in inputs.iter().zip(&want).enumerate() {
-            if tensor_type(t) != *w {
+        for (i, (t, w)) in inputs.iter().zip(&self.input_types).enumerate() {
+            if !t.has_type(&w.shape, w.dtype) {
                 return Err(Error::Input(format!(
                     "input {i}: compiled for {w}, got {}",
                     tensor_type(t)
                 )));
             }
         }
+        let epoch = kiln_frontend::nn::structure_epoch();
+        if self.bound.read().0 != epoch {
+            self.rebind(epoch)?;
+        }
         let g = self.traced.graph();
         let bind = |k: &InputKind| self.traced.bind(k);
-        let leaves: Vec<Tensor> = self
-            .program
-            .leaves()
-            .iter()
-            .map(|l| {
-                let t = match l {
-                    LeafSrc::User(i) => inputs[*i].clone(),
-                    LeafSrc::State(k) => bind(k)?,
-                    LeafSrc::Const(t) => t.clone(),
+        let call = |path: &str, x: &Tensor| -> Result<Tensor> {
+            let m = module.get_submodule(path)?;
+            Ok(m.call(x)?)
+        };
+        let mut fresh;
+        let mut guard = self.scratch.try_lock();
+        let scratch: &mut Scratch = match guard.as_deref_mut() {
+            Some(s) => s,
+            None => {
+                fresh = Scratch {
+                    arena: vec![0f32; self.program.arena_len()],
+                    leaves: Vec::new(),
+                    ptrs: Vec::new(),
                 };
-                Ok(if t.dtype() == DType::F32 && !t.is_contiguous() {
+                &mut fresh
+            }
+        };
+        scratch.leaves.clear();
+        {
+            let bound = self.bound.read();
+            for (l, b) in self.program.leaves().iter().zip(&bound.1) {
+                let t = match (l, b) {
+                    (LeafSrc::User(i), _) => inputs[*i].clone(),
+                    (LeafSrc::Const(t), _) => t.clone(),
+                    (LeafSrc::State(_), Some(t)) => t.clone(),
+                    (LeafSrc::State(k), None) => bind(k)?,
+                };
+                let t = if t.dtype() == DType::F32 && !t.is_contiguous() {
                     t.contiguous()?
                 } else {
                     t
-                })
-            })
-            .collect::<Result<_>>()?;
-        let outs = match self.arena.try_lock() {
-            Some(mut arena) => self.program.run(g, &leaves, &mut arena, inputs, &bind)?,
-            None => {
-                let mut arena = vec![0f32; self.program.arena_len()];
-                self.program.run(g, &leaves, &mut arena, inputs, &bind)?
-            }
-        };
-        let values: std::collections::HashMap<kiln_ir::Value, Tensor> =
-            g.outputs().iter().map(|o| o.value).zip(outs).collect();
-        let mut user = Vec::new();
-        let mut updates = Vec::new();
-        for o in g.outputs() {
-            let t = values[&o.value].clone();
-            match &o.kind {
-                kiln_ir::OutputKind::User => user.push(t),
-                kiln_ir::OutputKind::BufferUpdate(name) => updates.push((name.clone(), t)),
+                };
+                scratch.leaves.push(t);
             }
         }
-        self.traced.write_back(updates)?;
-        Ok(user)
+        let Scratch {
+            arena,
+            leaves,
+            ptrs,
+        } = scratch;
+        let r = self
+            .program
+            .run(g, leaves, ptrs, arena, inputs, &bind, &call);
+        leaves.clear();
+        r
     }
 }

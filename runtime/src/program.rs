@@ -202,6 +202,12 @@ enum Step {
         node: NodeId,
         args: Vec<Arg>,
     },
+    /// A hooked submodule's call (`module_call` node), run by the runtime.
+    Call {
+        node: NodeId,
+        path: String,
+        arg: Arg,
+    },
     /// Copies a fallback node's f32 output into the arena.
     Import {
         value: Value,
@@ -221,6 +227,7 @@ impl Step {
             Step::LayerNorm { .. } => "layer_norm",
             Step::Gather { .. } => "gather",
             Step::Fallback { .. } => "fallback",
+            Step::Call { .. } => "module_call",
             Step::Import { .. } => "import",
         }
     }
@@ -245,6 +252,7 @@ enum OutSrc {
 /// A lowered graph (see the module docs).
 pub(crate) struct Program {
     leaves: Vec<LeafSrc>,
+    leaf_nodes: Vec<NodeId>,
     steps: Vec<Step>,
     /// Arena offset of each buffer.
     buf_offsets: Vec<usize>,
@@ -254,7 +262,6 @@ pub(crate) struct Program {
     /// `op: reason` for every node that runs on the fallback path.
     fallbacks: Vec<String>,
     pos: HashMap<NodeId, usize>,
-    has_fallback: bool,
 }
 
 // ------------------------------------------------------------------ building
@@ -367,6 +374,13 @@ impl<'g> Builder<'g> {
     }
 
     fn fallback(&mut self, n: NodeId, why: String) {
+        self.tensor_step(n);
+        self.fallbacks
+            .push(format!("{}: {why}", self.g.node(n).op.name()));
+    }
+
+    /// A node run on tensors: a fallback, or a hooked module's call.
+    fn tensor_step(&mut self, n: NodeId) {
         let mut args = Vec::new();
         let mut reads = Vec::new();
         for v in self.g.operands(n) {
@@ -386,9 +400,15 @@ impl<'g> Builder<'g> {
         for k in 0..self.g.node(n).outputs.len() {
             self.tensors.insert(Value::new(n, k));
         }
-        self.fallbacks
-            .push(format!("{}: {why}", self.g.node(n).op.name()));
-        self.push(Step::Fallback { node: n, args }, reads, vec![]);
+        let step = match &self.g.node(n).op {
+            Op::ModuleCall { path, .. } => Step::Call {
+                node: n,
+                path: path.clone(),
+                arg: args.remove(0),
+            },
+            _ => Step::Fallback { node: n, args },
+        };
+        self.push(step, reads, vec![]);
     }
 
     /// Values of `nodes` used by a node outside `nodes` or returned.
@@ -868,6 +888,11 @@ impl<'g> Builder<'g> {
                 i = j;
                 continue;
             }
+            if matches!(self.g.node(n).op, Op::ModuleCall { .. }) {
+                self.tensor_step(n);
+                i += 1;
+                continue;
+            }
             let r = match class {
                 OpClass::View => self.view(n),
                 OpClass::Contraction if matches!(self.g.node(n).op, Op::MatMul | Op::Addmm) => {
@@ -973,10 +998,12 @@ impl Program {
             fallbacks: Vec::new(),
         };
         let mut leaves = Vec::new();
+        let mut leaf_nodes = Vec::new();
         for &n in &order {
             if matches!(g.node(n).op.class(), OpClass::Input | OpClass::Constant) {
                 let i = leaves.len();
                 leaves.push(bind_leaf(n)?);
+                leaf_nodes.push(n);
                 let v = Value::new(n, 0);
                 b.leaf_of.insert(v, i);
                 if b.is_f32(v) {
@@ -1030,9 +1057,9 @@ impl Program {
         for (o, l) in buf_offsets.iter().zip(&b.buf_lens) {
             assert!(o + l <= arena_len, "memory plan: buffer outside the arena");
         }
-        let has_fallback = b.steps.iter().any(|s| matches!(s, Step::Fallback { .. }));
         Ok(Program {
             leaves,
+            leaf_nodes,
             steps: b.steps,
             buf_offsets,
             buf_lens: b.buf_lens,
@@ -1040,12 +1067,16 @@ impl Program {
             outputs,
             fallbacks: b.fallbacks,
             pos,
-            has_fallback,
         })
     }
 
     pub(crate) fn leaves(&self) -> &[LeafSrc] {
         &self.leaves
+    }
+
+    /// The graph node of each leaf.
+    pub(crate) fn leaf_nodes(&self) -> &[NodeId] {
+        &self.leaf_nodes
     }
 
     pub(crate) fn arena_len(&self) -> usize {
@@ -1071,24 +1102,27 @@ impl Program {
     /// Runs the program. `leaves[i]` is leaf i's tensor (f32 ones
     /// contiguous), `arena` holds at least `arena_len` elements. Returns
     /// the graph outputs in order.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn run(
         &self,
         g: &Graph,
         leaves: &[Tensor],
+        ptrs: &mut Vec<(usize, usize)>,
         arena: &mut [f32],
         user_inputs: &[Tensor],
         bind: &dyn Fn(&InputKind) -> Result<Tensor>,
+        call: &dyn Fn(&str, &Tensor) -> Result<Tensor>,
     ) -> Result<Vec<Tensor>> {
         assert!(arena.len() >= self.arena_len, "arena too small");
-        let mut ptrs: Vec<(*const f32, usize)> = Vec::with_capacity(leaves.len());
-        with_leaf_slices(leaves, &mut ptrs, &mut |ptrs| {
+        ptrs.clear();
+        with_leaf_slices(leaves, ptrs, &mut |ptrs| {
             let ctx = Ctx {
                 leaves: ptrs,
                 arena: arena.as_mut_ptr(),
                 offs: &self.buf_offsets,
                 lens: &self.buf_lens,
             };
-            self.exec(g, &ctx, leaves, user_inputs, bind)
+            self.exec(g, &ctx, leaves, user_inputs, bind, call)
         })
     }
 
@@ -1099,6 +1133,7 @@ impl Program {
         leaves: &[Tensor],
         user_inputs: &[Tensor],
         bind: &dyn Fn(&InputKind) -> Result<Tensor>,
+        call: &dyn Fn(&str, &Tensor) -> Result<Tensor>,
     ) -> Result<Vec<Tensor>> {
         let mut tensors: HashMap<Value, Tensor> = HashMap::new();
         for step in &self.steps {
@@ -1237,6 +1272,25 @@ impl Program {
                                 Error::Input(format!("import of a non-f32 value {value:?}"))
                             })?;
                     }
+                    Step::Call { node, path, arg } => {
+                        let x = match arg {
+                            Arg::Tensor(v) => tensors[v].clone(),
+                            Arg::Leaf(i) => leaves[*i].clone(),
+                            Arg::View(loc) => {
+                                Tensor::f32_filled_by(&loc.shape, |d| gather_into(ctx, loc, d))
+                            }
+                        };
+                        let y = call(path, &x)
+                            .and_then(|y| {
+                                check_types(std::slice::from_ref(&y), &g.node(*node).outputs)
+                                    .map(|_| y)
+                            })
+                            .map_err(|e| Error::Exec {
+                                node: describe_node(g, &self.pos, *node),
+                                source: Box::new(e),
+                            })?;
+                        tensors.insert(Value::new(*node, 0), y);
+                    }
                     Step::Fallback { node, args } => {
                         let args: Vec<Tensor> = args
                             .iter()
@@ -1264,7 +1318,6 @@ impl Program {
                 }
             }
         }
-        let _ = self.has_fallback;
         self.outputs
             .iter()
             .map(|o| {
@@ -1282,7 +1335,8 @@ impl Program {
 
 /// Raw views of the leaves and the arena for one call.
 struct Ctx<'a> {
-    leaves: &'a [(*const f32, usize)],
+    /// (address, length) of each leaf's elements (0 for non-f32 leaves).
+    leaves: &'a [(usize, usize)],
     arena: *mut f32,
     offs: &'a [usize],
     lens: &'a [usize],
@@ -1372,8 +1426,8 @@ unsafe fn gather_into(ctx: &Ctx, loc: &Loc, dst: &mut [f32]) {
 /// those, as tensors).
 fn with_leaf_slices<R>(
     ts: &[Tensor],
-    ptrs: &mut Vec<(*const f32, usize)>,
-    f: &mut dyn FnMut(&[(*const f32, usize)]) -> R,
+    ptrs: &mut Vec<(usize, usize)>,
+    f: &mut dyn FnMut(&[(usize, usize)]) -> R,
 ) -> R {
     match ts.split_first() {
         None => f(ptrs),
@@ -1382,13 +1436,13 @@ fn with_leaf_slices<R>(
             let mut ptrs_opt = Some(&mut *ptrs);
             let r = t.with_f32_contiguous(|s| {
                 let p = ptrs_opt.take().expect("once");
-                p.push((s.as_ptr(), s.len()));
+                p.push((s.as_ptr() as usize, s.len()));
                 with_leaf_slices(rest, p, f.take().expect("once"))
             });
             match r {
                 Some(r) => r,
                 None => {
-                    ptrs.push((std::ptr::null(), 0));
+                    ptrs.push((0, 0));
                     with_leaf_slices(rest, ptrs, f.take().expect("not used"))
                 }
             }

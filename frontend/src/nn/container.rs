@@ -175,7 +175,7 @@ impl ModuleList {
         } else {
             (index as usize).min(n)
         };
-        let mut r = self.core.reg.write();
+        let mut r = self.core.reg_mut();
         r.modules.insert(i, (String::new(), Some(module)));
         for (j, (k, _)) in r.modules.iter_mut().enumerate() {
             *k = j.to_string();

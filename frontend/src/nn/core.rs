@@ -54,6 +54,20 @@ pub(crate) struct Hooks {
     pub load_state_dict_pre: HookList<LoadStateDictPreHook>,
 }
 
+static STRUCTURE_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A counter bumped by every change to any module's registry (parameters,
+/// buffers, children set or replaced), any hook registration or removal,
+/// and `_apply` (`to(dtype)`): the compiled runtime re-checks its guards
+/// (module tree, hooks, bound tensors) only when it moved.
+pub fn structure_epoch() -> u64 {
+    STRUCTURE_EPOCH.load(Ordering::Acquire)
+}
+
+pub(crate) fn bump_structure_epoch() {
+    STRUCTURE_EPOCH.fetch_add(1, Ordering::AcqRel);
+}
+
 /// The base state of every module. Build one with `ModuleCore::new("Name")`
 /// in the module's constructor (the name is what `repr` prints, PyTorch's
 /// class name), then register parameters, buffers and children on it.
@@ -95,6 +109,34 @@ impl ModuleCore {
         }
     }
 
+    /// The registry for writing (bumps `structure_epoch`).
+    pub(crate) fn reg_mut(&self) -> parking_lot::RwLockWriteGuard<'_, Registry> {
+        bump_structure_epoch();
+        self.reg.write()
+    }
+
+    /// Ids of this module's forward pre-, forward, backward and backward
+    /// pre-hooks, in that order (for the compiled runtime's guards).
+    pub fn hook_ids(&self) -> Vec<u64> {
+        let h = self.hooks.lock();
+        h.forward_pre
+            .ids()
+            .chain(h.forward.ids())
+            .chain(h.backward.ids())
+            .chain(h.backward_pre.ids())
+            .collect()
+    }
+
+    /// True if a forward pre-, forward, backward or backward pre-hook is
+    /// registered on this module.
+    pub fn has_call_hooks(&self) -> bool {
+        let h = self.hooks.lock();
+        !(h.forward_pre.is_empty()
+            && h.forward.is_empty()
+            && h.backward.is_empty()
+            && h.backward_pre.is_empty())
+    }
+
     /// The class name printed by `repr` (`_get_name()`).
     pub fn type_name(&self) -> &str {
         &self.type_name
@@ -128,7 +170,7 @@ impl ModuleCore {
     /// requires grad). Re-registering a parameter name replaces it.
     pub fn register_parameter(&self, name: &str, param: Option<Tensor>) -> Result<()> {
         check_name("parameter", name)?;
-        let mut r = self.reg.write();
+        let mut r = self.reg_mut();
         if self.exists_elsewhere(&r, name, "param") {
             return Err(Error::Lookup(format!("attribute '{name}' already exists")));
         }
@@ -152,7 +194,7 @@ impl ModuleCore {
         persistent: bool,
     ) -> Result<()> {
         check_name("buffer", name)?;
-        let mut r = self.reg.write();
+        let mut r = self.reg_mut();
         if self.exists_elsewhere(&r, name, "buffer") {
             return Err(Error::Lookup(format!("attribute '{name}' already exists")));
         }
@@ -169,7 +211,7 @@ impl ModuleCore {
     /// slot (it prints as `(name): None` and is skipped by iterations).
     pub fn add_module(&self, name: &str, module: Option<Arc<dyn Module>>) -> Result<()> {
         check_name("module", name)?;
-        let mut r = self.reg.write();
+        let mut r = self.reg_mut();
         if self.exists_elsewhere(&r, name, "module") {
             return Err(Error::Lookup(format!("attribute '{name}' already exists")));
         }
@@ -251,7 +293,7 @@ impl ModuleCore {
     /// forward does in training mode): replaces the buffer object, keeping
     /// its persistence.
     pub fn set_buffer(&self, name: &str, tensor: Option<Tensor>) -> Result<()> {
-        let mut r = self.reg.write();
+        let mut r = self.reg_mut();
         match r.buffers.iter_mut().find(|(k, _)| k == name) {
             Some(slot) => {
                 slot.1 = tensor;
@@ -266,7 +308,7 @@ impl ModuleCore {
     /// that name is removed first, as Python's `__setattr__` does.
     pub fn set_child(&self, name: &str, module: Arc<dyn Module>) -> Result<()> {
         check_name("module", name)?;
-        let mut r = self.reg.write();
+        let mut r = self.reg_mut();
         r.params.retain(|(k, _)| k != name);
         r.buffers.retain(|(k, _)| k != name);
         r.non_persistent.remove(name);
@@ -276,7 +318,7 @@ impl ModuleCore {
 
     /// `delattr(self, name)` for a parameter, buffer or submodule.
     pub fn remove_attr(&self, name: &str) -> Result<()> {
-        let mut r = self.reg.write();
+        let mut r = self.reg_mut();
         let before = r.params.len() + r.buffers.len() + r.modules.len();
         r.params.retain(|(k, _)| k != name);
         r.buffers.retain(|(k, _)| k != name);

@@ -38,12 +38,23 @@ impl<T> Default for HookList<T> {
 
 impl<T> HookList<T> {
     pub(crate) fn push(&mut self, h: T) -> u64 {
+        super::core::bump_structure_epoch();
         let id = next_hook_id();
         self.items.push((id, h));
         id
     }
     pub(crate) fn remove(&mut self, id: u64) {
+        super::core::bump_structure_epoch();
         self.items.retain(|(i, _)| *i != id);
+    }
+
+    /// Registration ids, in order.
+    pub(crate) fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.items.iter().map(|(i, _)| *i)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.items.is_empty()
     }
 }
 
@@ -72,6 +83,17 @@ fn global_handle<T: 'static>(
     pick: impl Fn(&mut GlobalHooks) -> &mut HookList<T> + Send + Sync + 'static,
 ) -> RemovableHandle {
     RemovableHandle::new(id, move |id| pick(&mut GLOBAL_HOOKS.lock()).remove(id))
+}
+
+/// Ids of the registered global forward pre-, forward and backward hooks
+/// (for the compiled runtime's guards).
+pub fn global_hook_ids() -> Vec<u64> {
+    let g = GLOBAL_HOOKS.lock();
+    g.forward_pre
+        .ids()
+        .chain(g.forward.ids())
+        .chain(g.backward.ids())
+        .collect()
 }
 
 /// `torch.nn.modules.module.register_module_forward_pre_hook`: runs before

@@ -58,12 +58,12 @@ pub mod norm;
 pub mod pool;
 pub mod state_dict;
 
-pub use self::core::ModuleCore;
+pub use self::core::{structure_epoch, ModuleCore};
 pub use container::{ModuleDict, ModuleList, Sequential};
 pub use conv::{Conv2d, Conv2dOptions, ConvTranspose2d, ConvTranspose2dOptions, Size2};
 pub use functional::Reduction;
 pub use hooks::{
-    register_module_forward_hook, register_module_forward_pre_hook,
+    global_hook_ids, register_module_forward_hook, register_module_forward_pre_hook,
     register_module_full_backward_hook,
 };
 pub use layers::{
@@ -71,7 +71,7 @@ pub use layers::{
 };
 pub use linear::Linear;
 pub use loss::{BCEWithLogitsLoss, CrossEntropyLoss, L1Loss, MSELoss};
-pub use module::{downcast_arc, Module, ModuleBase, ModuleExt, ModuleRef};
+pub use module::{call_with_forward, downcast_arc, Module, ModuleBase, ModuleExt, ModuleRef};
 pub use norm::{BatchNorm1d, BatchNorm2d, BatchNormOptions, LayerNorm};
 pub use pool::{AvgPool2d, MaxPool2d};
 pub use state_dict::{IncompatibleKeys, StateDict};

@@ -218,11 +218,52 @@ fn with_scope(e: Error, path: &str, m: &dyn Module) -> Error {
 /// input), backward-hook setup on the input, forward, global then module
 /// forward hooks (may replace the output), backward-hook setup on the output.
 fn call_impl(m: &dyn Module, x: &Tensor) -> Result<Tensor> {
+    call_with_forward(m, x, &|x| m.forward(x))
+}
+
+/// `_call_impl` with `body` in place of `m.forward`: the compiled runtime
+/// runs a module's hooks, live, around its compiled forward.
+///
+/// While a trace with live hooks is recorded (`trace::trace_module_live_hooks`),
+/// the root's hooks are left to the runtime (only `body` is traced), and a
+/// submodule with hooks (or any module while global hooks exist) is not
+/// traced into: its whole call runs untraced and is recorded as one
+/// `module_call` node, which the compiled runtime executes by calling the
+/// module, so its hooks run at every call exactly as in eager mode.
+pub fn call_with_forward(
+    m: &dyn Module,
+    x: &Tensor,
+    body: &dyn Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     let (_scope, path) = ScopeGuard::enter(m);
     // The tracer's scope: `Type` for the root, `Type[name]` below it.
     let attr = (!path.is_empty()).then(|| path.rsplit('.').next().unwrap_or(""));
     let _trace_scope = crate::trace::enter_module(m.core().type_name(), attr);
 
+    if crate::trace::live_hooks() {
+        if path.is_empty() {
+            return body(x).map_err(|e| with_scope(e, &path, m));
+        }
+        let global = ANY_GLOBAL.load(std::sync::atomic::Ordering::Relaxed)
+            && !super::hooks::global_hook_ids().is_empty();
+        if global || m.core().has_call_hooks() {
+            let y = {
+                let _off = crate::trace::suspend();
+                hooked_call(m, x, body, &path)?
+            };
+            crate::trace::record_module_call(&path, x, &y);
+            return Ok(y);
+        }
+    }
+    hooked_call(m, x, body, &path)
+}
+
+fn hooked_call(
+    m: &dyn Module,
+    x: &Tensor,
+    body: &dyn Fn(&Tensor) -> Result<Tensor>,
+    path: &str,
+) -> Result<Tensor> {
     let core = m.core();
     let (pre, fwd, bwd, bwd_pre) = {
         let h = core.hooks.lock();
@@ -259,7 +300,7 @@ fn call_impl(m: &dyn Module, x: &Tensor) -> Result<Tensor> {
         if let Some(bw) = &bw {
             x = bw.setup_input(&x);
         }
-        let mut y = m.forward(&x)?;
+        let mut y = body(&x)?;
         for h in gfwd.iter().chain(fwd.iter()) {
             if let Some(ny) = h(m, &x, &y)? {
                 y = ny;
@@ -270,7 +311,7 @@ fn call_impl(m: &dyn Module, x: &Tensor) -> Result<Tensor> {
         }
         Ok(y)
     };
-    run().map_err(|e| with_scope(e, &path, m))
+    run().map_err(|e| with_scope(e, path, m))
 }
 
 // -------------------------------------------------------------------- repr
@@ -447,6 +488,7 @@ fn apply_rec(m: &dyn Module, f: &mut dyn FnMut(&dyn Module)) {
 }
 
 fn apply_tensors_rec(m: &dyn Module, f: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<()> {
+    super::core::bump_structure_epoch();
     for c in m.children() {
         apply_tensors_rec(&*c, f)?;
     }

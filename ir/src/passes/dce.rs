@@ -8,7 +8,13 @@ use std::collections::HashSet;
 
 pub fn dce(g: &mut Graph) -> Result<bool> {
     let mut live = HashSet::new();
+    // Module calls run hooks (side effects), as in eager: always live.
     let mut stack: Vec<_> = g.outputs().iter().map(|o| o.value.node).collect();
+    stack.extend(
+        g.node_ids()
+            .into_iter()
+            .filter(|&n| matches!(g.node(n).op, Op::ModuleCall { .. })),
+    );
     while let Some(n) = stack.pop() {
         if live.insert(n) {
             stack.extend(g.operands(n).into_iter().map(|v| v.node));
