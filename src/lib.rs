@@ -8,6 +8,7 @@
 pub use kiln_frontend::*;
 
 pub mod bench;
+pub mod testing;
 pub mod verify;
 pub mod zoo;
 

@@ -6,8 +6,8 @@
 
 mod common;
 use common::model;
-use kiln::nn::prelude::*;
 use kiln::jit;
+use kiln::nn::prelude::*;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 

@@ -36,14 +36,21 @@ fn hooks_registered_before_compile_run_live_and_replace_values() {
     let c = jit::compile(&m, &[x.clone()]).unwrap();
     let v = c.first();
     assert_eq!(
-        v.step_names().iter().filter(|s| **s == "module_call").count(),
+        v.step_names()
+            .iter()
+            .filter(|s| **s == "module_call")
+            .count(),
         2,
         "steps {:?}",
         v.step_names()
     );
     let before = calls.load(Ordering::SeqCst);
     same(&c, &m, &x); // one eager call, one compiled call
-    assert_eq!(calls.load(Ordering::SeqCst), before + 2, "the hook ran in compiled mode");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        before + 2,
+        "the hook ran in compiled mode"
+    );
     kiln::no_grad(|| c.forward(&[x.clone()])).unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), before + 3);
     assert_eq!(c.variant_count(), 1);

@@ -75,6 +75,56 @@ struct Scratch {
     ptrs: Vec<(usize, usize)>,
 }
 
+/// The result of `CompiledModule::verify`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VerifyReport {
+    /// max |compiled - eager| / max |eager| over the first user output.
+    pub max_rel: f64,
+    /// The first node (execution order) whose compiled value differs from
+    /// the reference interpreter's, as a listing line with its module
+    /// scope, when the outputs differ.
+    pub first_mismatch: Option<String>,
+    /// Why the comparison could not be made per node, if it could not.
+    pub note: Option<String>,
+}
+
+impl VerifyReport {
+    pub fn passed(&self, rtol: f64) -> bool {
+        self.max_rel <= rtol
+    }
+}
+
+impl std::fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "compiled vs eager: max relative error {:.3e}",
+            self.max_rel
+        )?;
+        if let Some(m) = &self.first_mismatch {
+            write!(f, "; first differing node: {m}")?;
+        }
+        if let Some(n) = &self.note {
+            write!(f, " ({n})")?;
+        }
+        Ok(())
+    }
+}
+
+/// max |a - b| / max |b| (infinite on a shape mismatch).
+fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    if a.shape() != b.shape() {
+        return f64::INFINITY;
+    }
+    let (a, b) = (a.to_vec::<f64>(), b.to_vec::<f64>());
+    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, |m: f64, d| if d.is_nan() || d > m { d } else { m })
+        / scale
+}
+
 /// One compiled graph: the variant for one set of input types, one
 /// training flag and one module-tree fingerprint.
 pub struct Variant {
@@ -328,6 +378,104 @@ impl CompiledModule {
         Ok(outs.remove(0))
     }
 
+    /// Runs eager and compiled on `inputs` (the module's parameters and
+    /// buffers restored after each run, so no side effects) and compares
+    /// them. When the outputs differ by more than `rtol` (relative to the
+    /// eager output's largest magnitude), the compiled program's value of
+    /// every node it materializes is compared with the reference
+    /// interpreter's, and the first differing node in execution order is
+    /// reported with its module scope.
+    pub fn verify(&self, inputs: &[Tensor], rtol: f64) -> Result<VerifyReport> {
+        if inputs.len() != 1 {
+            return Err(Error::Input(format!(
+                "verify: kiln modules take one input tensor, got {}",
+                inputs.len()
+            )));
+        }
+        let state: Vec<(Tensor, Tensor)> = self
+            .module
+            .state_dict()
+            .iter()
+            .map(|(_, t)| Ok((t.clone(), t.detach().clone_tensor()?)))
+            .collect::<Result<_>>()?;
+        let restore = || -> Result<()> {
+            kiln_frontend::no_grad(|| -> kiln_frontend::Result<()> {
+                for (live, saved) in &state {
+                    live.copy_(saved)?;
+                }
+                Ok(())
+            })?;
+            Ok(())
+        };
+        let eager = kiln_frontend::no_grad(|| self.module.call(&inputs[0]));
+        restore()?;
+        let eager = eager?;
+        let Some(v) = self.variant(inputs)? else {
+            return Ok(VerifyReport {
+                max_rel: 0.0,
+                first_mismatch: None,
+                note: Some("no compiled variant for these inputs: the call runs eagerly".into()),
+            });
+        };
+        let got = kiln_frontend::no_grad(|| v.run_collect(&self.module, inputs));
+        restore()?;
+        let (outs, seen) = got?;
+        let g = v.traced.graph();
+        let user: Vec<&Tensor> = g
+            .outputs()
+            .iter()
+            .zip(&outs)
+            .filter(|(o, _)| matches!(o.kind, OutputKind::User))
+            .map(|(_, t)| t)
+            .collect();
+        let max_rel = match user.first() {
+            Some(t) => rel_diff(t, &eager),
+            None => f64::INFINITY,
+        };
+        let mut report = VerifyReport {
+            max_rel,
+            first_mismatch: None,
+            note: None,
+        };
+        if max_rel <= rtol {
+            return Ok(report);
+        }
+        let reference = kiln_frontend::no_grad(|| {
+            crate::interpreter::run_graph_collect(g, inputs, &|k| v.traced.bind(k))
+        });
+        restore()?;
+        match reference {
+            Err(e) => {
+                report.note = Some(format!(
+                    "the reference interpreter cannot run this graph: {e}"
+                ))
+            }
+            Ok(r) => {
+                let pos: std::collections::HashMap<_, _> =
+                    r.order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+                'nodes: for &n in &r.order {
+                    for k in 0..g.node(n).outputs.len() {
+                        let val = kiln_ir::Value::new(n, k);
+                        if let (Some(a), Some(b)) = (seen.get(&val), r.values.get(&val)) {
+                            if a.dtype() != DType::F32 {
+                                continue;
+                            }
+                            let e = rel_diff(a, b);
+                            if e.is_nan() || e > rtol {
+                                report.first_mismatch = Some(format!(
+                                    "{}  (relative error {e:.3e} > {rtol:.0e})",
+                                    crate::interpreter::describe_node(g, &pos, n)
+                                ));
+                                break 'nodes;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
     fn forward_body(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         match self.variant(inputs)? {
             Some(v) => v.forward(&self.module, inputs),
@@ -422,6 +570,55 @@ impl Variant {
         Ok(user)
     }
 
+    /// The tensor of every leaf for this call (f32 ones contiguous).
+    fn leaf_tensors(&self, inputs: &[Tensor], out: &mut Vec<Tensor>) -> Result<()> {
+        let bound = self.bound.read();
+        for (l, b) in self.program.leaves().iter().zip(&bound.1) {
+            let t = match (l, b) {
+                (LeafSrc::User(i), _) => inputs[*i].clone(),
+                (LeafSrc::Const(t), _) => t.clone(),
+                (LeafSrc::State(_), Some(t)) => t.clone(),
+                (LeafSrc::State(k), None) => self.traced.bind(k)?,
+            };
+            let t = if t.dtype() == DType::F32 && !t.is_contiguous() {
+                t.contiguous()?
+            } else {
+                t
+            };
+            out.push(t);
+        }
+        Ok(())
+    }
+
+    /// Runs the program keeping a copy of every value it materializes.
+    fn run_collect(
+        &self,
+        module: &Arc<dyn Module>,
+        inputs: &[Tensor],
+    ) -> Result<(
+        Vec<Tensor>,
+        std::collections::HashMap<kiln_ir::Value, Tensor>,
+    )> {
+        let epoch = kiln_frontend::nn::structure_epoch();
+        if self.bound.read().0 != epoch {
+            self.rebind(epoch)?;
+        }
+        let mut leaves = Vec::new();
+        self.leaf_tensors(inputs, &mut leaves)?;
+        let mut arena = vec![0f32; self.program.arena_len()];
+        let bind = |k: &InputKind| self.traced.bind(k);
+        let call =
+            |path: &str, x: &Tensor| -> Result<Tensor> { Ok(module.get_submodule(path)?.call(x)?) };
+        self.program.run_collect(
+            self.traced.graph(),
+            &leaves,
+            &mut arena,
+            inputs,
+            &bind,
+            &call,
+        )
+    }
+
     /// All graph outputs (user outputs and buffer updates, in order).
     pub(crate) fn run_graph(
         &self,
@@ -449,10 +646,8 @@ impl Variant {
         }
         let g = self.traced.graph();
         let bind = |k: &InputKind| self.traced.bind(k);
-        let call = |path: &str, x: &Tensor| -> Result<Tensor> {
-            let m = module.get_submodule(path)?;
-            Ok(m.call(x)?)
-        };
+        let call =
+            |path: &str, x: &Tensor| -> Result<Tensor> { Ok(module.get_submodule(path)?.call(x)?) };
         let mut fresh;
         let mut guard = self.scratch.try_lock();
         let scratch: &mut Scratch = match guard.as_deref_mut() {
@@ -467,23 +662,7 @@ impl Variant {
             }
         };
         scratch.leaves.clear();
-        {
-            let bound = self.bound.read();
-            for (l, b) in self.program.leaves().iter().zip(&bound.1) {
-                let t = match (l, b) {
-                    (LeafSrc::User(i), _) => inputs[*i].clone(),
-                    (LeafSrc::Const(t), _) => t.clone(),
-                    (LeafSrc::State(_), Some(t)) => t.clone(),
-                    (LeafSrc::State(k), None) => bind(k)?,
-                };
-                let t = if t.dtype() == DType::F32 && !t.is_contiguous() {
-                    t.contiguous()?
-                } else {
-                    t
-                };
-                scratch.leaves.push(t);
-            }
-        }
+        self.leaf_tensors(inputs, &mut scratch.leaves)?;
         let Scratch {
             arena,
             leaves,
@@ -494,5 +673,39 @@ impl Variant {
             .run(g, leaves, ptrs, arena, inputs, &bind, &call);
         leaves.clear();
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_frontend::nn::{Linear, ReLU, Sequential};
+
+    /// A wrong value in one step of the compiled program is reported at
+    /// the node that produced it, with its module scope.
+    #[test]
+    fn verify_names_the_first_differing_node() {
+        kiln_frontend::manual_seed(0);
+        let layers: Vec<Arc<dyn Module>> = vec![
+            Arc::new(Linear::new(4, 8, true).unwrap()),
+            Arc::new(ReLU::new()),
+            Arc::new(Linear::new(8, 3, true).unwrap()),
+        ];
+        let m: Arc<dyn Module> = Arc::new(Sequential::new(layers));
+        m.eval();
+        let x = Tensor::randn(&[5, 4], DType::F32);
+        let c = compile(&m, &[x.clone()]).unwrap();
+        assert!(c.verify(&[x.clone()], 1e-6).unwrap().passed(1e-6));
+        let steps = c.first().step_names();
+        let last_gemm = steps
+            .iter()
+            .rposition(|s| *s == "gemm")
+            .expect("a gemm step");
+        crate::program::FAULT_AFTER_STEP.with(|f| f.set(last_gemm + 1));
+        let r = c.verify(&[x.clone()], 1e-6).unwrap();
+        crate::program::FAULT_AFTER_STEP.with(|f| f.set(0));
+        assert!(!r.passed(1e-6), "{r}");
+        let at = r.first_mismatch.expect("a node is named");
+        assert!(at.contains("addmm") && at.contains("Linear[2]"), "{at}");
     }
 }

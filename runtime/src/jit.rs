@@ -106,4 +106,6 @@ pub fn check_trace(traced: &TracedModule, inputs: &[Tensor], rtol: f64) -> Resul
     Ok(check)
 }
 
-pub use crate::compiled::{compile, compile_with, Backend, CompileOptions, CompiledModule};
+pub use crate::compiled::{
+    compile, compile_with, Backend, CompileOptions, CompiledModule, VerifyReport,
+};

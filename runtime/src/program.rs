@@ -215,7 +215,31 @@ enum Step {
     },
 }
 
+// Test-only fault injection: after the step with this 1-based index, the
+// first element it wrote is perturbed (to test per-node localization).
+#[cfg(test)]
+thread_local! {
+    pub(crate) static FAULT_AFTER_STEP: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 impl Step {
+    /// The first span the step writes, if it writes the arena.
+    #[cfg(test)]
+    fn out_span(&self) -> Option<Span> {
+        match self {
+            Step::Jit(j) => j.outs.first().copied(),
+            Step::Gemm { out, .. }
+            | Step::Conv { out, .. }
+            | Step::MaxPool { out, .. }
+            | Step::AvgPool { out, .. }
+            | Step::Softmax { out, .. }
+            | Step::LayerNorm { out, .. }
+            | Step::Gather { out, .. }
+            | Step::Import { out, .. } => Some(*out),
+            Step::Fallback { .. } | Step::Call { .. } => None,
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Step::Jit(_) => "jit",
@@ -251,6 +275,9 @@ enum OutSrc {
 
 /// A lowered graph (see the module docs).
 pub(crate) struct Program {
+    /// When each value with a view is readable (for `collect` runs): after
+    /// that many steps, at that view.
+    avail: Vec<(usize, Value, Loc)>,
     leaves: Vec<LeafSrc>,
     leaf_nodes: Vec<NodeId>,
     steps: Vec<Step>,
@@ -278,6 +305,8 @@ struct Builder<'g> {
     reads: Vec<Vec<usize>>,
     writes: Vec<Vec<usize>>,
     fallbacks: Vec<String>,
+    /// (steps run, value): when each arena/leaf value becomes readable.
+    avail: Vec<(usize, Value, Loc)>,
 }
 
 fn bufs_of(spans: &[Span]) -> Vec<usize> {
@@ -299,6 +328,16 @@ fn four(s: &[usize]) -> Option<[usize; 4]> {
 }
 
 impl<'g> Builder<'g> {
+    /// Records `v`'s home; it is readable once the steps so far (and the
+    /// step about to be pushed, if `pending`) have run.
+    fn set_loc(&mut self, v: Value, loc: Loc, pending: bool) {
+        let after = self.steps.len() + pending as usize;
+        if !self.locs.contains_key(&v) {
+            self.avail.push((after, v, loc.clone()));
+        }
+        self.locs.insert(v, loc);
+    }
+
     fn new_buf(&mut self, len: usize) -> usize {
         self.buf_lens.push(len);
         self.buf_lens.len() - 1
@@ -334,7 +373,7 @@ impl<'g> Builder<'g> {
             vec![],
             vec![b],
         );
-        self.locs.insert(v, loc.clone());
+        self.set_loc(v, loc.clone(), false);
         Some(loc)
     }
 
@@ -359,7 +398,7 @@ impl<'g> Builder<'g> {
             reads,
             vec![b],
         );
-        self.locs.insert(v, out.clone());
+        self.set_loc(v, out.clone(), false);
         Some(out.span())
     }
 
@@ -369,7 +408,7 @@ impl<'g> Builder<'g> {
         let b = self.new_buf(kiln_ir::numel(&shape));
         let loc = Loc::contiguous(Base::Buf(b), 0, &shape);
         let s = loc.span();
-        self.locs.insert(v, loc);
+        self.set_loc(v, loc, true);
         s
     }
 
@@ -488,7 +527,7 @@ impl<'g> Builder<'g> {
                     let shape = self.g.value_type(v).shape.clone();
                     let loc = Loc::contiguous(Base::Buf(b), 0, &shape);
                     let s = loc.span();
-                    self.locs.insert(v, loc);
+                    self.set_loc(v, loc, true);
                     s
                 }
                 None => self.output(v),
@@ -573,7 +612,7 @@ impl<'g> Builder<'g> {
                 nl.shape, out_shape
             ));
         }
-        self.locs.insert(Value::new(n, 0), nl);
+        self.set_loc(Value::new(n, 0), nl, false);
         Ok(())
     }
 
@@ -996,6 +1035,7 @@ impl Program {
             reads: Vec::new(),
             writes: Vec::new(),
             fallbacks: Vec::new(),
+            avail: Vec::new(),
         };
         let mut leaves = Vec::new();
         let mut leaf_nodes = Vec::new();
@@ -1053,11 +1093,14 @@ impl Program {
                 first[x] = 0;
             }
         }
+        let mut avail = std::mem::take(&mut b.avail);
+        avail.sort_by_key(|(k, _, _)| *k);
         let (buf_offsets, arena_len) = plan_memory(&b.buf_lens, &first, &last);
         for (o, l) in buf_offsets.iter().zip(&b.buf_lens) {
             assert!(o + l <= arena_len, "memory plan: buffer outside the arena");
         }
         Ok(Program {
+            avail,
             leaves,
             leaf_nodes,
             steps: b.steps,
@@ -1122,8 +1165,35 @@ impl Program {
                 offs: &self.buf_offsets,
                 lens: &self.buf_lens,
             };
-            self.exec(g, &ctx, leaves, user_inputs, bind, call)
+            self.exec(g, &ctx, leaves, user_inputs, bind, call, None)
         })
+    }
+
+    /// `run` that also returns a copy of every value the program
+    /// materializes (arena values right after the step that writes them,
+    /// fallback results), for per-node comparison with the interpreter.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_collect(
+        &self,
+        g: &Graph,
+        leaves: &[Tensor],
+        arena: &mut [f32],
+        user_inputs: &[Tensor],
+        bind: &dyn Fn(&InputKind) -> Result<Tensor>,
+        call: &dyn Fn(&str, &Tensor) -> Result<Tensor>,
+    ) -> Result<(Vec<Tensor>, HashMap<Value, Tensor>)> {
+        let mut ptrs = Vec::new();
+        let mut seen = HashMap::new();
+        let outs = with_leaf_slices(leaves, &mut ptrs, &mut |ptrs| {
+            let ctx = Ctx {
+                leaves: ptrs,
+                arena: arena.as_mut_ptr(),
+                offs: &self.buf_offsets,
+                lens: &self.buf_lens,
+            };
+            self.exec(g, &ctx, leaves, user_inputs, bind, call, Some(&mut seen))
+        })?;
+        Ok((outs, seen))
     }
 
     fn exec(
@@ -1134,9 +1204,25 @@ impl Program {
         user_inputs: &[Tensor],
         bind: &dyn Fn(&InputKind) -> Result<Tensor>,
         call: &dyn Fn(&str, &Tensor) -> Result<Tensor>,
+        mut collect: Option<&mut HashMap<Value, Tensor>>,
     ) -> Result<Vec<Tensor>> {
         let mut tensors: HashMap<Value, Tensor> = HashMap::new();
-        for step in &self.steps {
+        let mut next_avail = 0;
+        // Copies (for `run_collect`) of the values readable once `ran` steps ran.
+        let mut snapshot = |ran: usize, collect: &mut Option<&mut HashMap<Value, Tensor>>| {
+            if let Some(seen) = collect.as_deref_mut() {
+                while next_avail < self.avail.len() && self.avail[next_avail].0 <= ran {
+                    let (_, v, loc) = &self.avail[next_avail];
+                    // SAFETY: the view is inside its base, written by now.
+                    let t =
+                        Tensor::f32_filled_by(&loc.shape, |d| unsafe { gather_into(ctx, loc, d) });
+                    seen.entry(*v).or_insert(t);
+                    next_avail += 1;
+                }
+            }
+        };
+        snapshot(0, &mut collect);
+        for (si, step) in self.steps.iter().enumerate() {
             // SAFETY (every arm): spans come from the compile-time plan:
             // each lies inside its leaf (checked types) or its arena buffer;
             // buffers live at the same time never overlap (`plan_memory`),
@@ -1316,6 +1402,19 @@ impl Program {
                         }
                     }
                 }
+            }
+            #[cfg(test)]
+            if FAULT_AFTER_STEP.with(|f| f.get()) == si + 1 {
+                if let Some(o) = step.out_span() {
+                    // SAFETY: the span is inside the arena (as when written).
+                    unsafe { ctx.slice_mut(&o)[0] += 1.0 };
+                }
+            }
+            snapshot(si + 1, &mut collect);
+        }
+        if let Some(seen) = collect {
+            for (v, t) in &tensors {
+                seen.entry(*v).or_insert_with(|| t.clone());
             }
         }
         self.outputs
