@@ -54,6 +54,9 @@ pub struct Report {
     pub names_ok: bool,
     pub repr_ok: bool,
     pub load_ok: bool,
+    /// With `--backend cpu`: the worst error of the compiled path (eval and
+    /// training forward vs the fixtures, eval vs eager).
+    pub compiled: Option<f64>,
     /// Each failed check: what, which tensor, the error and the tolerance.
     pub failures: Vec<String>,
     /// Every compared tensor: (what, relative error, tolerance).
@@ -102,7 +105,11 @@ impl fmt::Display for Report {
             ok(self.names_ok),
             ok(self.repr_ok),
             if self.passed() { "PASS" } else { "FAIL" }
-        )
+        )?;
+        if let Some(c) = self.compiled {
+            write!(f, "  compiled(cpu) {c:.1e}")?;
+        }
+        Ok(())
     }
 }
 
@@ -233,6 +240,59 @@ fn load_model(dir: &Path, name: &str) -> Result<std::sync::Arc<dyn Module>> {
     let m = zoo::build(name)?;
     m.load_safetensors(path(dir, &format!("{name}.safetensors")), true)?;
     Ok(m)
+}
+
+/// Tolerance of compiled vs eager (both kiln, same machine).
+pub const COMPILED_VS_EAGER_TOL: f64 = 1e-5;
+
+/// `verify_model`, plus, with `compiled`, every forward check through
+/// `jit::compile` too: the compiled eval output against the fixture and
+/// against eager, and a compiled training-mode forward against the
+/// fixture's `train_output` and `train_state.*` buffers.
+pub fn verify_model_with(dir: &Path, name: &str, compiled: bool) -> Result<Report> {
+    let mut r = verify_model(dir, name)?;
+    if !compiled {
+        return Ok(r);
+    }
+    let io_name = format!("{name}.io.safetensors");
+    let io = StateDict::load_safetensors(path(dir, &io_name))?;
+    let x = get(&io, "input", &io_name)?;
+    let m = load_model(dir, name)?;
+    m.eval();
+    let eager = no_grad(|| m.call(x))?;
+    let c = crate::jit::compile(&m, std::slice::from_ref(x))?;
+    let y = no_grad(|| c.forward(std::slice::from_ref(x)))?;
+    let mut worst = r.check(
+        "compiled.eval_output",
+        rel_err(&y[0], get(&io, "eval_output", &io_name)?),
+        FORWARD_TOL,
+    );
+    worst = worst.max(r.check(
+        "compiled.eval_output vs eager",
+        rel_err(&y[0], &eager),
+        COMPILED_VS_EAGER_TOL,
+    ));
+    let m = load_model(dir, name)?;
+    m.train(true);
+    disable_dropout(&*m)?;
+    let c = crate::jit::compile(&m, std::slice::from_ref(x))?;
+    let yt = no_grad(|| c.forward(std::slice::from_ref(x)))?;
+    worst = worst.max(r.check(
+        "compiled.train_output",
+        rel_err(&yt[0], get(&io, "train_output", &io_name)?),
+        FORWARD_TOL,
+    ));
+    for (bname, b) in m.named_buffers() {
+        let key = format!("train_state.{bname}");
+        let e = r.check(
+            &format!("compiled.{key}"),
+            rel_err(&b, get(&io, &key, &io_name)?),
+            FORWARD_TOL,
+        );
+        worst = worst.max(e);
+    }
+    r.compiled = Some(worst);
+    Ok(r)
 }
 
 /// Runs every check for zoo model `name` on the fixtures in `dir`. I/O and

@@ -71,6 +71,24 @@ fn verify_passes_on_the_project_fixtures() {
 }
 
 #[test]
+fn verify_backend_cpu_checks_the_compiled_path() {
+    let (code, out) = kiln(&[
+        "verify",
+        "--fixtures",
+        s(&fixtures()),
+        "--backend",
+        "cpu",
+        "--models",
+        "custom_stack,seed_cnn",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    for m in ["custom_stack", "seed_cnn"] {
+        let l = line(&out, m);
+        assert!(l.contains("PASS") && l.contains("compiled(cpu)"), "{l}");
+    }
+}
+
+#[test]
 fn a_perturbed_output_fails_only_its_model() {
     let dir = copy_of("perturbed", &["simple_net", "complex_net"]);
     let io_path = dir.join("simple_net.io.safetensors");

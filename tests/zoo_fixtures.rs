@@ -12,7 +12,9 @@ fn fixtures() -> PathBuf {
 }
 
 fn verify(name: &str) {
-    let r = kiln::verify::verify_model(&fixtures(), name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    // Eager checks, and every forward check again through `jit::compile`.
+    let r = kiln::verify::verify_model_with(&fixtures(), name, true)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
     println!("{r}");
     for (what, e, tol) in &r.details {
         println!("  {what}: {e:.2e} (tolerance {tol:.0e})");
@@ -22,6 +24,10 @@ fn verify(name: &str) {
     }
     assert!(r.passed(), "{name}:\n  {}", r.failures.join("\n  "));
     assert!(r.load_ok && r.names_ok && r.repr_ok);
+    assert!(
+        r.compiled.is_some(),
+        "{name}: the compiled path was not checked"
+    );
 }
 
 #[test]

@@ -190,6 +190,48 @@ fn fingerprint(m: &dyn Module) -> u64 {
     h.finish()
 }
 
+/// Copies of every parameter and buffer, by name.
+struct StateSnapshot(Vec<(bool, String, Tensor)>);
+
+impl StateSnapshot {
+    fn take(m: &dyn Module, params: bool) -> Result<StateSnapshot> {
+        let mut v = Vec::new();
+        if params {
+            for (n, t) in m.named_parameters() {
+                v.push((true, n, t.detach().clone_tensor()?));
+            }
+        }
+        for (n, t) in m.named_buffers() {
+            v.push((false, n, t.detach().clone_tensor()?));
+        }
+        Ok(StateSnapshot(v))
+    }
+
+    /// Writes the values back into whatever tensors the names refer to now
+    /// (a forward may have reassigned a buffer, as MyBatchNorm1d does).
+    fn restore(&self, m: &dyn Module) -> Result<()> {
+        kiln_frontend::no_grad(|| -> Result<()> {
+            for (is_param, n, saved) in &self.0 {
+                let live = if *is_param {
+                    m.get_parameter(n)?
+                } else {
+                    m.get_buffer(n)?
+                };
+                if live.shape() == saved.shape() && live.dtype() == saved.dtype() {
+                    live.copy_(saved)?;
+                } else {
+                    return Err(Error::Binding(format!(
+                        "cannot restore `{n}`: it is now {}, it was {}",
+                        tensor_type(&live),
+                        tensor_type(saved)
+                    )));
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Compiles one variant. Tracing runs the forward once; in training mode
 /// that would update the buffers, so their values are restored afterwards
 /// (the compiled call is what updates them).
@@ -202,22 +244,9 @@ fn compile_variant(module: &Arc<dyn Module>, inputs: &[Tensor], tree: u64) -> Re
         )));
     }
     let training = module.is_training();
-    let snapshot: Vec<(Tensor, Tensor)> = if training {
-        module
-            .named_buffers()
-            .into_iter()
-            .map(|(_, t)| Ok((t.clone(), t.detach().clone_tensor()?)))
-            .collect::<Result<_>>()?
-    } else {
-        Vec::new()
-    };
+    let snapshot = StateSnapshot::take(&**module, false)?;
     let trace = kiln_frontend::trace::trace_module_live_hooks(&**module, &inputs[0]);
-    kiln_frontend::no_grad(|| -> kiln_frontend::Result<()> {
-        for (live, saved) in &snapshot {
-            live.copy_(saved)?;
-        }
-        Ok(())
-    })?;
+    snapshot.restore(&**module)?;
     let mut traced = TracedModule::new(trace?.graph, module.clone())?;
     kiln_ir::passes::PassManager::compile_pipeline().run(traced.graph_mut())?;
     let plan = plan_fusion(traced.graph())?;
@@ -392,21 +421,8 @@ impl CompiledModule {
                 inputs.len()
             )));
         }
-        let state: Vec<(Tensor, Tensor)> = self
-            .module
-            .state_dict()
-            .iter()
-            .map(|(_, t)| Ok((t.clone(), t.detach().clone_tensor()?)))
-            .collect::<Result<_>>()?;
-        let restore = || -> Result<()> {
-            kiln_frontend::no_grad(|| -> kiln_frontend::Result<()> {
-                for (live, saved) in &state {
-                    live.copy_(saved)?;
-                }
-                Ok(())
-            })?;
-            Ok(())
-        };
+        let state = StateSnapshot::take(&*self.module, true)?;
+        let restore = || state.restore(&*self.module);
         let eager = kiln_frontend::no_grad(|| self.module.call(&inputs[0]));
         restore()?;
         let eager = eager?;

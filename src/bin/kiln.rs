@@ -38,6 +38,10 @@ enum Command {
         /// Also print every compared tensor and its error.
         #[arg(long, short)]
         verbose: bool,
+        /// eager (the eager checks only) or cpu (also every forward check
+        /// through `jit::compile`).
+        #[arg(long, default_value = "eager", value_parser = ["eager", "cpu"])]
+        backend: String,
     },
     /// Print a saved graph: one line per node, then a summary (op counts,
     /// parameters, kernels after fusion); or Graphviz DOT with --dot.
@@ -127,7 +131,8 @@ fn main() -> ExitCode {
             fixtures,
             models,
             verbose,
-        } => return verify(&fixtures, models, verbose),
+            backend,
+        } => return verify(&fixtures, models, verbose, backend == "cpu"),
         Command::Graph { file, dot } => graph(&file, dot),
         Command::Run {
             file,
@@ -223,7 +228,12 @@ fn bench(
     Ok(())
 }
 
-fn verify(dir: &std::path::Path, models: Option<Vec<String>>, verbose: bool) -> ExitCode {
+fn verify(
+    dir: &std::path::Path,
+    models: Option<Vec<String>>,
+    verbose: bool,
+    compiled: bool,
+) -> ExitCode {
     if !dir.is_dir() {
         eprintln!("kiln verify: {} is not a directory", dir.display());
         return ExitCode::from(2);
@@ -257,7 +267,7 @@ fn verify(dir: &std::path::Path, models: Option<Vec<String>>, verbose: bool) -> 
     }
     let mut failed = 0;
     for name in &names {
-        match kiln::verify::verify_model(dir, name) {
+        match kiln::verify::verify_model_with(dir, name, compiled) {
             Ok(r) => {
                 println!("{r}");
                 if verbose {
