@@ -152,6 +152,26 @@ fn compile_variant(
     })
 }
 
+/// Compiles a traced module (bound to a module or to stored weights, e.g.
+/// `TracedModule::from_weights` or `runtime::load`) for OpenCL device
+/// `device`, as it is (no further passes).
+pub fn compile_traced(traced: TracedModule, device: Option<usize>) -> Result<ClVariant> {
+    let ctx = kiln_opencl::context(device).map_err(ocl)?;
+    let start = std::time::Instant::now();
+    let g = traced.graph();
+    let order = g.topo_order()?;
+    let pos = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let dg = DeviceGraph::compile(&ctx, g).map_err(ocl)?;
+    Ok(ClVariant {
+        training: false,
+        traced,
+        pos,
+        dg: Mutex::new(dg),
+        uploaded: Mutex::new(HashMap::new()),
+        compile_ms: start.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
 impl OpenClModule {
     /// The device this module runs on.
     pub fn device(&self) -> &DeviceInfo {
@@ -233,6 +253,21 @@ impl ClVariant {
 
     pub fn fallbacks(&self) -> Vec<String> {
         self.dg.lock().program().fallbacks()
+    }
+
+    /// Kernel launches per call.
+    pub fn launch_count(&self) -> usize {
+        self.dg.lock().program().launch_count()
+    }
+
+    /// Host<->device copies so far: (uploads, downloads).
+    pub fn transfers(&self) -> (u64, u64) {
+        self.dg.lock().transfers()
+    }
+
+    /// The OpenCL C source.
+    pub fn source(&self) -> String {
+        self.dg.lock().program().source.clone()
     }
 
     /// Uploads the state inputs whose tensors changed since their upload.
