@@ -108,3 +108,14 @@ fn no_such_device_is_a_clear_error() {
     let devs = kiln::runtime::opencl::devices().unwrap();
     assert!(!devs.is_empty() && devs[0].compute_units > 0);
 }
+
+/// `kiln verify --backend opencl`'s check on the project's fixtures: eval
+/// output, one training forward and its buffer updates, relative 1e-4.
+#[test]
+fn every_zoo_fixture_on_opencl_matches_pytorch() {
+    for &name in zoo::names() {
+        let r = kiln::opencl::verify_opencl(&fixtures(), name, None).unwrap();
+        assert!(r.passed(), "{r}: {:?}", r.checks);
+        assert!(r.checks.len() >= 2);
+    }
+}

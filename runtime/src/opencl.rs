@@ -109,19 +109,34 @@ pub fn compile_opencl(
 /// Traces (restoring the buffers a training-mode trace updated) and runs
 /// the standard passes.
 pub(crate) fn trace_optimized(module: &Arc<dyn Module>, inputs: &[Tensor]) -> Result<TracedModule> {
-    let snapshot: Vec<(Tensor, Tensor)> = if module.is_training() {
+    let snapshot: Vec<(String, Tensor, Tensor)> = if module.is_training() {
         module
             .named_buffers()
             .into_iter()
-            .map(|(_, t)| Ok((t.clone(), t.detach().clone_tensor()?)))
+            .map(|(n, t)| Ok((n, t.clone(), t.detach().clone_tensor()?)))
             .collect::<Result<_>>()?
     } else {
         Vec::new()
     };
     let traced = crate::jit::trace(module, inputs);
     kiln_frontend::no_grad(|| -> kiln_frontend::Result<()> {
-        for (live, saved) in &snapshot {
+        for (name, live, saved) in &snapshot {
             live.copy_(saved)?;
+            // A buffer the forward reassigned (`self.running_mean = ...`,
+            // MyBatchNorm1d) gets its original tensor object back.
+            if !module.get_buffer(name)?.shares_storage(live) {
+                let (owner, leaf) = match name.rsplit_once('.') {
+                    Some((p, l)) => (Some(p), l),
+                    None => (None, name.as_str()),
+                };
+                match owner {
+                    Some(p) => module
+                        .get_submodule(p)?
+                        .core()
+                        .set_buffer(leaf, Some(live.clone()))?,
+                    None => module.core().set_buffer(leaf, Some(live.clone()))?,
+                }
+            }
         }
         Ok(())
     })?;

@@ -63,7 +63,7 @@ fn list() -> Result<Vec<(DeviceInfo, ocl::Platform, ocl::Device)>, OclError> {
             };
             let version = d
                 .info(Di::Version)
-                .map(|v| v.to_string())
+                .map(|v| format!("OpenCL {v}"))
                 .unwrap_or_default();
             out.push((
                 DeviceInfo {
