@@ -54,7 +54,10 @@ fn training_mode_on_opencl_updates_buffers_like_eager() {
         // A second call starts from the updated buffers (kept on the device).
         let want2 = kiln::no_grad(|| a.call(&x)).unwrap();
         let got2 = kiln::no_grad(|| c.forward(&[x.clone()])).unwrap();
-        assert!(rel(&got2[0], &want2) <= 1e-4, "{name}: second training call");
+        assert!(
+            rel(&got2[0], &want2) <= 1e-4,
+            "{name}: second training call"
+        );
         for ((n, t), (_, w)) in b.named_buffers().into_iter().zip(a.named_buffers()) {
             assert!(rel(&t, &w) <= 1e-4, "{name}: buffer {n} after two calls");
         }
@@ -79,13 +82,21 @@ fn seed_cnn_moves_only_inputs_and_outputs() {
             .count();
     kiln::no_grad(|| c.forward(&[x.clone()])).unwrap();
     let (up, down) = c.transfers();
-    assert_eq!(up, 1 + state as u64, "first call: input + parameters and buffers");
+    assert_eq!(
+        up,
+        1 + state as u64,
+        "first call: input + parameters and buffers"
+    );
     assert_eq!(down, 1, "first call downloads");
     for _ in 0..2 {
         kiln::no_grad(|| c.forward(&[x.clone()])).unwrap();
     }
     let (up2, down2) = c.transfers();
-    assert_eq!((up2 - up, down2 - down), (2, 2), "two calls: one input, one output each");
+    assert_eq!(
+        (up2 - up, down2 - down),
+        (2, 2),
+        "two calls: one input, one output each"
+    );
     // A changed parameter is uploaded again (only that one), and seen.
     kiln::no_grad(|| {
         m.get_parameter("net.0.weight")

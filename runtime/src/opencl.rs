@@ -36,8 +36,16 @@ fn ocl(e: OclError) -> Error {
 /// Contiguous little-endian bytes of `t` in its dtype (f32, i64, bool).
 fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
     Ok(match t.dtype() {
-        DType::F32 => t.to_vec::<f32>().iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::I64 => t.to_vec::<i64>().iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F32 => t
+            .to_vec::<f32>()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::I64 => t
+            .to_vec::<i64>()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
         DType::Bool => t.to_vec::<bool>().iter().map(|&v| v as u8).collect(),
         d => {
             return Err(Error::Input(format!(
@@ -62,7 +70,9 @@ fn from_bytes(b: &[u8], ty: &TensorType) -> Result<Tensor> {
                 .collect::<Vec<i64>>(),
             &ty.shape,
         )?,
-        DType::Bool => Tensor::from_vec(b.iter().map(|&v| v != 0).collect::<Vec<bool>>(), &ty.shape)?,
+        DType::Bool => {
+            Tensor::from_vec(b.iter().map(|&v| v != 0).collect::<Vec<bool>>(), &ty.shape)?
+        }
         d => {
             return Err(Error::Input(format!(
                 "opencl backend: {} values cannot be read from the device",

@@ -75,7 +75,13 @@ impl B {
             let err = a
                 .iter()
                 .zip(&b)
-                .map(|(x, y)| if x.is_nan() && y.is_nan() { 0.0 } else { (x - y).abs() })
+                .map(|(x, y)| {
+                    if x.is_nan() && y.is_nan() {
+                        0.0
+                    } else {
+                        (x - y).abs()
+                    }
+                })
                 .fold(0.0, f64::max)
                 / scale;
             assert!(
@@ -140,7 +146,12 @@ fn gemm_addmm_transposed_weight_and_batched_matmul() {
     b.out(z);
     let q = b.randn(&[3, 17, 33]);
     let k = b.randn(&[3, 9, 33]);
-    let kt = b.op(Op::Permute { dims: vec![0, 2, 1] }, &[k]);
+    let kt = b.op(
+        Op::Permute {
+            dims: vec![0, 2, 1],
+        },
+        &[k],
+    );
     let s = b.op(Op::MatMul, &[q, kt]);
     b.out(s);
     assert!(b.check("gemm").is_empty());
@@ -259,9 +270,8 @@ fn work_group_reductions() {
     let be = b.param("be", Tensor::randn(&[3], DType::F32));
     let rm = b.param("rm", Tensor::randn(&[3], DType::F32));
     let rv = b.param("rv", Tensor::rand(&[3], DType::F32));
-    let bn = b
-        .g
-        .add_node(
+    let bn =
+        b.g.add_node(
             Op::BatchNorm {
                 training: true,
                 momentum: 0.1,
@@ -286,15 +296,19 @@ fn views_alias_and_copies() {
     let mut b = B::default();
     let x = b.randn(&[4, 6, 5]);
     let y = b.randn(&[4, 5, 3]);
-    let yt = b.op(Op::Permute { dims: vec![0, 2, 1] }, &[y]);
+    let yt = b.op(
+        Op::Permute {
+            dims: vec![0, 2, 1],
+        },
+        &[y],
+    );
     let c = b.op(Op::Cat { dim: 1 }, &[x, yt]);
     b.out(c);
     let s = b.op(Op::Stack { dim: 1 }, &[x, x]);
     b.out(s);
-    let idx = b
-        .g
-        .add_constant(TensorType::new(&[3], DType::I64), vec![2.0, 0.0, 2.0], "")
-        .unwrap();
+    let idx =
+        b.g.add_constant(TensorType::new(&[3], DType::I64), vec![2.0, 0.0, 2.0], "")
+            .unwrap();
     let is = b.op(Op::IndexSelect { dim: 1 }, &[x, idx]);
     b.out(is);
     let sl = b.op(
@@ -307,11 +321,21 @@ fn views_alias_and_copies() {
         &[x],
     );
     let se = b.op(Op::Select { dim: 2, index: 3 }, &[sl]);
-    let ex = b.op(Op::Expand { shape: vec![2, 4, 3] }, &[se]);
+    let ex = b.op(
+        Op::Expand {
+            shape: vec![2, 4, 3],
+        },
+        &[se],
+    );
     let e = b.un(UnaryOp::Exp, ex);
     b.out(e);
     // Reshape of a permuted tensor cannot alias: a strided copy.
-    let xt = b.op(Op::Permute { dims: vec![2, 0, 1] }, &[x]);
+    let xt = b.op(
+        Op::Permute {
+            dims: vec![2, 0, 1],
+        },
+        &[x],
+    );
     let r = b.op(Op::Reshape { shape: vec![20, 6] }, &[xt]);
     b.out(r);
     // A view returned directly.

@@ -416,7 +416,10 @@ mod opencl {
                 .collect(),
         };
         if names.is_empty() {
-            eprintln!("kiln verify: no zoo fixtures (NAME.json) in {}", dir.display());
+            eprintln!(
+                "kiln verify: no zoo fixtures (NAME.json) in {}",
+                dir.display()
+            );
             return ExitCode::from(2);
         }
         let mut failed = 0;

@@ -108,7 +108,9 @@ pub struct Context {
 
 impl fmt::Debug for Context {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Context").field("device", &self.info).finish()
+        f.debug_struct("Context")
+            .field("device", &self.info)
+            .finish()
     }
 }
 
@@ -195,7 +197,12 @@ impl Context {
             .src(source)
             .devices(self.device)
             .build(&self.context)
-            .map_err(|e| OclError::new("kernel", format!("opencl backend: program build failed: {e}")))?;
+            .map_err(|e| {
+                OclError::new(
+                    "kernel",
+                    format!("opencl backend: program build failed: {e}"),
+                )
+            })?;
         self.builds.fetch_add(1, Ordering::Relaxed);
         cache.insert(key, p.clone());
         Ok(p)

@@ -20,8 +20,14 @@ fn terr(e: impl std::fmt::Display) -> OclError {
 /// Bytes of f64 values in a device dtype (f32, i64 or bool).
 pub fn encode(data: &[f64], d: DType) -> Vec<u8> {
     match d {
-        DType::F32 => data.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect(),
-        DType::I64 => data.iter().flat_map(|&v| (v as i64).to_le_bytes()).collect(),
+        DType::F32 => data
+            .iter()
+            .flat_map(|&v| (v as f32).to_le_bytes())
+            .collect(),
+        DType::I64 => data
+            .iter()
+            .flat_map(|&v| (v as i64).to_le_bytes())
+            .collect(),
         _ => data.iter().map(|&v| (v != 0.0) as u8).collect(),
     }
 }
@@ -173,7 +179,12 @@ impl DeviceGraph {
         let r = ty.rank();
         let mut idx = vec![0usize; r];
         for _ in 0..n {
-            let off = l.offset + idx.iter().zip(&l.strides).map(|(i, s)| i * s).sum::<usize>();
+            let off = l.offset
+                + idx
+                    .iter()
+                    .zip(&l.strides)
+                    .map(|(i, s)| i * s)
+                    .sum::<usize>();
             out.extend_from_slice(&raw[off * es..(off + 1) * es]);
             for d in (0..r).rev() {
                 idx[d] += 1;

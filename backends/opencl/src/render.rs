@@ -123,7 +123,10 @@ pub struct Launch {
 pub enum Step {
     Launch(Launch),
     /// The node runs on the host; `reason` names the op.
-    Host { node: NodeId, reason: String },
+    Host {
+        node: NodeId,
+        reason: String,
+    },
 }
 
 /// A graph lowered for one device: buffers, layouts and the steps in order.
@@ -286,7 +289,11 @@ fn check_node(g: &Graph, n: NodeId) -> Option<String> {
     let node = g.node(n);
     for t in node.outputs.iter().chain(g.operand_types(n).iter()) {
         if let Err(e) = ctype(t.dtype) {
-            return Some(unsupported(g, n, format!("on {}: {e}", t.dtype.short_name())));
+            return Some(unsupported(
+                g,
+                n,
+                format!("on {}: {e}", t.dtype.short_name()),
+            ));
         }
     }
     let ops = g.operand_types(n);
@@ -306,7 +313,10 @@ fn check_node(g: &Graph, n: NodeId) -> Option<String> {
             has_running_stats: false,
             ..
         } => Some(unsupported(g, n, "in eval mode without running stats")),
-        Op::BatchNorm { .. } | Op::LayerNorm { .. } | Op::Softmax { .. } | Op::LogSoftmax { .. }
+        Op::BatchNorm { .. }
+        | Op::LayerNorm { .. }
+        | Op::Softmax { .. }
+        | Op::LogSoftmax { .. }
             if !all_f32() =>
         {
             Some(unsupported(g, n, "on non-f32 values"))
@@ -320,7 +330,11 @@ fn check_node(g: &Graph, n: NodeId) -> Option<String> {
         Op::MatMul if ops[0].rank() < 2 || ops[1].rank() < 2 => {
             Some(unsupported(g, n, "on a 1-D operand"))
         }
-        Op::MatMul | Op::Addmm | Op::Conv2d { .. } | Op::MaxPool2d { .. } | Op::AvgPool2d { .. }
+        Op::MatMul
+        | Op::Addmm
+        | Op::Conv2d { .. }
+        | Op::MaxPool2d { .. }
+        | Op::AvgPool2d { .. }
             if !all_f32() =>
         {
             Some(unsupported(g, n, "on non-f32 values"))
@@ -348,7 +362,9 @@ fn check_node(g: &Graph, n: NodeId) -> Option<String> {
                 )),
             }
         }
-        Op::Cat { .. } | Op::Stack { .. } if ops.iter().any(|t| t.dtype != node.outputs[0].dtype) => {
+        Op::Cat { .. } | Op::Stack { .. }
+            if ops.iter().any(|t| t.dtype != node.outputs[0].dtype) =>
+        {
             Some(unsupported(g, n, "with operands of mixed dtypes"))
         }
         _ => None,
@@ -445,10 +461,7 @@ pub fn lower(g: &Graph, caps: &Caps) -> Result<Program, OclError> {
         for n in s.nodes() {
             for o in 0..g.node(n).outputs.len() {
                 let v = Value::new(n, o);
-                let outside = g
-                    .users(v)
-                    .iter()
-                    .any(|(u, _)| seg_of.get(u) != Some(&i));
+                let outside = g.users(v).iter().any(|(u, _)| seg_of.get(u) != Some(&i));
                 if outside || g.is_graph_output(v) || s.host.is_some() {
                     mat.insert(v);
                 }
@@ -472,7 +485,10 @@ pub fn lower(g: &Graph, caps: &Caps) -> Result<Program, OclError> {
         };
         lw.new_buf(Value::new(n, 0), ty, BufRole::Input(kind.clone()));
     }
-    for n in g.topo_order().map_err(|e| OclError::new("kernel", e.to_string()))? {
+    for n in g
+        .topo_order()
+        .map_err(|e| OclError::new("kernel", e.to_string()))?
+    {
         if let Op::Constant { ty, data } = &g.node(n).op {
             lw.new_buf(Value::new(n, 0), ty, BufRole::Constant(data.clone()));
         }
@@ -611,10 +627,22 @@ impl<'a> Lowering<'a> {
             .join("+")
     }
 
-    fn push_kernel(&mut self, kt: KernelText, attr: &str, global: Vec<usize>, local: Vec<usize>, ops: String) {
+    fn push_kernel(
+        &mut self,
+        kt: KernelText,
+        attr: &str,
+        global: Vec<usize>,
+        local: Vec<usize>,
+        ops: String,
+    ) {
         let name = format!("k{}", self.kcount);
         self.kcount += 1;
-        let _ = writeln!(self.source, "\n// {ops}\n{} {{\n{}}}", kt.signature(&name, attr), kt.body);
+        let _ = writeln!(
+            self.source,
+            "\n// {ops}\n{} {{\n{}}}",
+            kt.signature(&name, attr),
+            kt.body
+        );
         let global = global
             .iter()
             .zip(&local)
@@ -816,8 +844,8 @@ impl<'a> Lowering<'a> {
                         }
                         e
                     }
-                    UnaryOp::PowScalar(p) if p == 2.0 => format!("({a} * {a})"),
-                    UnaryOp::PowScalar(p) if p == 1.0 => a,
+                    UnaryOp::PowScalar(2.0) => format!("({a} * {a})"),
+                    UnaryOp::PowScalar(1.0) => a,
                     UnaryOp::PowScalar(p) if p == 0.5 && is_f => format!("sqrt({a})"),
                     UnaryOp::PowScalar(p) if is_f => format!("pow({a}, {})", l(p)),
                     UnaryOp::RPowScalar(s) if is_f => format!("pow({}, {a})", l(s)),
@@ -1334,13 +1362,7 @@ impl<'a> Lowering<'a> {
             }
             Op::Softmax { .. } | Op::LogSoftmax { .. } => {
                 kt.body.push_str("    float mx, sum;\n");
-                reduce(
-                    &mut kt,
-                    "-INFINITY",
-                    "a = fmax(a, x);",
-                    "fmax(a, b)",
-                    "mx",
-                );
+                reduce(&mut kt, "-INFINITY", "a = fmax(a, x);", "fmax(a, b)", "mx");
                 reduce(&mut kt, "0.0f", "a += exp(x - mx);", "a + b", "sum");
                 let f = if matches!(node.op, Op::Softmax { .. }) {
                     "exp(xr[XJ] - mx) / sum"
@@ -1418,15 +1440,16 @@ impl<'a> Lowering<'a> {
                     lit(eps, DType::F32)
                 );
                 let mut k = 1;
-                let mut param = |kt: &mut KernelText, present: bool| -> Result<Option<String>, OclError> {
-                    if !present {
-                        return Ok(None);
-                    }
-                    let l = self.layout(opv[k])?.clone();
-                    k += 1;
-                    let a = kt.arg(l.buf, "float", false);
-                    Ok(Some(format!("{a}[{} + r * {}]", l.offset, l.strides[0])))
-                };
+                let mut param =
+                    |kt: &mut KernelText, present: bool| -> Result<Option<String>, OclError> {
+                        if !present {
+                            return Ok(None);
+                        }
+                        let l = self.layout(opv[k])?.clone();
+                        k += 1;
+                        let a = kt.arg(l.buf, "float", false);
+                        Ok(Some(format!("{a}[{} + r * {}]", l.offset, l.strides[0])))
+                    };
                 let w = param(&mut kt, has_weight)?;
                 let b = param(&mut kt, has_bias)?;
                 let rm = param(&mut kt, has_running_stats)?;
@@ -1438,7 +1461,10 @@ impl<'a> Lowering<'a> {
                         f64::INFINITY
                     };
                     let mut st = String::new();
-                    for (o, old, stat) in [(1, rm, "mean"), (2, rv, &*format!("var * {}", lit(unb, DType::F32)))] {
+                    for (o, old, stat) in [
+                        (1, rm, "mean"),
+                        (2, rv, &*format!("var * {}", lit(unb, DType::F32))),
+                    ] {
                         let v = Value::new(h, o);
                         if self.mat.contains(&v) {
                             let l = self.layout(v)?.clone();
@@ -1643,9 +1669,15 @@ mod tests {
         assert_eq!(index_expr(&[2, 3], &[3, 1], 5, "i"), "(i + 5)");
         assert_eq!(index_expr(&[2, 3], &[0, 0], 7, "i"), "7");
         // Transposed [3,2] read as [2,3].
-        assert_eq!(index_expr(&[2, 3], &[1, 2], 0, "i"), "((i / 3) + (i % 3) * 2)");
+        assert_eq!(
+            index_expr(&[2, 3], &[1, 2], 0, "i"),
+            "((i / 3) + (i % 3) * 2)"
+        );
         assert_eq!(broadcast_strides(&[4, 2, 3], &[3], &[1]), vec![0, 0, 1]);
-        assert_eq!(broadcast_strides(&[4, 2, 3], &[2, 1], &[1, 1]), vec![0, 1, 0]);
+        assert_eq!(
+            broadcast_strides(&[4, 2, 3], &[2, 1], &[1, 1]),
+            vec![0, 1, 0]
+        );
     }
 
     #[test]
