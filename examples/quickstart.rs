@@ -17,7 +17,9 @@ fn ms(f: &mut dyn FnMut() -> kiln::Result<()>) -> kiln::Result<f64> {
 fn main() -> kiln::Result<()> {
     kiln::manual_seed(0);
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    println!("| model | input | eager ms | compiled ms | speed-up | compile ms | compiled vs eager |");
+    println!(
+        "| model | input | eager ms | compiled ms | speed-up | compile ms | compiled vs eager |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for name in ["simple_net", "seed_cnn"] {
         // 1. The model, with PyTorch's weights (a state_dict in safetensors).

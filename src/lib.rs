@@ -8,6 +8,9 @@
 pub use kiln_frontend::*;
 
 pub mod bench;
+/// The OpenCL backend's verify/bench/devices (feature `opencl`).
+#[cfg(feature = "opencl")]
+pub mod opencl;
 pub mod testing;
 pub mod verify;
 pub mod zoo;

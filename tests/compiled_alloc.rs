@@ -67,7 +67,7 @@ const OUTPUT_OVERHEAD: usize = 1024;
 
 #[test]
 fn steady_state_calls_allocate_only_their_outputs() {
-    for name in ["pointwise_chain"] {
+    for name in ["pointwise_chain", "simple_net"] {
         let (bytes, n, out) = steady_state(name);
         eprintln!("{name}: {bytes} bytes in {n} allocations, output {out} bytes");
         assert!(

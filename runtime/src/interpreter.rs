@@ -335,11 +335,9 @@ pub(crate) fn exec_node(
         Op::Softmax { dim } => one(a[0].softmax(*dim as isize)?),
         Op::LogSoftmax { dim } => one(a[0].log_softmax(*dim as isize)?),
         Op::MatMul => one(a[0].matmul(&a[1])?),
-        Op::ModuleCall { path, .. } => {
-            return Err(Error::Input(format!(
-                "module_call `{path}`: a hooked submodule's call is run by the compiled runtime (it needs the live module), not by the interpreter"
-            )))
-        }
+        Op::ModuleCall { path, .. } => Err(Error::Input(format!(
+            "module_call `{path}`: a hooked submodule's call is run by the compiled runtime (it needs the live module), not by the interpreter"
+        )))?,
         Op::Addmm => one(Tensor::addmm(&a[0], &a[1], &a[2])?),
         Op::Conv2d {
             stride,

@@ -11,6 +11,8 @@ pub mod error;
 pub mod export;
 pub mod interpreter;
 pub mod jit;
+#[cfg(feature = "opencl")]
+pub mod opencl;
 mod program;
 pub mod traced;
 

@@ -1088,9 +1088,9 @@ impl Program {
         for x in end_reads {
             last[x] = usize::MAX;
         }
-        for x in 0..nbuf {
-            if first[x] == usize::MAX {
-                first[x] = 0;
+        for f in first.iter_mut() {
+            if *f == usize::MAX {
+                *f = 0;
             }
         }
         let mut avail = std::mem::take(&mut b.avail);
@@ -1196,6 +1196,7 @@ impl Program {
         Ok((outs, seen))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn exec(
         &self,
         g: &Graph,
@@ -1520,13 +1521,16 @@ unsafe fn gather_into(ctx: &Ctx, loc: &Loc, dst: &mut [f32]) {
     }
 }
 
+/// The body run under the leaves' read locks.
+type LeafFn<'a, R> = dyn FnMut(&[(usize, usize)]) -> R + 'a;
+
 /// Holds a read lock on every leaf while `f` runs on raw views of them
 /// (null for leaves that are not contiguous f32: only fallback nodes read
 /// those, as tensors).
 fn with_leaf_slices<R>(
     ts: &[Tensor],
     ptrs: &mut Vec<(usize, usize)>,
-    f: &mut dyn FnMut(&[(usize, usize)]) -> R,
+    f: &mut LeafFn<'_, R>,
 ) -> R {
     match ts.split_first() {
         None => f(ptrs),

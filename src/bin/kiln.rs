@@ -38,11 +38,18 @@ enum Command {
         /// Also print every compared tensor and its error.
         #[arg(long, short)]
         verbose: bool,
-        /// eager (the eager checks only) or cpu (also every forward check
-        /// through `jit::compile`).
-        #[arg(long, default_value = "eager", value_parser = ["eager", "cpu"])]
-        backend: String,
+        /// `eager` (every check, the default), `cpu` (also every forward
+        /// check through `jit::compile`) or `opencl` (the models compiled
+        /// for an OpenCL device: eval output, a training forward and its
+        /// buffer updates; needs the `opencl` feature).
+        #[arg(long, value_enum, default_value_t = Backend::Eager)]
+        backend: Backend,
+        /// OpenCL device index (`kiln devices`; default KILN_OPENCL_DEVICE or 0).
+        #[arg(long)]
+        device: Option<usize>,
     },
+    /// List the OpenCL platforms and devices (needs the `opencl` feature).
+    Devices,
     /// Print a saved graph: one line per node, then a summary (op counts,
     /// parameters, kernels after fusion); or Graphviz DOT with --dot.
     Graph {
@@ -94,11 +101,6 @@ enum Command {
     /// python/bench_peers.py times PyTorch) at the fixture shapes, or the
     /// throughput shapes with --large.
     Bench {
-        /// What the compiled column runs: eager (no compiled column),
-        /// interp (the traced graph on the reference interpreter) or cpu
-        /// (`jit::compile`).
-        #[arg(long, default_value = "cpu")]
-        backend: kiln::bench::Backend,
         /// latency (the fixture shapes) or throughput (zoo.py's large shapes).
         #[arg(long, default_value = "latency", value_parser = ["latency", "throughput"])]
         shape: String,
@@ -117,7 +119,25 @@ enum Command {
         /// Minimum seconds of timed calls per model.
         #[arg(long, default_value_t = 1.0)]
         min_time: f64,
+        /// What the compiled column runs: eager (no compiled column),
+        /// interp (the traced graph on the reference interpreter), cpu
+        /// (`jit::compile`, the default) or opencl (needs the `opencl`
+        /// feature).
+        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+        backend: Backend,
+        /// OpenCL device index (`kiln devices`; default KILN_OPENCL_DEVICE or 0).
+        #[arg(long)]
+        device: Option<usize>,
     },
+}
+
+/// Which backend `verify` and `bench` run.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    Eager,
+    Interp,
+    Cpu,
+    Opencl,
 }
 
 fn main() -> ExitCode {
@@ -132,7 +152,16 @@ fn main() -> ExitCode {
             models,
             verbose,
             backend,
-        } => return verify(&fixtures, models, verbose, backend == "cpu"),
+            device,
+        } => match backend {
+            Backend::Opencl => return opencl::verify(&fixtures, models, verbose, device),
+            Backend::Interp => {
+                eprintln!("kiln verify: --backend is eager, cpu or opencl");
+                return ExitCode::from(2);
+            }
+            b => return verify(&fixtures, models, verbose, b == Backend::Cpu),
+        },
+        Command::Devices => opencl::devices(),
         Command::Graph { file, dot } => graph(&file, dot),
         Command::Run {
             file,
@@ -147,14 +176,28 @@ fn main() -> ExitCode {
             json,
             models,
             min_time,
-        } => bench(
-            backend,
-            large || shape == "throughput",
-            threads,
-            json,
-            models.unwrap_or_default(),
-            min_time,
-        ),
+            device,
+        } => {
+            let large = large || shape == "throughput";
+            let b = match backend {
+                Backend::Eager => kiln::bench::Backend::Eager,
+                Backend::Interp => kiln::bench::Backend::Interp,
+                Backend::Cpu => kiln::bench::Backend::Cpu,
+                Backend::Opencl => kiln::bench::Backend::Eager,
+            };
+            if backend == Backend::Opencl {
+                opencl::bench(large, models.unwrap_or_default(), min_time, device)
+            } else {
+                bench(
+                    b,
+                    large,
+                    threads,
+                    json,
+                    models.unwrap_or_default(),
+                    min_time,
+                )
+            }
+        }
         Command::Export {
             zoo,
             weights,
@@ -385,4 +428,108 @@ fn run(file: &Path, input: &Path, output: &Path) -> Result<(), String> {
     }
     out.save_safetensors(output, None)
         .map_err(|e| format!("{}: {e}", output.display()))
+}
+
+/// `kiln devices`, `verify --backend opencl`, `bench --backend opencl`.
+#[cfg(feature = "opencl")]
+mod opencl {
+    use std::path::Path;
+    use std::process::ExitCode;
+
+    pub fn devices() -> Result<(), String> {
+        let devs = kiln::opencl::devices().map_err(|e| e.to_string())?;
+        print!("{}", kiln::opencl::format_devices(&devs));
+        Ok(())
+    }
+
+    pub fn bench(
+        large: bool,
+        models: Vec<String>,
+        min_time: f64,
+        device: Option<usize>,
+    ) -> Result<(), String> {
+        let rows = kiln::opencl::bench_opencl(&models, large, min_time, device)
+            .map_err(|e| e.to_string())?;
+        let ctx = kiln::runtime::opencl::context(device).map_err(|e| e.to_string())?;
+        print!("{}", kiln::opencl::format_table(&rows, &ctx.info().name));
+        Ok(())
+    }
+
+    pub fn verify(
+        dir: &Path,
+        models: Option<Vec<String>>,
+        verbose: bool,
+        device: Option<usize>,
+    ) -> ExitCode {
+        let names: Vec<String> = match models {
+            Some(m) => m,
+            None => kiln::verify::available(dir)
+                .into_iter()
+                .map(String::from)
+                .collect(),
+        };
+        if names.is_empty() {
+            eprintln!(
+                "kiln verify: no zoo fixtures (NAME.json) in {}",
+                dir.display()
+            );
+            return ExitCode::from(2);
+        }
+        let mut failed = 0;
+        for name in &names {
+            match kiln::opencl::verify_opencl(dir, name, device) {
+                Ok(r) => {
+                    println!("{r}");
+                    if verbose {
+                        for (what, e) in &r.checks {
+                            println!("    {what}: {e:.2e}");
+                        }
+                    }
+                    for f in &r.fallbacks {
+                        println!("    host: {f}");
+                    }
+                    if !r.passed() {
+                        failed += 1;
+                    }
+                }
+                Err(e) => {
+                    failed += 1;
+                    println!("{name:<18} ERROR {e}");
+                }
+            }
+        }
+        println!(
+            "{} of {} models match PyTorch on OpenCL",
+            names.len() - failed,
+            names.len()
+        );
+        if failed == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Without the `opencl` feature the OpenCL commands say how to get them.
+#[cfg(not(feature = "opencl"))]
+mod opencl {
+    use std::path::Path;
+    use std::process::ExitCode;
+
+    const MSG: &str = "this kiln was built without OpenCL: rebuild with `--features opencl` \
+        (needs an OpenCL ICD loader, e.g. `apt-get install ocl-icd-opencl-dev pocl-opencl-icd`)";
+
+    pub fn devices() -> Result<(), String> {
+        Err(MSG.into())
+    }
+
+    pub fn bench(_: bool, _: Vec<String>, _: f64, _: Option<usize>) -> Result<(), String> {
+        Err(MSG.into())
+    }
+
+    pub fn verify(_: &Path, _: Option<Vec<String>>, _: bool, _: Option<usize>) -> ExitCode {
+        eprintln!("kiln: error: {MSG}");
+        ExitCode::from(2)
+    }
 }
