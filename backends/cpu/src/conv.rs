@@ -1761,6 +1761,65 @@ mod tests {
         check_conv_t::<f32>(2e-4);
     }
 
+    /// `conv2d_into` (direct kernel forced on and off, with an epilogue)
+    /// against `conv2d` plus the same epilogue, which runs once per image.
+    #[test]
+    fn conv2d_into_matches_conv2d() {
+        let cases: &[([usize; 4], [usize; 4], Conv2dParams)] = &[
+            ([8, 1, 28, 28], [32, 1, 5, 5], p((1, 1), (1, 1), (1, 1), 1)),
+            (
+                [3, 32, 13, 13],
+                [64, 32, 3, 3],
+                p((1, 1), (1, 1), (1, 1), 1),
+            ),
+            ([2, 64, 6, 6], [130, 64, 3, 3], p((1, 1), (1, 1), (1, 1), 1)),
+            ([5, 3, 10, 10], [16, 3, 3, 3], p((1, 1), (0, 0), (1, 1), 1)),
+            ([1, 3, 9, 7], [5, 3, 2, 4], p((1, 1), (1, 2), (1, 1), 1)),
+            ([2, 4, 9, 9], [6, 2, 3, 3], p((2, 1), (1, 0), (1, 2), 2)),
+            ([3, 8, 5, 5], [4, 8, 1, 1], p((1, 1), (0, 0), (1, 1), 1)),
+        ];
+        for (ci, &(xs, ws, prm)) in cases.iter().enumerate() {
+            let x: Vec<f32> = rand_vec(xs.iter().product(), 11 + ci as u64);
+            let w: Vec<f32> = rand_vec(ws.iter().product(), 12 + ci as u64);
+            let b: Vec<f32> = rand_vec(ws[0], 13);
+            let (ho, wo) = conv2d_output_size((xs[2], xs[3]), (ws[2], ws[3]), &prm);
+            let per = ws[0] * ho * wo;
+            let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            let wd: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+            let bd: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+            let want: Vec<f64> = naive_conv(&xd, xs, &wd, ws, Some(&bd), &prm)
+                .chunks(per)
+                .enumerate()
+                .flat_map(|(n, img)| img.iter().map(move |v| v * 2.0 + n as f64))
+                .collect();
+            let calls = parking_lot::Mutex::new(vec![0usize; xs[0]]);
+            let epi = |n: usize, y: &mut [f32]| {
+                assert_eq!(y.len(), per);
+                calls.lock()[n] += 1;
+                for v in y {
+                    *v = *v * 2.0 + n as f32;
+                }
+            };
+            for force in [Some(true), Some(false), None] {
+                force_direct(force);
+                calls.lock().iter_mut().for_each(|c| *c = 0);
+                let mut y = vec![f32::NAN; xs[0] * per];
+                conv2d_into(&x, xs, &w, ws, Some(&b), &prm, &mut y, Some(&epi));
+                assert_close(&y, &want, 2e-4, &format!("conv2d_into case {ci} {force:?}"));
+                assert!(
+                    calls.lock().iter().all(|&c| c == 1),
+                    "case {ci}: epilogue calls"
+                );
+                let plain = conv2d(&x, xs, &w, ws, None, &prm);
+                let mut y2 = vec![f32::NAN; xs[0] * per];
+                conv2d_into(&x, xs, &w, ws, None, &prm, &mut y2, None);
+                let plain: Vec<f64> = plain.iter().map(|&v| v as f64).collect();
+                assert_close(&y2, &plain, 1e-5, &format!("no bias case {ci} {force:?}"));
+            }
+            force_direct(None);
+        }
+    }
+
     #[test]
     fn output_sizes_match_pytorch() {
         let prm = p((2, 3), (1, 0), (2, 1), 1);
