@@ -686,9 +686,9 @@ const SCRATCH_PER_TYPE: usize = 2;
 /// A thread's cached `Scratch<T>` (or a new one), returned to the cache
 /// when dropped. Up to `SCRATCH_PER_TYPE` are kept per thread and type, so
 /// that a caller holding one while rayon runs a block on the same thread
-/// (a worker calling a conv) still finds one: steady-state calls allocate
-/// nothing.
-struct Cached<T: Float>(Scratch<T>);
+/// (a worker calling a conv) still finds one. The box moves in and out of
+/// the cache as is: steady-state calls allocate nothing.
+struct Cached<T: Float>(Option<Box<Scratch<T>>>);
 
 impl<T: Float> Cached<T> {
     fn take() -> Self {
@@ -700,17 +700,21 @@ impl<T: Float> Cached<T> {
             })
             .ok()
             .flatten();
-        Cached(cached.map_or_else(Scratch::new, |b| *b))
+        Cached(Some(cached.unwrap_or_else(|| Box::new(Scratch::new()))))
+    }
+
+    fn s(&mut self) -> &mut Scratch<T> {
+        self.0.as_mut().expect("present until dropped")
     }
 }
 
 impl<T: Float> Drop for Cached<T> {
     fn drop(&mut self) {
-        let s = std::mem::replace(&mut self.0, Scratch::new());
+        let Some(s) = self.0.take() else { return };
         let _ = SCRATCH.try_with(|c| {
             if let Ok(mut c) = c.try_borrow_mut() {
                 if c.iter().filter(|b| b.is::<Scratch<T>>()).count() < SCRATCH_PER_TYPE {
-                    c.push(Box::new(s));
+                    c.push(s);
                 }
             }
         });
@@ -745,7 +749,7 @@ fn for_blocks<T: Float, U: Send>(
         out.par_chunks_mut(b * per_image)
             .enumerate()
             .for_each_init(Cached::take, |s, (i, chunk)| {
-                f(i * b, chunk.len() / per_image, chunk, &mut s.0, false)
+                f(i * b, chunk.len() / per_image, chunk, s.s(), false)
             });
     } else {
         for (i, chunk) in out.chunks_mut(b * per_image).enumerate() {
@@ -783,7 +787,7 @@ fn conv_forward_pixel_major<T: Float>(
     let (coutg, kg, howo, groups) = (g.coutg(), g.kg(), g.howo(), g.p.groups);
     let mut outer = Cached::<T>::take();
     // wt[k*cout + co] = w[co, k] (per group: column-major [coutg, kg]).
-    let mut wt = std::mem::take(&mut outer.0.wt);
+    let mut wt = std::mem::take(&mut outer.s().wt);
     wt.clear();
     wt.resize(w.len(), T::zero());
     for co in 0..g.cout {
@@ -802,7 +806,7 @@ fn conv_forward_pixel_major<T: Float>(
         per_image,
         g.n,
         g.plan(),
-        &mut outer.0,
+        outer.s(),
         |n0, nb, out: &mut [MaybeUninit<T>], s: &mut Scratch<T>, par_inside| {
             let ncols = nb * howo;
             let cols = grow(&mut s.cols, g.c * g.kh * g.kw * ncols);
@@ -839,7 +843,7 @@ fn conv_forward_pixel_major<T: Float>(
             epi_block(epi, n0, out, per_image);
         },
     );
-    outer.0.wt = wt;
+    outer.s().wt = wt;
 }
 
 fn conv_forward<T: Float>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
@@ -961,7 +965,7 @@ fn conv_forward_into<T: Float>(
         per_image,
         g.n,
         plan,
-        &mut outer.0,
+        outer.s(),
         |n0, nb, out, s, par_inside| {
             let ncols = nb * howo;
             let cols = grow(&mut s.cols, g.c * g.kh * g.kw * ncols);
@@ -1052,7 +1056,7 @@ fn conv_backward_input<T: Float>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
         per_image,
         g.n,
         plan,
-        &mut outer.0,
+        outer.s(),
         |n0, nb, out, s, par_inside| {
             let ncols = nb * howo;
             let gblock = &gy[n0 * g.cout * howo..][..nb * g.cout * howo];

@@ -123,11 +123,11 @@ pub(super) fn forward(
     if threads > 1 && g.n > 1 && g.macs_per_image() * g.n >= super::PAR_MACS {
         y.par_chunks_mut(per_image)
             .enumerate()
-            .for_each_init(Cached::take, |s, (n, yi)| image(n, yi, &mut s.0));
+            .for_each_init(Cached::take, |s, (n, yi)| image(n, yi, s.s()));
     } else {
         let mut s = Cached::<f32>::take();
         for (n, yi) in y.chunks_mut(per_image).enumerate() {
-            image(n, yi, &mut s.0);
+            image(n, yi, s.s());
         }
     }
     WPACK.with(|c| {
