@@ -7,7 +7,7 @@ use kiln_cpu::conv::{
     conv2d, conv2d_backward_input, conv2d_backward_weight, conv2d_into, force_direct, Conv2dParams,
 };
 use kiln_cpu::elementwise::{map, unary, zip_strided};
-use kiln_cpu::matmul::{matmul, MatLayout};
+use kiln_cpu::matmul::{matmul, matmul_epilogue, MatLayout};
 use kiln_cpu::reduce::softmax_rows;
 use kiln_cpu::Layout;
 use kiln_ir::UnaryOp;
@@ -127,6 +127,44 @@ fn zoo_convs(reps: usize) {
     }
 }
 
+/// The zoo's small-M / small-K products (x @ W^T, W stored [n, k]): the
+/// plain matmul, matmul_epilogue with a bias, and both on one thread, to
+/// set the threading rules.
+fn small_matmuls(reps: usize) {
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("pool");
+    for (m, k, n) in [
+        (64, 784, 256),
+        (64, 256, 10),
+        (8192, 20, 50),
+        (8192, 50, 4),
+        (32, 256, 768),
+        (32, 256, 1024),
+        (32, 1024, 256),
+        (1024, 256, 768),
+        (1024, 1024, 256),
+        (4096, 784, 256),
+    ] {
+        let a = data(m * k, 1);
+        let w = data(n * k, 2);
+        let bias = data(n, 3);
+        let (la, lb) = (MatLayout::contiguous(m, k), MatLayout::contiguous(n, k).t());
+        let flops = 2.0 * (m * n * k) as f64;
+        let shape = format!("{m}x{k} @ ({n}x{k})^T");
+        let mut c = vec![0.0f32; m * n];
+        let t = time(reps, || matmul(&a, la, &w, lb, 1, m, k, n));
+        row("matmul", &shape, t, Rate::Flops(flops));
+        let t = time(reps, || {
+            matmul_epilogue(&mut c, &a, la, &w, lb, m, k, n, Some(&bias), None)
+        });
+        row("matmul_epilogue +bias", &shape, t, Rate::Flops(flops));
+        let t = one.install(|| time(reps, || matmul(&a, la, &w, lb, 1, m, k, n)));
+        row("matmul 1 thread", &shape, t, Rate::Flops(flops));
+    }
+}
+
 fn main() {
     let reps: usize = std::env::args()
         .nth(1)
@@ -147,6 +185,10 @@ fn main() {
     );
     println!("|{:-<30}|{:-<39}|{:-<11}|{:-<18}|", "", "", "", "");
 
+    if std::env::args().any(|a| a == "--small-mm") {
+        small_matmuls(reps);
+        return;
+    }
     if std::env::args().any(|a| a == "--zoo-conv") {
         zoo_convs(reps);
         return;

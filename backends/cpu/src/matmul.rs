@@ -81,6 +81,17 @@ const ROW_SPLIT_WORK: usize = 32 << 20;
 /// by batch index rather than inside each gemm.
 const BATCH_PAR_WORK: usize = 192 * 192 * 192;
 
+/// How a medium product is cut for `parts` threads: `(rows, cols)` per
+/// block, one of them the whole dimension. The larger of `m`, `n` is split
+/// (column blocks a multiple of 16 for gemm's vector kernels).
+fn split_block(m: usize, n: usize, parts: usize) -> (usize, usize) {
+    if m >= n {
+        (m.div_ceil(parts), n)
+    } else {
+        (m, n.div_ceil(parts).next_multiple_of(16).min(n))
+    }
+}
+
 fn threads(parallel: bool) -> usize {
     if parallel {
         rayon::current_num_threads()
@@ -326,34 +337,45 @@ pub(crate) fn matmul_impl<T: Float>(
     if batch == 1
         && nthreads > 1
         && (GEMM_PAR_WORK..ROW_SPLIT_WORK).contains(&work)
-        && m >= 2 * nthreads
+        && m.max(n) >= 2 * nthreads
     {
-        // A medium product: split the rows of A and C across the threads,
-        // one single-threaded gemm each (cheaper than gemm's own fork/join
-        // at these sizes; measured on simple_net 64x784x256 and the
-        // transformer block's projections).
+        // A medium product: one single-threaded gemm per thread on a slice
+        // of the larger of C's dimensions (cheaper than gemm's own
+        // fork/join at these sizes). Each gemm packs all of the operand
+        // that is not split, so splitting the larger dimension packs the
+        // smaller operand twice instead of the larger: 32x1024 @ 1024x256
+        // split by rows ran at half the speed of one thread (bench_ops
+        // --small-mm), split by columns it is on par or ahead.
+        let (r, cl) = split_block(m, n, nthreads);
         let pc = SendPtr(c.as_mut_ptr());
         let (pa, pb) = (SendPtr(pa as *mut T), SendPtr(pb as *mut T));
-        let rows = m.div_ceil(nthreads);
         (0..nthreads).into_par_iter().for_each(|t| {
-            let r0 = t * rows;
-            if r0 >= m {
+            let (r0, mr) = if r < m {
+                (t * r, r.min(m.saturating_sub(t * r)))
+            } else {
+                (0, m)
+            };
+            let (c0, nc) = if cl < n {
+                (t * cl, cl.min(n.saturating_sub(t * cl)))
+            } else {
+                (0, n)
+            };
+            if mr == 0 || nc == 0 {
                 return;
             }
-            let mr = rows.min(m - r0);
             let (pc, pa, pb) = (&pc, &pa, &pb);
             // SAFETY: bounds checked above; each task writes its own rows
-            // of C (no two (i, j) of C share an address).
+            // or columns of C (no two (i, j) of C share an address).
             unsafe {
                 gemm_one(
                     mr,
                     k,
-                    n,
-                    pc.0.add(lc.offset + r0 * lc.row_stride),
+                    nc,
+                    pc.0.add(lc.offset + r0 * lc.row_stride + c0 * lc.col_stride),
                     rs(lc),
                     pa.0.add(la.offset + r0 * la.row_stride),
                     rs(la),
-                    pb.0.add(lb.offset),
+                    pb.0.add(lb.offset + c0 * lb.col_stride),
                     rs(lb),
                     alpha,
                     beta,
@@ -454,6 +476,9 @@ const EPI_MIN_ROWS: usize = 64;
 /// one block with gemm's own threading when there are too few rows), and
 /// once a block of rows `[r0, r0+len)` is final, `epi(r0, &mut
 /// c[r0*n..(r0+len)*n])` is called on it from the thread that computed it.
+/// A medium product with fewer rows than columns is split by columns
+/// instead (see `matmul_into`); then bias and epilogue run on row blocks
+/// after the product.
 /// Blocks start at multiples of 4 rows. Allocation-free apart from the
 /// gemm crate's own per-call packing buffers (see `in_gemm`).
 #[allow(clippy::too_many_arguments)]
@@ -519,6 +544,48 @@ pub fn matmul_epilogue<T: Float>(
     };
     let threads = rayon::current_num_threads();
     let work = m * n * k;
+    if threads > 1 && (GEMM_PAR_WORK..ROW_SPLIT_WORK).contains(&work) && m < n && n >= 32 {
+        // Fewer rows than columns: row blocks would each pack all of B,
+        // so the product is split by columns (as `matmul_into` does) and
+        // the bias and epilogue run afterwards on row blocks, in parallel
+        // when C is large.
+        matmul_impl(
+            c,
+            MatLayout::contiguous(m, n),
+            T::zero(),
+            T::one(),
+            a,
+            la,
+            b,
+            lb,
+            1,
+            m,
+            k,
+            n,
+            true,
+        );
+        let finish = |r0: usize, cb: &mut [T]| {
+            if let Some(bias) = bias {
+                for row in cb.chunks_exact_mut(n) {
+                    for (v, &bv) in row.iter_mut().zip(bias) {
+                        *v += bv;
+                    }
+                }
+            }
+            if let Some(f) = epi {
+                f(r0, cb);
+            }
+        };
+        let rows = m.div_ceil(threads).next_multiple_of(4);
+        if m * n >= crate::PAR_THRESHOLD && m > rows {
+            c.par_chunks_mut(rows * n)
+                .enumerate()
+                .for_each(|(i, cb)| finish(i * rows, cb));
+        } else {
+            finish(0, c);
+        }
+        return;
+    }
     if threads > 1 && work >= GEMM_PAR_WORK && m >= 8 {
         let rows = epilogue_rows(m, n, work, threads, std::mem::size_of::<T>());
         c.par_chunks_mut(rows * n)
@@ -783,7 +850,12 @@ mod row_split_tests {
     /// A medium product (row-split path) with a transposed B and beta = 1.
     #[test]
     fn row_split_matches_naive() {
-        let (m, k, n) = (67, 53, 71);
+        for (m, k, n) in [(67, 53, 71), (71, 53, 67), (9, 700, 300)] {
+            split_case(m, k, n);
+        }
+    }
+
+    fn split_case(m: usize, k: usize, n: usize) {
         assert!((GEMM_PAR_WORK..ROW_SPLIT_WORK).contains(&(m * k * n)));
         let a: Vec<f64> = (0..m * k).map(|i| ((i * 7) % 13) as f64 - 6.0).collect();
         let bt: Vec<f64> = (0..n * k).map(|i| ((i * 5) % 11) as f64 - 5.0).collect();
@@ -832,6 +904,7 @@ mod epilogue_tests {
             (64, 784, 256, true),
             (67, 53, 71, false),
             (4, 512, 600, true),
+            (6, 40000, 5, false),
             (8192, 20, 50, true),
             (600, 300, 500, false),
         ] {
