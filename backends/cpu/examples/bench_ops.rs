@@ -3,9 +3,11 @@
 //! GFLOP/s or GB/s per op. Run with
 //! `cargo run --release -p kiln-cpu --example bench_ops [-- reps]`.
 
-use kiln_cpu::conv::{conv2d, conv2d_backward_input, conv2d_backward_weight, Conv2dParams};
+use kiln_cpu::conv::{
+    conv2d, conv2d_backward_input, conv2d_backward_weight, conv2d_into, force_direct, Conv2dParams,
+};
 use kiln_cpu::elementwise::{map, unary, zip_strided};
-use kiln_cpu::matmul::{matmul, MatLayout};
+use kiln_cpu::matmul::{matmul, matmul_epilogue, MatLayout};
 use kiln_cpu::reduce::softmax_rows;
 use kiln_cpu::Layout;
 use kiln_ir::UnaryOp;
@@ -78,6 +80,91 @@ fn conv_case(reps: usize, name: &str, xs: [usize; 4], ws: [usize; 4], pad: usize
     }
 }
 
+/// The zoo models' convolutions (seed_cnn, test_net, complex_net) at the
+/// latency batch (8) and a throughput batch, each on the direct kernel and
+/// on im2col + gemm, to set the rule that picks between them.
+fn zoo_convs(reps: usize) {
+    let cases: [(&str, [usize; 4], [usize; 4], usize, usize); 7] = [
+        ("seed 1->32 5x5", [1, 1, 28, 28], [32, 1, 5, 5], 1, 128),
+        ("seed 32->64 3x3", [1, 32, 13, 13], [64, 32, 3, 3], 1, 128),
+        ("seed 64->64 3x3", [1, 64, 13, 13], [64, 64, 3, 3], 1, 128),
+        ("seed 64->128 3x3", [1, 64, 6, 6], [128, 64, 3, 3], 1, 128),
+        ("test_net 1->16 3x3", [1, 1, 28, 28], [16, 1, 3, 3], 1, 256),
+        ("complex 3->16 3x3", [1, 3, 10, 10], [16, 3, 3, 3], 0, 1024),
+        ("complex 16->32 3x3", [1, 16, 8, 8], [32, 16, 3, 3], 0, 1024),
+    ];
+    for (name, xs1, ws, pad, big) in cases {
+        for n in [8, big] {
+            let xs = [n, xs1[1], xs1[2], xs1[3]];
+            let p = Conv2dParams {
+                padding: (pad, pad),
+                ..Default::default()
+            };
+            let x = data(xs.iter().product(), 3);
+            let w = data(ws.iter().product(), 4);
+            let b = data(ws[0], 5);
+            let (ho, wo) = kiln_cpu::conv::conv2d_output_size((xs[2], xs[3]), (ws[2], ws[3]), &p);
+            let flops = 2.0 * (n * ws[0] * ho * wo * ws[1] * ws[2] * ws[3]) as f64;
+            let mut out = vec![0.0f32; n * ws[0] * ho * wo];
+            for (algo, force) in [
+                ("direct", Some(true)),
+                ("im2col", Some(false)),
+                ("auto", None),
+            ] {
+                force_direct(force);
+                let t = time(reps, || {
+                    conv2d_into(&x, xs, &w, ws, Some(&b), &p, &mut out, None);
+                });
+                row(
+                    &format!("{name} {algo}"),
+                    &format!("n={n} {}x{}x{} p{pad}", xs[1], xs[2], xs[3]),
+                    t,
+                    Rate::Flops(flops),
+                );
+            }
+            force_direct(None);
+        }
+    }
+}
+
+/// The zoo's small-M / small-K products (x @ W^T, W stored [n, k]): the
+/// plain matmul, matmul_epilogue with a bias, and both on one thread, to
+/// set the threading rules.
+fn small_matmuls(reps: usize) {
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("pool");
+    for (m, k, n) in [
+        (64, 784, 256),
+        (64, 256, 10),
+        (8192, 20, 50),
+        (8192, 50, 4),
+        (32, 256, 768),
+        (32, 256, 1024),
+        (32, 1024, 256),
+        (1024, 256, 768),
+        (1024, 1024, 256),
+        (4096, 784, 256),
+    ] {
+        let a = data(m * k, 1);
+        let w = data(n * k, 2);
+        let bias = data(n, 3);
+        let (la, lb) = (MatLayout::contiguous(m, k), MatLayout::contiguous(n, k).t());
+        let flops = 2.0 * (m * n * k) as f64;
+        let shape = format!("{m}x{k} @ ({n}x{k})^T");
+        let mut c = vec![0.0f32; m * n];
+        let t = time(reps, || matmul(&a, la, &w, lb, 1, m, k, n));
+        row("matmul", &shape, t, Rate::Flops(flops));
+        let t = time(reps, || {
+            matmul_epilogue(&mut c, &a, la, &w, lb, m, k, n, Some(&bias), None)
+        });
+        row("matmul_epilogue +bias", &shape, t, Rate::Flops(flops));
+        let t = one.install(|| time(reps, || matmul(&a, la, &w, lb, 1, m, k, n)));
+        row("matmul 1 thread", &shape, t, Rate::Flops(flops));
+    }
+}
+
 fn main() {
     let reps: usize = std::env::args()
         .nth(1)
@@ -97,6 +184,15 @@ fn main() {
         "op", "shape", "ms", "rate"
     );
     println!("|{:-<30}|{:-<39}|{:-<11}|{:-<18}|", "", "", "", "");
+
+    if std::env::args().any(|a| a == "--small-mm") {
+        small_matmuls(reps);
+        return;
+    }
+    if std::env::args().any(|a| a == "--zoo-conv") {
+        zoo_convs(reps);
+        return;
+    }
 
     // Plain matmul (MNIST-MLP first layer with batch 4096).
     let (m, k, n) = (4096, 784, 256);

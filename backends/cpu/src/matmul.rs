@@ -3,7 +3,11 @@
 //! strides in elements), so transposed views and broadcast batches (batch
 //! stride 0) are multiplied in place without a copy. `matmul` returns a
 //! contiguous `[batch, m, n]` Vec; `matmul_into` is the accumulate form
-//! `C = beta*C + alpha*A@B` used for fused bias and gradient accumulation.
+//! `C = beta*C + alpha*A@B` used for fused bias and gradient accumulation
+//! (with `beta == 0` it is also the batched product into a provided
+//! buffer: C is not read). `matmul_epilogue` is the single product into a
+//! provided C with a fused bias and a per-row-block epilogue, for compiled
+//! code.
 
 use crate::element::Float;
 use gemm::Parallelism;
@@ -77,6 +81,17 @@ const ROW_SPLIT_WORK: usize = 32 << 20;
 /// by batch index rather than inside each gemm.
 const BATCH_PAR_WORK: usize = 192 * 192 * 192;
 
+/// How a medium product is cut for `parts` threads: `(rows, cols)` per
+/// block, one of them the whole dimension. The larger of `m`, `n` is split
+/// (column blocks a multiple of 16 for gemm's vector kernels).
+fn split_block(m: usize, n: usize, parts: usize) -> (usize, usize) {
+    if m >= n {
+        (m.div_ceil(parts), n)
+    } else {
+        (m, n.div_ceil(parts).next_multiple_of(16).min(n))
+    }
+}
+
 fn threads(parallel: bool) -> usize {
     if parallel {
         rayon::current_num_threads()
@@ -122,6 +137,7 @@ unsafe fn gemm_one<T: Float>(
     }
     // gemm's convention: dst := alpha*dst + beta*lhs@rhs, and with
     // `read_dst == false` dst is not read (so a NaN in it does not leak).
+    let _in_gemm = InGemm::enter();
     gemm::gemm(
         m,
         n,
@@ -321,34 +337,45 @@ pub(crate) fn matmul_impl<T: Float>(
     if batch == 1
         && nthreads > 1
         && (GEMM_PAR_WORK..ROW_SPLIT_WORK).contains(&work)
-        && m >= 2 * nthreads
+        && m.max(n) >= 2 * nthreads
     {
-        // A medium product: split the rows of A and C across the threads,
-        // one single-threaded gemm each (cheaper than gemm's own fork/join
-        // at these sizes; measured on simple_net 64x784x256 and the
-        // transformer block's projections).
+        // A medium product: one single-threaded gemm per thread on a slice
+        // of the larger of C's dimensions (cheaper than gemm's own
+        // fork/join at these sizes). Each gemm packs all of the operand
+        // that is not split, so splitting the larger dimension packs the
+        // smaller operand twice instead of the larger: 32x1024 @ 1024x256
+        // split by rows ran at half the speed of one thread (bench_ops
+        // --small-mm), split by columns it is on par or ahead.
+        let (r, cl) = split_block(m, n, nthreads);
         let pc = SendPtr(c.as_mut_ptr());
         let (pa, pb) = (SendPtr(pa as *mut T), SendPtr(pb as *mut T));
-        let rows = m.div_ceil(nthreads);
         (0..nthreads).into_par_iter().for_each(|t| {
-            let r0 = t * rows;
-            if r0 >= m {
+            let (r0, mr) = if r < m {
+                (t * r, r.min(m.saturating_sub(t * r)))
+            } else {
+                (0, m)
+            };
+            let (c0, nc) = if cl < n {
+                (t * cl, cl.min(n.saturating_sub(t * cl)))
+            } else {
+                (0, n)
+            };
+            if mr == 0 || nc == 0 {
                 return;
             }
-            let mr = rows.min(m - r0);
             let (pc, pa, pb) = (&pc, &pa, &pb);
             // SAFETY: bounds checked above; each task writes its own rows
-            // of C (no two (i, j) of C share an address).
+            // or columns of C (no two (i, j) of C share an address).
             unsafe {
                 gemm_one(
                     mr,
                     k,
-                    n,
-                    pc.0.add(lc.offset + r0 * lc.row_stride),
+                    nc,
+                    pc.0.add(lc.offset + r0 * lc.row_stride + c0 * lc.col_stride),
                     rs(lc),
                     pa.0.add(la.offset + r0 * la.row_stride),
                     rs(la),
-                    pb.0.add(lb.offset),
+                    pb.0.add(lb.offset + c0 * lb.col_stride),
                     rs(lb),
                     alpha,
                     beta,
@@ -383,6 +410,191 @@ pub(crate) fn matmul_impl<T: Float>(
                 par,
             );
         }
+    }
+}
+
+thread_local! {
+    static IN_GEMM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as inside the gemm crate until dropped.
+struct InGemm(bool);
+
+impl InGemm {
+    fn enter() -> InGemm {
+        InGemm(IN_GEMM.with(|f| f.replace(true)))
+    }
+}
+
+impl Drop for InGemm {
+    fn drop(&mut self) {
+        let prev = self.0;
+        IN_GEMM.with(|f| f.set(prev));
+    }
+}
+
+/// Whether the calling thread is inside a call into the `gemm` crate. The
+/// gemm crate allocates on every call that packs (its packing buffer and
+/// a `Vec<bool>` of packed-lhs flags, `gemm-common` 0.19 `gemm.rs`), with no
+/// option to pass a workspace; the allocation test uses this to tell those
+/// allocations from kiln's own (which must be none in steady state).
+#[doc(hidden)]
+pub fn in_gemm() -> bool {
+    IN_GEMM.try_with(|f| f.get()).unwrap_or(false)
+}
+
+/// An epilogue on a finished block of rows of C: `epi(r0, rows)` with
+/// `rows = &mut c[r0*n..(r0+len)*n]`, `r0` a multiple of 4.
+pub type RowEpilogue<'a, T> = &'a (dyn Fn(usize, &mut [T]) + Sync);
+
+/// Rows of C per task in `matmul_epilogue` for a product of `m` rows,
+/// `n` columns and `work` multiply-adds on `threads` threads (a multiple
+/// of 4). Below `ROW_SPLIT_WORK` one block per thread; above, blocks of
+/// about `EPI_BLOCK_BYTES` of C so the epilogue reads them from L2 (and
+/// the load balances), at least 4 rows; measured with bench_ops
+/// ("matmul_epilogue" rows against the plain matmul).
+fn epilogue_rows(m: usize, n: usize, work: usize, threads: usize, elem: usize) -> usize {
+    let per_thread = m.div_ceil(threads).next_multiple_of(4);
+    if work < ROW_SPLIT_WORK {
+        return per_thread;
+    }
+    let l2 = (EPI_BLOCK_BYTES / (n * elem).max(1)).max(4) / 4 * 4;
+    per_thread.min(l2.max(EPI_MIN_ROWS))
+}
+
+/// Bytes of C per row block of a large `matmul_epilogue`.
+const EPI_BLOCK_BYTES: usize = 256 << 10;
+/// Fewest rows per row block of a large `matmul_epilogue` (gemm packs B
+/// again for every block, so blocks must not get too thin).
+const EPI_MIN_ROWS: usize = 64;
+
+/// `C = A @ B (+ bias)` for one product into contiguous C `[m, n]`
+/// (`c.len() == m*n`, never read), A `[m, k]` and B `[k, n]` views as in
+/// `matmul` (batch fields ignored). `bias` (`[n]`) is added to every row
+/// (addmm). The rows are computed in blocks (spread over the rayon threads
+/// when the product is large enough, each block's gemm single-threaded;
+/// one block with gemm's own threading when there are too few rows), and
+/// once a block of rows `[r0, r0+len)` is final, `epi(r0, &mut
+/// c[r0*n..(r0+len)*n])` is called on it from the thread that computed it.
+/// A medium product with fewer rows than columns is split by columns
+/// instead (see `matmul_into`); then bias and epilogue run on row blocks
+/// after the product.
+/// Blocks start at multiples of 4 rows. Allocation-free apart from the
+/// gemm crate's own per-call packing buffers (see `in_gemm`).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_epilogue<T: Float>(
+    c: &mut [T],
+    a: &[T],
+    la: MatLayout,
+    b: &[T],
+    lb: MatLayout,
+    m: usize,
+    k: usize,
+    n: usize,
+    bias: Option<&[T]>,
+    epi: Option<RowEpilogue<'_, T>>,
+) {
+    assert_eq!(c.len(), m * n, "matmul_epilogue: C must hold m*n elements");
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), n, "matmul_epilogue: bias must hold n elements");
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        la.extent(1, m, k) <= a.len(),
+        "matmul: A view out of bounds"
+    );
+    assert!(
+        lb.extent(1, k, n) <= b.len(),
+        "matmul: B view out of bounds"
+    );
+    let (pa, pb) = (SendPtr(a.as_ptr() as *mut T), SendPtr(b.as_ptr() as *mut T));
+    let block = |r0: usize, cb: &mut [T], par: Parallelism| {
+        let rows = cb.len() / n;
+        let (pa, pb) = (&pa, &pb);
+        // SAFETY: A and B bounds checked above, this block's rows of C are
+        // `cb` (contiguous, exclusively borrowed).
+        unsafe {
+            gemm_one(
+                rows,
+                k,
+                n,
+                cb.as_mut_ptr(),
+                (n, 1),
+                pa.0.add(la.offset + r0 * la.row_stride),
+                (la.row_stride, la.col_stride),
+                pb.0.add(lb.offset),
+                (lb.row_stride, lb.col_stride),
+                T::one(),
+                T::zero(),
+                par,
+            );
+        }
+        if let Some(bias) = bias {
+            for row in cb.chunks_exact_mut(n) {
+                for (v, &bv) in row.iter_mut().zip(bias) {
+                    *v += bv;
+                }
+            }
+        }
+        if let Some(f) = epi {
+            f(r0, cb);
+        }
+    };
+    let threads = rayon::current_num_threads();
+    let work = m * n * k;
+    if threads > 1 && (GEMM_PAR_WORK..ROW_SPLIT_WORK).contains(&work) && m < n && n >= 32 {
+        // Fewer rows than columns: row blocks would each pack all of B,
+        // so the product is split by columns (as `matmul_into` does) and
+        // the bias and epilogue run afterwards on row blocks, in parallel
+        // when C is large.
+        matmul_impl(
+            c,
+            MatLayout::contiguous(m, n),
+            T::zero(),
+            T::one(),
+            a,
+            la,
+            b,
+            lb,
+            1,
+            m,
+            k,
+            n,
+            true,
+        );
+        let finish = |r0: usize, cb: &mut [T]| {
+            if let Some(bias) = bias {
+                for row in cb.chunks_exact_mut(n) {
+                    for (v, &bv) in row.iter_mut().zip(bias) {
+                        *v += bv;
+                    }
+                }
+            }
+            if let Some(f) = epi {
+                f(r0, cb);
+            }
+        };
+        let rows = m.div_ceil(threads).next_multiple_of(4);
+        if m * n >= crate::PAR_THRESHOLD && m > rows {
+            c.par_chunks_mut(rows * n)
+                .enumerate()
+                .for_each(|(i, cb)| finish(i * rows, cb));
+        } else {
+            finish(0, c);
+        }
+        return;
+    }
+    if threads > 1 && work >= GEMM_PAR_WORK && m >= 8 {
+        let rows = epilogue_rows(m, n, work, threads, std::mem::size_of::<T>());
+        c.par_chunks_mut(rows * n)
+            .enumerate()
+            .for_each(|(i, cb)| block(i * rows, cb, Parallelism::None));
+    } else if threads > 1 && work >= GEMM_PAR_WORK {
+        block(0, c, Parallelism::Rayon(threads));
+    } else {
+        block(0, c, Parallelism::None);
     }
 }
 
@@ -638,7 +850,12 @@ mod row_split_tests {
     /// A medium product (row-split path) with a transposed B and beta = 1.
     #[test]
     fn row_split_matches_naive() {
-        let (m, k, n) = (67, 53, 71);
+        for (m, k, n) in [(67, 53, 71), (71, 53, 67), (9, 700, 300)] {
+            split_case(m, k, n);
+        }
+    }
+
+    fn split_case(m: usize, k: usize, n: usize) {
         assert!((GEMM_PAR_WORK..ROW_SPLIT_WORK).contains(&(m * k * n)));
         let a: Vec<f64> = (0..m * k).map(|i| ((i * 7) % 13) as f64 - 6.0).collect();
         let bt: Vec<f64> = (0..n * k).map(|i| ((i * 5) % 11) as f64 - 5.0).collect();
@@ -666,5 +883,84 @@ mod row_split_tests {
                 assert_eq!(c[i * n + j], want);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod epilogue_tests {
+    use super::tests::{assert_close, rand_vec};
+    use super::*;
+    use parking_lot::Mutex;
+
+    /// `matmul_epilogue` (bias + ReLU epilogue) against `matmul` plus the
+    /// same bias and ReLU, for row-split, single-block and gemm-threaded
+    /// shapes; the epilogue's row blocks start at multiples of 4 and cover
+    /// every row exactly once.
+    #[test]
+    fn matmul_epilogue_matches_matmul() {
+        for &(m, k, n, tb) in &[
+            (1, 3, 5, false),
+            (7, 5, 3, true),
+            (64, 784, 256, true),
+            (67, 53, 71, false),
+            (4, 512, 600, true),
+            (6, 40000, 5, false),
+            (8192, 20, 50, true),
+            (600, 300, 500, false),
+        ] {
+            let a: Vec<f32> = rand_vec(m * k, (m + k) as u64);
+            let b: Vec<f32> = rand_vec(k * n, (k + n) as u64);
+            let bias: Vec<f32> = rand_vec(n, 7);
+            let lb = if tb {
+                MatLayout::contiguous(n, k).t()
+            } else {
+                MatLayout::contiguous(k, n)
+            };
+            let la = MatLayout::contiguous(m, k);
+            let want: Vec<f64> = matmul(&a, la, &b, lb, 1, m, k, n)
+                .chunks(n)
+                .flat_map(|r| r.iter().zip(&bias).map(|(v, bv)| (v + bv).max(0.0) as f64))
+                .collect();
+            let seen = Mutex::new(vec![0usize; m]);
+            let epi = |r0: usize, rows: &mut [f32]| {
+                assert_eq!(r0 % 4, 0, "row block start {r0}");
+                assert_eq!(rows.len() % n, 0);
+                for s in &mut seen.lock()[r0..r0 + rows.len() / n] {
+                    *s += 1;
+                }
+                for v in rows {
+                    *v = v.max(0.0);
+                }
+            };
+            let mut c = vec![f32::NAN; m * n];
+            matmul_epilogue(&mut c, &a, la, &b, lb, m, k, n, Some(&bias), Some(&epi));
+            assert_close(&c, &want, 1e-5, &format!("matmul_epilogue {m}x{k}x{n}"));
+            assert!(seen.lock().iter().all(|&s| s == 1), "{m}x{k}x{n}: rows");
+            // No bias, no epilogue: exactly the product.
+            let mut c2 = vec![f32::NAN; m * n];
+            matmul_epilogue(&mut c2, &a, la, &b, lb, m, k, n, None, None);
+            let plain = matmul(&a, la, &b, lb, 1, m, k, n);
+            let plain: Vec<f64> = plain.iter().map(|&v| v as f64).collect();
+            assert_close(&c2, &plain, 1e-5, &format!("plain {m}x{k}x{n}"));
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "m*n")]
+    fn matmul_epilogue_rejects_wrong_c_length() {
+        let a = vec![0.0f32; 6];
+        let mut c = vec![0.0f32; 3];
+        matmul_epilogue(
+            &mut c,
+            &a,
+            MatLayout::contiguous(2, 3),
+            &a,
+            MatLayout::contiguous(3, 2),
+            2,
+            3,
+            2,
+            None,
+            None,
+        );
     }
 }

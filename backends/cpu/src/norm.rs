@@ -223,15 +223,105 @@ pub fn batch_norm_eval<T: Float>(
     bias: Option<&[T]>,
     eps: f64,
 ) -> Vec<T> {
+    // Every element is written by `batch_norm_eval_into`.
+    let mut y = crate::buffers::alloc_uninit::<T>(x.len());
+    batch_norm_eval_into(
+        x,
+        shape,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        eps,
+        &mut y,
+    );
+    y
+}
+
+/// Eval-mode batch norm of x `[N, C, S]` into `out` (same length, every
+/// element overwritten, nothing allocated): per channel
+/// `y = x * scale + shift` with `scale = w / sqrt(var + eps)` and
+/// `shift = b - mean * scale` computed in f64, as `batch_norm_eval`.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_eval_into<T: Float>(
+    x: &[T],
+    shape: [usize; 3],
+    running_mean: &[T],
+    running_var: &[T],
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    eps: f64,
+    out: &mut [T],
+) {
     check_bn(x, shape, weight, bias);
-    let mean: Vec<f64> = running_mean.iter().map(|v| v.as_f64()).collect();
-    let invstd: Vec<f64> = running_var
-        .iter()
-        .map(|v| 1.0 / (v.as_f64() + eps).sqrt())
-        .collect();
-    assert_eq!(mean.len(), shape[1], "batch_norm: running_mean length");
-    assert_eq!(invstd.len(), shape[1], "batch_norm: running_var length");
-    normalize(x, shape, &mean, &invstd, weight, bias)
+    let [_, c, s] = shape;
+    assert_eq!(running_mean.len(), c, "batch_norm: running_mean length");
+    assert_eq!(running_var.len(), c, "batch_norm: running_var length");
+    assert_eq!(out.len(), x.len(), "batch_norm: output length");
+    if s == 0 || x.is_empty() {
+        return;
+    }
+    let coef = |ch: usize| {
+        let invstd = 1.0 / (running_var[ch].as_f64() + eps).sqrt();
+        let w = weight.map_or(1.0, |w| w[ch].as_f64());
+        let b = bias.map_or(0.0, |b| b[ch].as_f64());
+        let scale = invstd * w;
+        (
+            T::from_f64(scale),
+            T::from_f64(b - running_mean[ch].as_f64() * scale),
+        )
+    };
+    if s == 1 {
+        // [N, C] (BatchNorm1d): rows of C channels; the coefficients of a
+        // block of channels are computed once per chunk of rows, on the
+        // stack (a sqrt per element was 10x slower).
+        const CB: usize = 64;
+        let rows_per_chunk = (crate::PAR_THRESHOLD / 2 / c.max(1)).max(1);
+        let chunk = rows_per_chunk * c;
+        let body = |(ci, o): (usize, &mut [T])| {
+            let xs = &x[ci * chunk..][..o.len()];
+            for c0 in (0..c).step_by(CB) {
+                let cn = CB.min(c - c0);
+                let mut ab = [(T::zero(), T::zero()); CB];
+                for (j, v) in ab[..cn].iter_mut().enumerate() {
+                    *v = coef(c0 + j);
+                }
+                for (orow, xrow) in o.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
+                    for ((o, &xv), &(a, b)) in orow[c0..c0 + cn]
+                        .iter_mut()
+                        .zip(&xrow[c0..c0 + cn])
+                        .zip(&ab[..cn])
+                    {
+                        *o = xv * a + b;
+                    }
+                }
+            }
+        };
+        if x.len() >= crate::PAR_THRESHOLD {
+            out.par_chunks_mut(chunk).enumerate().for_each(body);
+        } else {
+            out.chunks_mut(chunk).enumerate().for_each(body);
+        }
+        return;
+    }
+    let planes_per_chunk = (crate::PAR_THRESHOLD / 2 / s).max(1);
+    let chunk = planes_per_chunk * s;
+    let body = |(ci, o): (usize, &mut [T])| {
+        let start = ci * chunk;
+        for (pi, op) in o.chunks_mut(s).enumerate() {
+            let off = start + pi * s;
+            let (a, b) = coef((off / s) % c);
+            let len = op.len();
+            for (o, &xv) in op.iter_mut().zip(&x[off..off + len]) {
+                *o = xv * a + b;
+            }
+        }
+    };
+    if x.len() >= crate::PAR_THRESHOLD {
+        out.par_chunks_mut(chunk).enumerate().for_each(body);
+    } else {
+        out.chunks_mut(chunk).enumerate().for_each(body);
+    }
 }
 
 /// Backward of batch norm. `mean`/`invstd` are the ones the forward used:
@@ -352,22 +442,9 @@ pub fn layer_norm<T: Float>(
             .enumerate()
         {
             let xr = &x[(start + r) * k..][..k];
-            let mu = xr.iter().map(|v| v.as_f64()).sum::<f64>() / k as f64;
-            let var = xr.iter().map(|v| (v.as_f64() - mu).powi(2)).sum::<f64>() / k as f64;
-            let is = 1.0 / (var + eps).sqrt();
+            let (mu, is) = layer_norm_row(xr, weight, bias, eps, yr);
             *m = T::from_f64(mu);
             *rs = T::from_f64(is);
-            let (mu_t, is_t) = (T::from_f64(mu), T::from_f64(is));
-            for (j, (o, &v)) in yr.iter_mut().zip(xr).enumerate() {
-                let mut t = (v - mu_t) * is_t;
-                if let Some(w) = weight {
-                    t *= w[j];
-                }
-                if let Some(b) = bias {
-                    t += b[j];
-                }
-                *o = t;
-            }
         }
     };
     if x.len() >= crate::PAR_THRESHOLD {
@@ -379,6 +456,69 @@ pub fn layer_norm<T: Float>(
         body((&mut y, (&mut mean, &mut rstd)), 0);
     }
     (y, mean, rstd)
+}
+
+/// Layer norm of each contiguous row of `k` elements of x into `out`
+/// (same length, every element overwritten, nothing allocated), without
+/// the mean/rstd outputs; the same arithmetic as `layer_norm`.
+pub fn layer_norm_into<T: Float>(
+    x: &[T],
+    k: usize,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    eps: f64,
+    out: &mut [T],
+) {
+    assert!(
+        k > 0 && x.len().is_multiple_of(k),
+        "layer_norm: length not a multiple of k"
+    );
+    if let Some(w) = weight {
+        assert_eq!(w.len(), k, "layer_norm: weight length");
+    }
+    if let Some(b) = bias {
+        assert_eq!(b.len(), k, "layer_norm: bias length");
+    }
+    assert_eq!(out.len(), x.len(), "layer_norm: output length");
+    let rpt = rows_per_task(k);
+    let body = |(i, yc): (usize, &mut [T])| {
+        for (r, yr) in yc.chunks_mut(k).enumerate() {
+            let xr = &x[(i * rpt + r) * k..][..k];
+            layer_norm_row(xr, weight, bias, eps, yr);
+        }
+    };
+    if x.len() >= crate::PAR_THRESHOLD {
+        out.par_chunks_mut(rpt * k).enumerate().for_each(body);
+    } else {
+        out.chunks_mut(rpt * k).enumerate().for_each(body);
+    }
+}
+
+/// One row of layer norm; returns `(mean, rstd)` (in f64).
+#[inline]
+fn layer_norm_row<T: Float>(
+    xr: &[T],
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    eps: f64,
+    yr: &mut [T],
+) -> (f64, f64) {
+    let k = xr.len();
+    let mu = xr.iter().map(|v| v.as_f64()).sum::<f64>() / k as f64;
+    let var = xr.iter().map(|v| (v.as_f64() - mu).powi(2)).sum::<f64>() / k as f64;
+    let is = 1.0 / (var + eps).sqrt();
+    let (mu_t, is_t) = (T::from_f64(mu), T::from_f64(is));
+    for (j, (o, &v)) in yr.iter_mut().zip(xr).enumerate() {
+        let mut t = (v - mu_t) * is_t;
+        if let Some(w) = weight {
+            t *= w[j];
+        }
+        if let Some(b) = bias {
+            t += b[j];
+        }
+        *o = t;
+    }
+    (mu, is)
 }
 
 /// Backward of `layer_norm`: returns `(grad_input, grad_weight [k],
@@ -717,5 +857,56 @@ mod tests {
         }
         check_ln::<f64>(300, 257, 1e-9);
         check_ln::<f32>(300, 257, 2e-4);
+    }
+}
+
+#[cfg(test)]
+mod into_tests {
+    use super::*;
+    use crate::matmul::tests::{assert_close, rand_vec};
+
+    #[test]
+    fn layer_norm_into_matches_layer_norm() {
+        for &(rows, k) in &[(4, 5), (32, 256), (200, 300)] {
+            let x: Vec<f32> = rand_vec(rows * k, 3);
+            let w: Vec<f32> = rand_vec(k, 4);
+            let b: Vec<f32> = rand_vec(k, 5);
+            for (wo, bo) in [(Some(&w[..]), Some(&b[..])), (None, None)] {
+                let (want, _, _) = layer_norm(&x, k, wo, bo, 1e-5);
+                let mut got = vec![f32::NAN; x.len()];
+                layer_norm_into(&x, k, wo, bo, 1e-5, &mut got);
+                assert_eq!(got, want, "{rows}x{k}");
+            }
+        }
+    }
+
+    #[test]
+    fn batch_norm_eval_into_matches_formula() {
+        for &shape in &[
+            [2, 3, 5],
+            [8, 64, 169],
+            [16, 50, 1],
+            [8192, 70, 1],
+            [3, 130, 1],
+        ] {
+            let [n, c, s] = shape;
+            let x: Vec<f32> = rand_vec(n * c * s, 6);
+            let mean: Vec<f32> = rand_vec(c, 7);
+            let var: Vec<f32> = rand_vec::<f32>(c, 8).iter().map(|v| v + 1.5).collect();
+            let w: Vec<f32> = rand_vec(c, 9);
+            let b: Vec<f32> = rand_vec(c, 10);
+            let want: Vec<f64> = (0..x.len())
+                .map(|i| {
+                    let ch = (i / s) % c;
+                    (x[i] as f64 - mean[ch] as f64) / (var[ch] as f64 + 1e-5).sqrt() * w[ch] as f64
+                        + b[ch] as f64
+                })
+                .collect();
+            let mut got = vec![f32::NAN; x.len()];
+            batch_norm_eval_into(&x, shape, &mean, &var, Some(&w), Some(&b), 1e-5, &mut got);
+            assert_close(&got, &want, 1e-5, &format!("bn {shape:?}"));
+            let vec_form = batch_norm_eval(&x, shape, &mean, &var, Some(&w), Some(&b), 1e-5);
+            assert_eq!(got, vec_form);
+        }
     }
 }

@@ -220,6 +220,87 @@ pub fn max_pool2d<T: Float>(
     (vals, idx)
 }
 
+/// max_pool2d of x `[N, C, H, W]` into `out` (`[N, C, Ho, Wo]`, every
+/// element overwritten), values only (no indices: inference), nothing
+/// allocated. The values (NaN rule included) are `max_pool2d`'s.
+pub fn max_pool2d_into<T: Float>(x: &[T], x_shape: [usize; 4], p: &MaxPool2dParams, out: &mut [T]) {
+    let [n, c, h, w] = x_shape;
+    assert_eq!(x.len(), n * c * h * w, "max_pool2d: input length");
+    let (ho, wo) = pool2d_output_size(
+        (h, w),
+        p.kernel,
+        p.stride,
+        p.padding,
+        p.dilation,
+        p.ceil_mode,
+    );
+    let plane_out = ho * wo;
+    assert_eq!(out.len(), n * c * plane_out, "max_pool2d: output length");
+    if out.is_empty() {
+        return;
+    }
+    let (kh, kw) = p.kernel;
+    let (sh, sw) = p.stride;
+    let (dh, dw) = p.dilation;
+    let simple2 = p.kernel == (2, 2)
+        && p.stride == (2, 2)
+        && p.padding == (0, 0)
+        && p.dilation == (1, 1)
+        && 2 * ho <= h
+        && 2 * wo <= w;
+    let pick = |best: T, v: T| if v > best || v.is_nan() { v } else { best };
+    let plane_fn = |xp: &[T], vo: &mut [T]| {
+        if simple2 {
+            for (oh, vo) in vo.chunks_exact_mut(wo).enumerate() {
+                let r0 = 2 * oh * w;
+                let (a, b) = (&xp[r0..r0 + 2 * wo], &xp[r0 + w..r0 + w + 2 * wo]);
+                for (ow, o) in vo.iter_mut().enumerate() {
+                    let m = pick(T::neg_infinity(), a[2 * ow]);
+                    let m = pick(m, a[2 * ow + 1]);
+                    let m = pick(m, b[2 * ow]);
+                    *o = pick(m, b[2 * ow + 1]);
+                }
+            }
+            return;
+        }
+        for (oh, vo) in vo.chunks_exact_mut(wo).enumerate() {
+            let (h0, h1) = window((oh * sh) as i64 - p.padding.0 as i64, kh, dh, h);
+            for (ow, o) in vo.iter_mut().enumerate() {
+                let (w0, w1) = window((ow * sw) as i64 - p.padding.1 as i64, kw, dw, w);
+                let mut best = T::neg_infinity();
+                let mut ih = h0;
+                while ih < h1 {
+                    let base = ih as usize * w;
+                    let mut iw = w0;
+                    while iw < w1 {
+                        best = pick(best, xp[base + iw as usize]);
+                        iw += dw as i64;
+                    }
+                    ih += dh as i64;
+                }
+                *o = best;
+            }
+        }
+    };
+    // Several planes per task, so tiny planes do not drown in scheduling.
+    let per_task = (crate::PAR_THRESHOLD / (plane_out * kh * kw).max(1)).max(1);
+    let task = |(ci, vo): (usize, &mut [T])| {
+        for (k, v) in vo.chunks_mut(plane_out).enumerate() {
+            let pi = ci * per_task + k;
+            plane_fn(&x[pi * h * w..][..h * w], v);
+        }
+    };
+    if x.len() + out.len() * kh * kw >= crate::PAR_THRESHOLD {
+        out.par_chunks_mut(per_task * plane_out)
+            .enumerate()
+            .for_each(task);
+    } else {
+        out.chunks_mut(per_task * plane_out)
+            .enumerate()
+            .for_each(task);
+    }
+}
+
 /// Gradient of max_pool2d: scatter-adds grad_out `[N, C, Ho, Wo]` into a
 /// zeroed `[N, C, H, W]` at `indices` (as returned by `max_pool2d`).
 pub fn max_pool2d_backward<T: Float>(
@@ -294,14 +375,25 @@ fn avg_window(
 /// for padding, ceil_mode, count_include_pad and divisor_override).
 pub fn avg_pool2d<T: Float>(x: &[T], x_shape: [usize; 4], p: &AvgPool2dParams) -> Vec<T> {
     let [n, c, h, w] = x_shape;
+    let (ho, wo) = pool2d_output_size((h, w), p.kernel, p.stride, p.padding, (1, 1), p.ceil_mode);
+    // Every element is written by `avg_pool2d_into`.
+    let mut out = crate::buffers::alloc_uninit::<T>(n * c * ho * wo);
+    avg_pool2d_into(x, x_shape, p, &mut out);
+    out
+}
+
+/// avg_pool2d into `out` (`[N, C, Ho, Wo]`, every element overwritten),
+/// nothing allocated.
+pub fn avg_pool2d_into<T: Float>(x: &[T], x_shape: [usize; 4], p: &AvgPool2dParams, out: &mut [T]) {
+    let [n, c, h, w] = x_shape;
     assert_eq!(x.len(), n * c * h * w, "avg_pool2d: input length");
     if let Some(d) = p.divisor_override {
         assert!(d > 0, "avg_pool2d: divisor must be non-zero");
     }
     let (ho, wo) = pool2d_output_size((h, w), p.kernel, p.stride, p.padding, (1, 1), p.ceil_mode);
-    let mut out = vec![T::zero(); n * c * ho * wo];
+    assert_eq!(out.len(), n * c * ho * wo, "avg_pool2d: output length");
     per_plane(
-        &mut out,
+        out,
         ho * wo,
         x.len() + n * c * ho * wo * p.kernel.0 * p.kernel.1,
         |pi, o| {
@@ -324,7 +416,6 @@ pub fn avg_pool2d<T: Float>(x: &[T], x_shape: [usize; 4], p: &AvgPool2dParams) -
             }
         },
     );
-    out
 }
 
 /// Gradient of avg_pool2d: each grad_out element divided by its window's
@@ -662,6 +753,60 @@ mod fast_path_tests {
                     assert!(v[o] == best || (v[o].is_nan() && best.is_nan()));
                     assert_eq!(idx[o], bi as i64);
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod into_tests {
+    use super::*;
+    use crate::matmul::tests::rand_vec;
+
+    /// The `_into` forms write exactly what the Vec-returning kernels
+    /// return, NaN rule included, over stale output contents.
+    #[test]
+    fn pool_into_matches_pool() {
+        let shapes = [[2, 3, 8, 9], [8, 32, 26, 26], [1, 2, 7, 5]];
+        for (si, &xs) in shapes.iter().enumerate() {
+            let mut x: Vec<f32> = rand_vec(xs.iter().product(), si as u64);
+            x[3] = f32::NAN;
+            for &(k, s, pd, d, ceil) in &[
+                ((2, 2), (2, 2), (0, 0), (1, 1), false),
+                ((3, 2), (2, 1), (1, 1), (1, 1), true),
+                ((2, 2), (1, 2), (0, 1), (2, 1), false),
+            ] {
+                let mp = MaxPool2dParams {
+                    kernel: k,
+                    stride: s,
+                    padding: pd,
+                    dilation: d,
+                    ceil_mode: ceil,
+                };
+                let (want, _) = max_pool2d(&x, xs, &mp);
+                let mut got = vec![1.5f32; want.len()];
+                max_pool2d_into(&x, xs, &mp, &mut got);
+                assert_eq!(
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "max {xs:?} {mp:?}"
+                );
+                let ap = AvgPool2dParams {
+                    kernel: k,
+                    stride: s,
+                    padding: pd,
+                    ceil_mode: ceil,
+                    count_include_pad: d.0 == 1,
+                    divisor_override: None,
+                };
+                let want = avg_pool2d(&x, xs, &ap);
+                let mut got = vec![1.5f32; want.len()];
+                avg_pool2d_into(&x, xs, &ap, &mut got);
+                assert_eq!(
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "avg {xs:?} {ap:?}"
+                );
             }
         }
     }

@@ -105,10 +105,23 @@ fn lanes_sum<T: Float>(r: &[T]) -> T {
 
 /// Softmax (or log-softmax) of each row.
 pub fn softmax_rows<T: Float>(x: &[T], k: usize, log: bool) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
+    // Every element is written by `softmax_rows_into`.
+    let mut out = crate::buffers::alloc_uninit::<T>(x.len());
+    softmax_rows_into(x, k, log, &mut out);
+    out
+}
+
+/// Softmax (or log-softmax) of each contiguous row of `k` elements of `x`
+/// into `out` (same length; every element overwritten, nothing allocated).
+pub fn softmax_rows_into<T: Float>(x: &[T], k: usize, log: bool, out: &mut [T]) {
+    assert_eq!(out.len(), x.len(), "softmax: output length");
     if k == 0 {
-        return out;
+        return;
     }
+    assert!(
+        x.len().is_multiple_of(k),
+        "softmax: length not a multiple of the row length"
+    );
     let body = |o: &mut [T], r: &[T]| {
         let m = lanes_max(r);
         for (o, &v) in o.iter_mut().zip(r) {
@@ -137,7 +150,6 @@ pub fn softmax_rows<T: Float>(x: &[T], k: usize, log: bool) -> Vec<T> {
             body(o, r);
         }
     }
-    out
 }
 
 /// Backward of `softmax_rows(x, k, log)` given its output `y` and the
@@ -282,6 +294,31 @@ mod col_tests {
         for j in 0..c {
             let want: f64 = (0..r).map(|i| x[i * c + j]).sum();
             assert_eq!(got[j], want);
+        }
+    }
+}
+
+#[cfg(test)]
+mod into_tests {
+    use super::*;
+    use crate::matmul::tests::rand_vec;
+
+    /// `softmax_rows_into` over stale contents equals `softmax_rows`, and
+    /// the rows sum to 1 (softmax) / their exps do (log-softmax).
+    #[test]
+    fn softmax_rows_into_matches() {
+        for &(rows, k) in &[(3, 7), (64, 1024), (1, 1)] {
+            let x: Vec<f32> = rand_vec(rows * k, k as u64);
+            for log in [false, true] {
+                let want = softmax_rows(&x, k, log);
+                let mut got = vec![f32::NAN; x.len()];
+                softmax_rows_into(&x, k, log, &mut got);
+                assert_eq!(got, want, "{rows}x{k} log={log}");
+                for r in got.chunks(k) {
+                    let s: f32 = r.iter().map(|&v| if log { v.exp() } else { v }).sum();
+                    assert!((s - 1.0).abs() < 1e-4, "row sum {s}");
+                }
+            }
         }
     }
 }

@@ -106,7 +106,8 @@ pub fn max_pool2d(
     dilation: (usize, usize),
     ceil_mode: bool,
 ) -> Result<Tensor> {
-    Ok(max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)?.0)
+    let (out, _) = max_pool2d_impl(x, kernel, stride, padding, dilation, ceil_mode, false)?;
+    Ok(out)
 }
 
 /// `max_pool2d(..., return_indices=True)`: values and i64 flat indices
@@ -119,10 +120,36 @@ pub fn max_pool2d_with_indices(
     dilation: (usize, usize),
     ceil_mode: bool,
 ) -> Result<(Tensor, Tensor)> {
+    let (v, i) = max_pool2d_impl(x, kernel, stride, padding, dilation, ceil_mode, true)?;
+    Ok((v, i.expect("indices requested")))
+}
+
+/// max_pool2d with or without the index tensor. Without it, and when no
+/// gradient will be needed, only the values are computed
+/// (`max_pool2d_into`: no index pass, no index buffer); autograd needs the
+/// indices, so they are computed whenever it records.
+fn max_pool2d_impl(
+    x: &Tensor,
+    kernel: (usize, usize),
+    stride: Option<(usize, usize)>,
+    padding: (usize, usize),
+    dilation: (usize, usize),
+    ceil_mode: bool,
+    want_indices: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
     if let Some((d, up)) = via_f32(&[x])? {
-        let (v, i) = max_pool2d_with_indices(&up[0], kernel, stride, padding, dilation, ceil_mode)?;
+        let (v, i) = max_pool2d_impl(
+            &up[0],
+            kernel,
+            stride,
+            padding,
+            dilation,
+            ceil_mode,
+            want_indices,
+        )?;
         return Ok((v.to_dtype(d)?, i));
     }
+    let values_only = !want_indices && !(crate::autograd::is_grad_enabled() && x.requires_grad());
     let (x4, unbatched) = as_4d("max_pool2d", x)?;
     let s = x4.shape();
     let xs = [s[0], s[1], s[2], s[3]];
@@ -138,12 +165,6 @@ pub fn max_pool2d_with_indices(
     let (ho, wo) =
         pk::pool2d_output_size((xs[2], xs[3]), kernel, stride, padding, dilation, ceil_mode);
     let out_shape = [xs[0], xs[1], ho, wo];
-    let (vals, idx) = float_dispatch!("max_pool2d", x.dtype(), T => {
-        let (v, i) = x4.with_contiguous::<T, _>(|xv| pk::max_pool2d::<T>(xv, xs, &p));
-        (storage(v), i)
-    });
-    let out = Tensor::from_storage(vals, &out_shape);
-    let indices = Tensor::from_storage(CpuStorage::I64(idx), &out_shape);
     let ir = kiln_ir::Op::MaxPool2d {
         kernel: [kernel.0, kernel.1],
         stride: [stride.0, stride.1],
@@ -151,6 +172,26 @@ pub fn max_pool2d_with_indices(
         dilation: [dilation.0, dilation.1],
         ceil_mode,
     };
+    if values_only {
+        let vals = float_dispatch!("max_pool2d", x.dtype(), T => {
+            storage(x4.with_contiguous::<T, _>(|xv| {
+                // Every element is written by the kernel.
+                let mut v = kiln_cpu::buffers::alloc_uninit::<T>(out_shape.iter().product());
+                pk::max_pool2d_into::<T>(xv, xs, &p, &mut v);
+                v
+            }))
+        });
+        let out = Tensor::from_storage(vals, &out_shape);
+        crate::trace::record(ir, &[&x4], &[&out]);
+        let out = if unbatched { out.squeeze_dim(0)? } else { out };
+        return Ok((out, None));
+    }
+    let (vals, idx) = float_dispatch!("max_pool2d", x.dtype(), T => {
+        let (v, i) = x4.with_contiguous::<T, _>(|xv| pk::max_pool2d::<T>(xv, xs, &p));
+        (storage(v), i)
+    });
+    let out = Tensor::from_storage(vals, &out_shape);
+    let indices = Tensor::from_storage(CpuStorage::I64(idx), &out_shape);
     crate::trace::record(ir, &[&x4], &[&out]);
     let saved_idx = indices.clone();
     record(
@@ -167,9 +208,9 @@ pub fn max_pool2d_with_indices(
         },
     );
     if unbatched {
-        Ok((out.squeeze_dim(0)?, indices.squeeze_dim(0)?))
+        Ok((out.squeeze_dim(0)?, Some(indices.squeeze_dim(0)?)))
     } else {
-        Ok((out, indices))
+        Ok((out, Some(indices)))
     }
 }
 
@@ -319,8 +360,19 @@ pub fn batch_norm(
     let rm = running_mean.map(|t| t.to_dtype(cdt)).transpose()?;
     let rv = running_var.map(|t| t.to_dtype(cdt)).transpose()?;
     let (y, mean_t, invstd_t) = float_dispatch!("batch_norm", cdt, T => {
-        let xv = xc.contiguous_vec::<T>();
-        if training {
+        if !training {
+            // Eval: x is read in place (no copy), y written once.
+            let rmv = rm.as_ref().unwrap().contiguous_vec::<T>();
+            let rvv = rv.as_ref().unwrap().contiguous_vec::<T>();
+            let (wv, bv) = (vec_of::<T>(w.as_ref()), vec_of::<T>(b.as_ref()));
+            let y = xc.with_contiguous::<T, _>(|xv| {
+                let mut y = kiln_cpu::buffers::alloc_uninit::<T>(xv.len());
+                nk::batch_norm_eval_into::<T>(xv, shape3, &rmv, &rvv, wv.as_deref(), bv.as_deref(), eps, &mut y);
+                y
+            });
+            (storage(y), None, None)
+        } else {
+            let xv = xc.contiguous_vec::<T>();
             let (y, st) = nk::batch_norm_train::<T>(&xv, shape3, vec_of::<T>(w.as_ref()).as_deref(), vec_of::<T>(b.as_ref()).as_deref(), eps);
             if let (Some(rm), Some(rv)) = (running_mean, running_var) {
                 let unbiased: Vec<T> = st.var.iter().map(|&v| T::from_f64(v.as_f64() * st.count as f64 / (st.count as f64 - 1.0))).collect();
@@ -333,10 +385,6 @@ pub fn batch_norm(
                 })?;
             }
             (storage(y), Some(storage(st.mean)), Some(storage(st.invstd)))
-        } else {
-            let rmv = rm.as_ref().unwrap().contiguous_vec::<T>();
-            let rvv = rv.as_ref().unwrap().contiguous_vec::<T>();
-            (storage(nk::batch_norm_eval::<T>(&xv, shape3, &rmv, &rvv, vec_of::<T>(w.as_ref()).as_deref(), vec_of::<T>(b.as_ref()).as_deref(), eps)), None, None)
         }
     });
     let out = Tensor::from_storage(y, &s).to_dtype(x.dtype())?;
