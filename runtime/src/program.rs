@@ -156,6 +156,8 @@ enum Step {
         k: usize,
         n: usize,
         out: Span,
+        /// Pointwise epilogue applied to each block of rows as it is done.
+        epi: Option<Jit>,
     },
     Conv {
         x: Span,
@@ -165,6 +167,8 @@ enum Step {
         bias: Option<Span>,
         p: Conv2dParams,
         out: Span,
+        /// Pointwise epilogue applied to each image as it is done.
+        epi: Option<Jit>,
     },
     MaxPool {
         x: Span,
@@ -307,6 +311,8 @@ struct Builder<'g> {
     fallbacks: Vec<String>,
     /// (steps run, value): when each arena/leaf value becomes readable.
     avail: Vec<(usize, Value, Loc)>,
+    /// Building an epilogue of the step already pushed.
+    epilogue_mode: bool,
 }
 
 fn bufs_of(spans: &[Span]) -> Vec<usize> {
@@ -331,7 +337,7 @@ impl<'g> Builder<'g> {
     /// Records `v`'s home; it is readable once the steps so far (and the
     /// step about to be pushed, if `pending`) have run.
     fn set_loc(&mut self, v: Value, loc: Loc, pending: bool) {
-        let after = self.steps.len() + pending as usize;
+        let after = self.steps.len() + (pending && !self.epilogue_mode) as usize;
         if !self.locs.contains_key(&v) {
             self.avail.push((after, v, loc.clone()));
         }
@@ -474,6 +480,19 @@ impl<'g> Builder<'g> {
         nodes: &[NodeId],
         internal: &HashSet<Value>,
     ) -> std::result::Result<(), String> {
+        let (jit, reads, writes) = self.jit_build(nodes, internal)?;
+        self.push(Step::Jit(jit), reads, writes);
+        Ok(())
+    }
+
+    /// Compiles a run of pointwise nodes; gathers its inputs need are pushed
+    /// as steps, the kernel itself is returned (with the buffers it reads
+    /// and writes) for a caller to push or attach as an epilogue.
+    fn jit_build(
+        &mut self,
+        nodes: &[NodeId],
+        internal: &HashSet<Value>,
+    ) -> std::result::Result<(Jit, Vec<usize>, Vec<usize>), String> {
         let set: HashSet<NodeId> = nodes.iter().copied().collect();
         let mut inputs: Vec<Value> = Vec::new();
         for &n in nodes {
@@ -536,16 +555,61 @@ impl<'g> Builder<'g> {
         }
         let reads = bufs_of(&ins);
         let writes = bufs_of(&outs);
-        self.push(
-            Step::Jit(Jit {
+        Ok((
+            Jit {
                 kernel: Box::new(pk),
                 ins,
                 outs,
-            }),
+            },
             reads,
             writes,
-        );
-        Ok(())
+        ))
+    }
+
+    /// Fuses the pointwise run `run` into the head step just pushed (a
+    /// single matmul/addmm or a conv2d producing `h`) as its per-tile
+    /// epilogue. The run's other inputs were made contiguous before the
+    /// head was pushed. False if it cannot (the caller then runs it as
+    /// its own step).
+    fn attach_epilogue(&mut self, run: &[NodeId], h: Value, internal: &HashSet<Value>) -> bool {
+        let Some(last) = self.steps.last() else {
+            return false;
+        };
+        let unit = match last {
+            Step::Gemm {
+                batch: 1,
+                bias: None | Some(Bias::Row(_)),
+                n,
+                out,
+                ..
+            } if out.off == 0 => *n,
+            Step::Conv { xs, out, .. } if out.off == 0 && xs[0] > 0 => out.len / xs[0],
+            _ => return false,
+        };
+        // Tiles must start at multiples of 4 elements (the JIT's vector loop).
+        let is_conv = matches!(last, Step::Conv { .. });
+        if is_conv && !unit.is_multiple_of(4) {
+            return false;
+        }
+        let before = self.steps.len();
+        self.epilogue_mode = true;
+        let built = self.jit_build(run, internal);
+        self.epilogue_mode = false;
+        let Ok((jit, reads, writes)) = built else {
+            return false;
+        };
+        // jit_build must not have pushed steps (gathers) after the head.
+        if self.steps.len() != before || !jit.kernel.inputs().iter().any(|d| d.value == h) {
+            return false;
+        }
+        let hi = self.steps.len() - 1;
+        self.reads[hi].extend(reads);
+        self.writes[hi].extend(writes);
+        match &mut self.steps[hi] {
+            Step::Gemm { epi, .. } | Step::Conv { epi, .. } => *epi = Some(jit),
+            _ => unreachable!("checked above"),
+        }
+        true
     }
 
     /// A view op as a new `Loc` over the operand's base (no copy).
@@ -729,6 +793,7 @@ impl<'g> Builder<'g> {
                 k,
                 n: n_,
                 out,
+                epi: None,
             },
             reads,
             writes,
@@ -776,6 +841,7 @@ impl<'g> Builder<'g> {
                             groups: *groups,
                         },
                         out,
+                        epi: None,
                     },
                     reads,
                     bufs_of(&[out]),
@@ -932,6 +998,35 @@ impl<'g> Builder<'g> {
                 i += 1;
                 continue;
             }
+            // A matmul/conv followed by pointwise nodes reading its output:
+            // make the run's other inputs contiguous first, so the run can
+            // be applied to each output tile inside the head's step.
+            let head_run: Option<Vec<NodeId>> = if class == OpClass::Contraction {
+                let h = Value::new(n, 0);
+                let mut j = i + 1;
+                while j < k.nodes.len() && self.g.node(k.nodes[j]).op.class() == OpClass::Pointwise
+                {
+                    j += 1;
+                }
+                let run = k.nodes[i + 1..j].to_vec();
+                let reads_h = run.iter().any(|&m| self.g.operands(m).contains(&h));
+                (reads_h && !run.is_empty()).then_some(run)
+            } else {
+                None
+            };
+            if let Some(run) = &head_run {
+                let set: HashSet<NodeId> = run.iter().copied().collect();
+                let outside: Vec<Value> = run
+                    .iter()
+                    .flat_map(|&m| self.g.operands(m))
+                    .filter(|v| !set.contains(&v.node) && v.node != n)
+                    .collect();
+                for v in outside {
+                    if self.is_f32(v) {
+                        let _ = self.contiguous(v);
+                    }
+                }
+            }
             let r = match class {
                 OpClass::View => self.view(n),
                 OpClass::Contraction if matches!(self.g.node(n).op, Op::MatMul | Op::Addmm) => {
@@ -943,10 +1038,16 @@ impl<'g> Builder<'g> {
                     self.g.node(n).op.name()
                 )),
             };
+            let ok = r.is_ok();
             if let Err(why) = r {
                 self.fallback(n, why);
             }
             i += 1;
+            if let (true, Some(run)) = (ok, head_run) {
+                if self.attach_epilogue(&run, Value::new(n, 0), &internal) {
+                    i += run.len();
+                }
+            }
         }
     }
 }
@@ -1036,6 +1137,7 @@ impl Program {
             writes: Vec::new(),
             fallbacks: Vec::new(),
             avail: Vec::new(),
+            epilogue_mode: false,
         };
         let mut leaves = Vec::new();
         let mut leaf_nodes = Vec::new();
@@ -1264,36 +1366,67 @@ impl Program {
                         k,
                         n,
                         out,
+                        epi,
                     } => {
-                        let c = ctx.slice_mut(out);
-                        let beta = match bias {
-                            None => 0.0,
-                            Some(Bias::Row(s)) => {
-                                let bs = ctx.slice(s);
-                                for row in c.chunks_exact_mut(*n) {
-                                    row.copy_from_slice(bs);
+                        if let (1, None | Some(Bias::Row(_))) = (*batch, bias) {
+                            let c = ctx.slice_mut(out);
+                            let bias = match bias {
+                                Some(Bias::Row(s)) => Some(ctx.slice(s)),
+                                _ => None,
+                            };
+                            let ptrs = epi.as_ref().map(|j| JitPtrs::new(ctx, j));
+                            let f = |r0: usize, rows: &mut [f32]| {
+                                if let (Some(j), Some(p)) = (epi, &ptrs) {
+                                    let s = r0 * *n;
+                                    // SAFETY: the plan's spans; the tile
+                                    // [s, s + rows.len()) is final.
+                                    p.run_range(j, s, s + rows.len());
                                 }
-                                1.0
-                            }
-                            Some(Bias::Full(s)) => {
-                                c.copy_from_slice(ctx.slice(s));
-                                1.0
-                            }
-                        };
-                        kiln_cpu::matmul::matmul_into(
-                            c,
-                            MatLayout::contiguous(*m, *n),
-                            beta,
-                            1.0,
-                            ctx.slice(a),
-                            *la,
-                            ctx.slice(b),
-                            *lb,
-                            *batch,
-                            *m,
-                            *k,
-                            *n,
-                        );
+                            };
+                            kiln_cpu::matmul::matmul_epilogue(
+                                c,
+                                ctx.slice(a),
+                                *la,
+                                ctx.slice(b),
+                                *lb,
+                                *m,
+                                *k,
+                                *n,
+                                bias,
+                                epi.as_ref()
+                                    .map(|_| &f as kiln_cpu::matmul::RowEpilogue<f32>),
+                            );
+                        } else {
+                            let c = ctx.slice_mut(out);
+                            let beta = match bias {
+                                None => 0.0,
+                                Some(Bias::Row(s)) => {
+                                    let bs = ctx.slice(s);
+                                    for row in c.chunks_exact_mut(*n) {
+                                        row.copy_from_slice(bs);
+                                    }
+                                    1.0
+                                }
+                                Some(Bias::Full(s)) => {
+                                    c.copy_from_slice(ctx.slice(s));
+                                    1.0
+                                }
+                            };
+                            kiln_cpu::matmul::matmul_into(
+                                c,
+                                MatLayout::contiguous(*m, *n),
+                                beta,
+                                1.0,
+                                ctx.slice(a),
+                                *la,
+                                ctx.slice(b),
+                                *lb,
+                                *batch,
+                                *m,
+                                *k,
+                                *n,
+                            );
+                        }
                     }
                     Step::Conv {
                         x,
@@ -1303,32 +1436,41 @@ impl Program {
                         bias,
                         p,
                         out,
+                        epi,
                     } => {
-                        let y = kiln_cpu::conv::conv2d(
+                        let unit = out.len / xs[0].max(1);
+                        let ptrs = epi.as_ref().map(|j| JitPtrs::new(ctx, j));
+                        let f = |img: usize, _y: &mut [f32]| {
+                            if let (Some(j), Some(p)) = (epi, &ptrs) {
+                                // SAFETY: the plan's spans; image `img` is final.
+                                p.run_range(j, img * unit, (img + 1) * unit);
+                            }
+                        };
+                        kiln_cpu::conv::conv2d_into(
                             ctx.slice(x),
                             *xs,
                             ctx.slice(w),
                             *ws,
                             bias.as_ref().map(|b| ctx.slice(b)),
                             p,
+                            ctx.slice_mut(out),
+                            epi.as_ref()
+                                .map(|_| &f as kiln_cpu::conv::ImageEpilogue<f32>),
                         );
-                        ctx.slice_mut(out).copy_from_slice(&y);
-                        kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(y));
                     }
                     Step::MaxPool { x, xs, p, out } => {
-                        let (y, _) = kiln_cpu::pool::max_pool2d(ctx.slice(x), *xs, p);
-                        ctx.slice_mut(out).copy_from_slice(&y);
-                        kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(y));
+                        kiln_cpu::pool::max_pool2d_into(ctx.slice(x), *xs, p, ctx.slice_mut(out));
                     }
                     Step::AvgPool { x, xs, p, out } => {
-                        let y = kiln_cpu::pool::avg_pool2d(ctx.slice(x), *xs, p);
-                        ctx.slice_mut(out).copy_from_slice(&y);
-                        kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(y));
+                        kiln_cpu::pool::avg_pool2d_into(ctx.slice(x), *xs, p, ctx.slice_mut(out));
                     }
                     Step::Softmax { x, k, log, out } => {
-                        let y = kiln_cpu::reduce::softmax_rows(ctx.slice(x), *k, *log);
-                        ctx.slice_mut(out).copy_from_slice(&y);
-                        kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(y));
+                        kiln_cpu::reduce::softmax_rows_into(
+                            ctx.slice(x),
+                            *k,
+                            *log,
+                            ctx.slice_mut(out),
+                        );
                     }
                     Step::LayerNorm {
                         x,
@@ -1338,15 +1480,14 @@ impl Program {
                         eps,
                         out,
                     } => {
-                        let (y, _, _) = kiln_cpu::norm::layer_norm(
+                        kiln_cpu::norm::layer_norm_into(
                             ctx.slice(x),
                             *k,
                             w.as_ref().map(|s| ctx.slice(s)),
                             b.as_ref().map(|s| ctx.slice(s)),
                             *eps,
+                            ctx.slice_mut(out),
                         );
-                        ctx.slice_mut(out).copy_from_slice(&y);
-                        kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(y));
                     }
                     Step::Gather { src, out } => {
                         gather_into(ctx, src, ctx.slice_mut(out));
@@ -1430,6 +1571,49 @@ impl Program {
                 })
             })
             .collect()
+    }
+}
+
+/// A JIT kernel's operand addresses for one call, shareable across the
+/// threads that run its tiles.
+struct JitPtrs {
+    ins: [usize; 32],
+    outs: [usize; 16],
+    n_in: usize,
+    n_out: usize,
+}
+
+impl JitPtrs {
+    unsafe fn new(ctx: &Ctx, j: &Jit) -> JitPtrs {
+        assert!(
+            j.ins.len() <= 32 && j.outs.len() <= 16,
+            "epilogue with too many operands"
+        );
+        let mut p = JitPtrs {
+            ins: [0; 32],
+            outs: [0; 16],
+            n_in: j.ins.len(),
+            n_out: j.outs.len(),
+        };
+        for (d, s) in p.ins.iter_mut().zip(&j.ins) {
+            // SAFETY: the plan's spans.
+            *d = unsafe { ctx.ptr(s) } as usize;
+        }
+        for (d, s) in p.outs.iter_mut().zip(&j.outs) {
+            *d = unsafe { ctx.ptr(s) } as usize;
+        }
+        p
+    }
+
+    /// Runs `j` over flat indices `[start, end)` on this thread.
+    unsafe fn run_range(&self, j: &Jit, start: usize, end: usize) {
+        let ins: [*const f32; 32] = self.ins.map(|a| a as *const f32);
+        let outs: [*mut f32; 16] = self.outs.map(|a| a as *mut f32);
+        // SAFETY: the caller's tile is final and inside every operand.
+        unsafe {
+            j.kernel
+                .run_range_ptrs(&ins[..self.n_in], &outs[..self.n_out], start, end)
+        };
     }
 }
 
@@ -1527,11 +1711,7 @@ type LeafFn<'a, R> = dyn FnMut(&[(usize, usize)]) -> R + 'a;
 /// Holds a read lock on every leaf while `f` runs on raw views of them
 /// (null for leaves that are not contiguous f32: only fallback nodes read
 /// those, as tensors).
-fn with_leaf_slices<R>(
-    ts: &[Tensor],
-    ptrs: &mut Vec<(usize, usize)>,
-    f: &mut LeafFn<'_, R>,
-) -> R {
+fn with_leaf_slices<R>(ts: &[Tensor], ptrs: &mut Vec<(usize, usize)>, f: &mut LeafFn<'_, R>) -> R {
     match ts.split_first() {
         None => f(ptrs),
         Some((t, rest)) => {
