@@ -107,3 +107,6 @@ pub fn check_trace(traced: &TracedModule, inputs: &[Tensor], rtol: f64) -> Resul
 }
 
 pub use crate::compiled::{compile, CompiledModule};
+pub use crate::training::{
+    compile_for_training, compile_training, CompiledTrainModule, LossFn, TrainStep,
+};
