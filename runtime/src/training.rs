@@ -163,23 +163,19 @@ impl CompiledTrainModule {
     fn compile_variant(&self, inputs: &[Tensor], key: Key) -> Result<TrainVariant> {
         let start = std::time::Instant::now();
         let module = &self.module;
-        // Tracing runs the forward once; restore the buffers it changed.
-        let snapshot: Vec<(Tensor, Tensor)> = if key.training {
+        // Tracing runs the forward once; restore the buffers it changed
+        // (values, and the objects a forward may have reassigned).
+        let snapshot: Vec<(String, Tensor, Tensor)> = if key.training {
             module
                 .named_buffers()
                 .into_iter()
-                .map(|(_, t)| Ok((t.clone(), t.detach().clone_tensor()?)))
+                .map(|(n, t)| Ok((n, t.clone(), t.detach().clone_tensor()?)))
                 .collect::<Result<_>>()?
         } else {
             Vec::new()
         };
         let traced = no_grad(|| crate::jit::trace(module, inputs));
-        no_grad(|| -> kiln_frontend::Result<()> {
-            for (live, saved) in &snapshot {
-                live.copy_(saved)?;
-            }
-            Ok(())
-        })?;
+        restore_buffers(module, &snapshot)?;
         let mut traced = traced?;
         traced.run_passes()?;
         let trainable = &key.trainable;
@@ -278,6 +274,25 @@ impl CompiledTrainModule {
         }
         Ok(outs.pop().expect("one output"))
     }
+}
+
+/// Puts back the buffer objects a traced forward may have reassigned
+/// (`set_buffer`) and their values from before the trace.
+fn restore_buffers(module: &Arc<dyn Module>, snapshot: &[(String, Tensor, Tensor)]) -> Result<()> {
+    for (name, obj, saved) in snapshot {
+        let live = module.get_buffer(name)?;
+        if live.id() != obj.id() {
+            match name.rsplit_once('.') {
+                Some((path, leaf)) => module
+                    .get_submodule(path)?
+                    .core()
+                    .set_buffer(leaf, Some(obj.clone()))?,
+                None => module.core().set_buffer(name, Some(obj.clone()))?,
+            }
+        }
+        no_grad(|| obj.copy_(saved).map(|_| ()))?;
+    }
+    Ok(())
 }
 
 /// A loss: `(output, target) -> scalar loss`.
