@@ -52,7 +52,14 @@ fn grads(name: &str) {
         .map(|(n, p)| (n, p.grad().expect("a gradient")))
         .collect();
     m.zero_grad(true).unwrap();
-    m.call(&x).unwrap().mul(go).unwrap().sum().unwrap().backward().unwrap();
+    m.call(&x)
+        .unwrap()
+        .mul(go)
+        .unwrap()
+        .sum()
+        .unwrap()
+        .backward()
+        .unwrap();
     for (pname, g) in compiled {
         let want = io.get(&format!("grad.{pname}")).unwrap();
         let e = rel(&g, want);
@@ -60,7 +67,10 @@ fn grads(name: &str) {
         let e_eager = rel(&g, &eager);
         println!("  grad.{pname}: vs PyTorch {e:.2e}, vs eager kiln {e_eager:.2e}");
         assert!(e <= GRAD_TOL, "{name} grad.{pname}: {e:.3e}");
-        assert!(e_eager <= GRAD_TOL, "{name} grad.{pname} vs eager: {e_eager:.3e}");
+        assert!(
+            e_eager <= GRAD_TOL,
+            "{name} grad.{pname} vs eager: {e_eager:.3e}"
+        );
     }
 }
 
@@ -129,8 +139,19 @@ fn steps(name: &str) {
             let want = tr.get(&format!("{opt_name}.param.{pname}")).unwrap();
             if opt_name == "adam" && noise[i] {
                 let bound = 3.0 * 1e-3 * (1.0 + 1e-3);
-                let ours = p.sub(&start[i]).unwrap().abs().unwrap().max().unwrap().item().unwrap();
-                assert!(ours <= bound, "{name} {pname}: noise-gradient change {ours}");
+                let ours = p
+                    .sub(&start[i])
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max()
+                    .unwrap()
+                    .item()
+                    .unwrap();
+                assert!(
+                    ours <= bound,
+                    "{name} {pname}: noise-gradient change {ours}"
+                );
                 continue;
             }
             let e = rel(&p, want);
@@ -183,9 +204,23 @@ fn frozen_layer_gets_no_gradient_and_unfreezing_recompiles() {
         .grad_inputs()
         .contains(&kiln::ir::InputKind::Param(frozen.clone())));
     let before = p0.detach().clone_tensor().unwrap();
-    let mut opt = SGD::new(m.parameters(), SgdOptions { lr: 0.1, ..Default::default() }).unwrap();
+    let mut opt = SGD::new(
+        m.parameters(),
+        SgdOptions {
+            lr: 0.1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     opt.zero_grad(true).unwrap();
-    cm.call(&x).unwrap().square().unwrap().mean().unwrap().backward().unwrap();
+    cm.call(&x)
+        .unwrap()
+        .square()
+        .unwrap()
+        .mean()
+        .unwrap()
+        .backward()
+        .unwrap();
     assert!(p0.grad().is_none(), "a frozen parameter gets no gradient");
     for n in &names[1..] {
         assert!(m.get_parameter(n).unwrap().grad().is_some(), "{n}");
@@ -196,13 +231,27 @@ fn frozen_layer_gets_no_gradient_and_unfreezing_recompiles() {
     // Unfreeze: a recompile, and it trains again.
     p0.clone().requires_grad_(true).unwrap();
     opt.zero_grad(true).unwrap();
-    cm.call(&x).unwrap().square().unwrap().mean().unwrap().backward().unwrap();
+    cm.call(&x)
+        .unwrap()
+        .square()
+        .unwrap()
+        .mean()
+        .unwrap()
+        .backward()
+        .unwrap();
     assert_eq!(cm.variant_count(), 2);
     let g = p0.grad().expect("unfrozen parameter has a gradient");
     // Equal to eager's gradient.
     let g = g.clone_tensor().unwrap();
     opt.zero_grad(true).unwrap();
-    m.call(&x).unwrap().square().unwrap().mean().unwrap().backward().unwrap();
+    m.call(&x)
+        .unwrap()
+        .square()
+        .unwrap()
+        .mean()
+        .unwrap()
+        .backward()
+        .unwrap();
     assert!(rel(&g, &p0.grad().unwrap()) <= 1e-5);
     opt.step().unwrap();
     assert!(rel(&p0, &before) > 0.0);
@@ -238,14 +287,33 @@ fn autograd_engine_features_through_the_compiled_node() {
     .unwrap();
     y.square().unwrap().sum().unwrap().backward().unwrap();
     assert_eq!(*seen.lock().unwrap(), 1);
-    assert_eq!(p.grad().unwrap().abs().unwrap().max().unwrap().item().unwrap(), 0.0);
+    assert_eq!(
+        p.grad()
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max()
+            .unwrap()
+            .item()
+            .unwrap(),
+        0.0
+    );
     // autograd::grad w.r.t. an input that requires grad.
-    let xi = x.detach().clone_tensor().unwrap().requires_grad_(true).unwrap();
+    let xi = x
+        .detach()
+        .clone_tensor()
+        .unwrap()
+        .requires_grad_(true)
+        .unwrap();
     let y = cm.call(&xi).unwrap();
     let l = y.square().unwrap().sum().unwrap();
     let gx = kiln::autograd::grad(&[l], &[xi.clone()], None, false, false, false).unwrap();
     let ye = m.call(&xi).unwrap().square().unwrap().sum().unwrap();
     let gxe = kiln::autograd::grad(&[ye], &[xi.clone()], None, false, false, false).unwrap();
     assert!(rel(gx[0].as_ref().unwrap(), gxe[0].as_ref().unwrap()) <= 1e-5);
-    assert_eq!(cm.variant_count(), 2, "an input requiring grad is another variant");
+    assert_eq!(
+        cm.variant_count(),
+        2,
+        "an input requiring grad is another variant"
+    );
 }

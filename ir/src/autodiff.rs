@@ -151,6 +151,22 @@ pub fn differentiate(g: &Graph, wants_grad: &dyn Fn(&InputKind) -> bool) -> Resu
     })
 }
 
+fn is_view(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::Expand { .. }
+            | Op::Slice { .. }
+            | Op::Select { .. }
+            | Op::Contiguous
+    )
+}
+
+fn is_pointwise(op: &Op) -> bool {
+    matches!(op, Op::Unary(_) | Op::Binary(_) | Op::Where | Op::Cast(_))
+}
+
 /// Which outputs of an op carry a gradient (BatchNorm's running-stat
 /// outputs and index outputs do not).
 fn differentiable_outputs(op: &Op) -> Vec<usize> {
@@ -302,7 +318,13 @@ impl Ctx<'_> {
 
     /// The gradient of a reduction's output brought back to the input's
     /// shape (keepdim reshape + expand).
-    fn unreduce(&mut self, g: Value, in_shape: &[usize], dims: &[usize], keepdim: bool) -> Result<Value> {
+    fn unreduce(
+        &mut self,
+        g: Value,
+        in_shape: &[usize],
+        dims: &[usize],
+        keepdim: bool,
+    ) -> Result<Value> {
         let keep = crate::shape::reduced_shape(in_shape, dims, true);
         let g = if keepdim { g } else { self.reshape(g, &keep)? };
         if keep == in_shape {
@@ -343,34 +365,48 @@ impl Ctx<'_> {
     }
 
     /// Whether forward value `v` is recomputed in the backward instead of
-    /// saved: views and cheap pointwise ops with at most one full-size
-    /// operand (a residual add of two big tensors saves its sum instead).
+    /// saved: views, and cheap pointwise ops whose recomputation needs at
+    /// most one value not already available (a residual add of two big
+    /// tensors saves its sum instead of both operands).
     fn recompute(&self, v: Value) -> bool {
-        let node = self.f.node(v.node);
-        match &node.op {
+        let mut memo = HashMap::new();
+        match &self.f.node(v.node).op {
             Op::Constant { .. } => true,
-            Op::Reshape { .. }
-            | Op::Permute { .. }
-            | Op::Expand { .. }
-            | Op::Slice { .. }
-            | Op::Select { .. }
-            | Op::Contiguous => true,
-            Op::Unary(_) | Op::Binary(_) | Op::Where | Op::Cast(_) => {
-                let n = node.outputs[0].numel();
-                let big = self
-                    .f
-                    .operands(v.node)
-                    .iter()
-                    .filter(|o| {
-                        !self.map.contains_key(o)
-                            && !matches!(self.f.node(o.node).op, Op::Constant { .. })
-                            && self.f.value_type(**o).numel() * 2 > n
-                    })
-                    .count();
-                big <= 1
-            }
+            op if is_view(op) => true,
+            op if is_pointwise(op) => self.sources(v, &mut memo).len() <= 1,
             _ => false,
         }
+    }
+
+    /// The values (not yet available in the backward) that recomputing `v`
+    /// would need; `[v]` itself if it would be saved.
+    fn sources(&self, v: Value, memo: &mut HashMap<Value, Vec<Value>>) -> Vec<Value> {
+        if self.map.contains_key(&v) {
+            return Vec::new();
+        }
+        if let Some(s) = memo.get(&v) {
+            return s.clone();
+        }
+        let op = &self.f.node(v.node).op;
+        let r = if matches!(op, Op::Constant { .. }) {
+            Vec::new()
+        } else if is_view(op) || is_pointwise(op) {
+            let mut all: Vec<Value> = Vec::new();
+            for o in self.f.operands(v.node) {
+                all.extend(self.sources(o, memo));
+            }
+            all.sort();
+            all.dedup();
+            if is_pointwise(op) && all.len() > 1 {
+                vec![v]
+            } else {
+                all
+            }
+        } else {
+            vec![v]
+        };
+        memo.insert(v, r.clone());
+        r
     }
 
     /// Forward value `v` as a backward value: recomputed or saved.
@@ -392,9 +428,7 @@ impl Ctx<'_> {
             outs[v.output]
         } else {
             let ty = self.fty(v).clone();
-            let x = self
-                .b
-                .add_input(InputKind::User(self.next_input), ty, "")?;
+            let x = self.b.add_input(InputKind::User(self.next_input), ty, "")?;
             self.next_input += 1;
             self.saved.push(v);
             x
@@ -501,7 +535,11 @@ impl Ctx<'_> {
                         let sq = self.un(UnaryOp::Square, xv)?;
                         let e = self.mul_scalar(sq, -0.5)?;
                         let e = self.un(UnaryOp::Exp, e)?;
-                        let pdf = self.mul_scalar(e, 0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2)?;
+                        let pdf = self.mul_scalar(
+                            e,
+                            0.5 * std::f64::consts::FRAC_2_SQRT_PI
+                                * std::f64::consts::FRAC_1_SQRT_2,
+                        )?;
                         let xp = self.bin(BinaryOp::Mul, xv, pdf)?;
                         let dd = self.bin(BinaryOp::Add, cdf, xp)?;
                         self.bin(BinaryOp::Mul, g, dd)?
@@ -1079,8 +1117,16 @@ impl Ctx<'_> {
         let av = self.fv(a)?;
         let bv = self.fv(b)?;
         // Promote 1-D operands to matrices, as torch.matmul does.
-        let a2s = if sa.len() == 1 { vec![1, sa[0]] } else { sa.clone() };
-        let b2s = if sb.len() == 1 { vec![sb[0], 1] } else { sb.clone() };
+        let a2s = if sa.len() == 1 {
+            vec![1, sa[0]]
+        } else {
+            sa.clone()
+        };
+        let b2s = if sb.len() == 1 {
+            vec![sb[0], 1]
+        } else {
+            sb.clone()
+        };
         let a2 = self.reshape(av, &a2s)?;
         let b2 = self.reshape(bv, &b2s)?;
         let batch = crate::broadcast_shapes(&a2s[..a2s.len() - 2], &b2s[..b2s.len() - 2])
@@ -1148,7 +1194,12 @@ pub(crate) fn infer_backward_op(op: &Op, ops: &[TensorType]) -> Result<Vec<Tenso
             }
             same(g, w, "grad_out and weight")?;
             let x = TensorType {
-                shape: vec![g.shape[0], w.shape[1] * groups, input_size[0], input_size[1]],
+                shape: vec![
+                    g.shape[0],
+                    w.shape[1] * groups,
+                    input_size[0],
+                    input_size[1],
+                ],
                 dtype: g.dtype,
             };
             let fwd = infer(
@@ -1204,7 +1255,15 @@ pub(crate) fn infer_backward_op(op: &Op, ops: &[TensorType]) -> Result<Vec<Tenso
         } => {
             let (g, x) = (&ops[0], &ops[1]);
             same(g, x, "grad_out and input")?;
-            let fwd = infer_pool(op, &ops[1..], *kernel, *stride, *padding, *dilation, *ceil_mode)?;
+            let fwd = infer_pool(
+                op,
+                &ops[1..],
+                *kernel,
+                *stride,
+                *padding,
+                *dilation,
+                *ceil_mode,
+            )?;
             if fwd[0] != *g {
                 return Err(err(op, ops, format!("grad_out must be {}", fwd[0])));
             }
@@ -1244,7 +1303,11 @@ pub(crate) fn infer_backward_op(op: &Op, ops: &[TensorType]) -> Result<Vec<Tenso
         Op::BatchNormBackward { .. } => {
             let (g, x) = (&ops[0], &ops[1]);
             if g != x || x.rank() < 2 {
-                return Err(err(op, ops, "grad_out and input must have one type, rank >= 2"));
+                return Err(err(
+                    op,
+                    ops,
+                    "grad_out and input must have one type, rank >= 2",
+                ));
             }
             require_float(op, ops, x, "input")?;
             let c = x.shape[1];
@@ -1277,7 +1340,11 @@ pub(crate) fn infer_backward_op(op: &Op, ops: &[TensorType]) -> Result<Vec<Tenso
         }
         Op::DropoutMask { p } => {
             if !(0.0..=1.0).contains(p) {
-                return Err(err(op, ops, format!("dropout probability {p} outside [0, 1]")));
+                return Err(err(
+                    op,
+                    ops,
+                    format!("dropout probability {p} outside [0, 1]"),
+                ));
             }
             require_float(op, ops, &ops[0], "input")?;
             Ok(vec![ops[0].clone()])

@@ -250,7 +250,9 @@ impl CompiledTrainModule {
                     "the backward graph binds nothing by name ({k:?})"
                 )))
             })
-            .map_err(|e| kiln_frontend::Error::Autograd(format!("CompiledFunctionBackward: {e}")))?;
+            .map_err(|e| {
+                kiln_frontend::Error::Autograd(format!("CompiledFunctionBackward: {e}"))
+            })?;
             Ok(grads
                 .into_iter()
                 .zip(needs)

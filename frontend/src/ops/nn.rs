@@ -638,7 +638,12 @@ pub fn avg_pool2d_backward(
     let xs = match x_shape.len() {
         4 => [x_shape[0], x_shape[1], x_shape[2], x_shape[3]],
         3 => [1, x_shape[0], x_shape[1], x_shape[2]],
-        _ => return Err(Error::op("avg_pool2d backward", format!("expected a 3-D or 4-D input shape, got {x_shape:?}"))),
+        _ => {
+            return Err(Error::op(
+                "avg_pool2d backward",
+                format!("expected a 3-D or 4-D input shape, got {x_shape:?}"),
+            ))
+        }
     };
     let p = AvgPool2dParams {
         kernel,
@@ -666,7 +671,13 @@ pub fn batch_norm_backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let s = x.shape();
     if s.len() < 2 || g.shape() != s {
-        return Err(Error::op("batch_norm backward", format!("grad_out {:?} and input {s:?} must have one shape of rank >= 2", g.shape())));
+        return Err(Error::op(
+            "batch_norm backward",
+            format!(
+                "grad_out {:?} and input {s:?} must have one shape of rank >= 2",
+                g.shape()
+            ),
+        ));
     }
     let (n, c) = (s[0], s[1]);
     let sp: usize = s[2..].iter().product();
@@ -703,7 +714,14 @@ pub fn layer_norm_backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let k: usize = normalized_shape.iter().product();
     if k == 0 || g.shape() != x.shape() || x.numel() % k != 0 {
-        return Err(Error::op("layer_norm backward", format!("grad_out {:?} and input {:?} do not fit normalized_shape {normalized_shape:?}", g.shape(), x.shape())));
+        return Err(Error::op(
+            "layer_norm backward",
+            format!(
+                "grad_out {:?} and input {:?} do not fit normalized_shape {normalized_shape:?}",
+                g.shape(),
+                x.shape()
+            ),
+        ));
     }
     let (gi, gw, gb) = float_dispatch!("layer_norm backward", x.dtype(), T => {
         let xv = x.contiguous_vec::<T>();
