@@ -8,6 +8,7 @@
 pub use kiln_frontend::*;
 
 pub mod bench;
+pub mod bench_train;
 pub mod verify;
 pub mod zoo;
 

@@ -184,9 +184,36 @@ fn differentiable_outputs(op: &Op) -> Vec<usize> {
 }
 
 /// `dropout(x)` becomes `x * dropout_mask(x)` (same draw from the global
-/// generator), so the mask is a value the backward can save.
+/// generator), so the mask is a value the backward can save; `max_pool2d`
+/// becomes `max_pool2d_with_indices`, so the backward saves the indices
+/// (as eager does) instead of the pool's input.
 fn rewrite_dropout(f: &mut Graph) -> Result<()> {
     for n in f.topo_order()? {
+        if let Op::MaxPool2d {
+            kernel,
+            stride,
+            padding,
+            dilation,
+            ceil_mode,
+        } = f.node(n).op
+        {
+            let scope = f.node(n).scope.clone();
+            let x = f.operands(n)[0];
+            let vs = f.add_node(
+                Op::MaxPool2dWithIndices {
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                    ceil_mode,
+                },
+                &[x],
+                &scope,
+            )?;
+            f.replace_all_uses(Value::new(n, 0), vs[0]);
+            f.remove_node(n);
+            continue;
+        }
         if let Op::Dropout { p, .. } = f.node(n).op {
             let scope = f.node(n).scope.clone();
             let x = f.operands(n)[0];
@@ -885,23 +912,15 @@ impl Ctx<'_> {
                 }
                 Ok(())
             }
-            Op::MaxPool2d {
-                kernel,
-                stride,
-                padding,
-                dilation,
-                ceil_mode,
-            } => {
-                let xv = self.fv(ops[0])?;
+            Op::MaxPool2dWithIndices { .. } => {
+                let xs = self.fty(ops[0]).shape.clone();
+                let r = xs.len();
+                let idx = self.fv(Value::new(n, 1))?;
                 let gx = self.add(
                     Op::MaxPool2dBackward {
-                        kernel: *kernel,
-                        stride: *stride,
-                        padding: *padding,
-                        dilation: *dilation,
-                        ceil_mode: *ceil_mode,
+                        input_size: [xs[r - 2], xs[r - 1]],
                     },
-                    &[g, xv],
+                    &[g, idx],
                 )?;
                 self.acc(ops[0], gx)
             }
@@ -1246,28 +1265,32 @@ pub(crate) fn infer_backward_op(op: &Op, ops: &[TensorType]) -> Result<Vec<Tenso
             }
             Ok(vec![w])
         }
-        Op::MaxPool2dBackward {
+        Op::MaxPool2dWithIndices {
             kernel,
             stride,
             padding,
             dilation,
             ceil_mode,
         } => {
-            let (g, x) = (&ops[0], &ops[1]);
-            same(g, x, "grad_out and input")?;
-            let fwd = infer_pool(
-                op,
-                &ops[1..],
-                *kernel,
-                *stride,
-                *padding,
-                *dilation,
-                *ceil_mode,
-            )?;
-            if fwd[0] != *g {
-                return Err(err(op, ops, format!("grad_out must be {}", fwd[0])));
+            let v = infer_pool(op, ops, *kernel, *stride, *padding, *dilation, *ceil_mode)?;
+            let idx = v[0].with_dtype(DType::I64);
+            Ok(vec![v[0].clone(), idx])
+        }
+        Op::MaxPool2dBackward { input_size } => {
+            let (g, idx) = (&ops[0], &ops[1]);
+            if idx.dtype != DType::I64 || idx.shape != g.shape || (g.rank() != 3 && g.rank() != 4) {
+                return Err(err(
+                    op,
+                    ops,
+                    "expected grad_out and i64 indices of one 3-D or 4-D shape",
+                ));
             }
-            Ok(vec![x.clone()])
+            require_float(op, ops, g, "grad_out")?;
+            let r = g.rank();
+            let mut xs = g.shape.clone();
+            xs[r - 2] = input_size[0];
+            xs[r - 1] = input_size[1];
+            Ok(vec![g.with_shape(xs)])
         }
         Op::AvgPool2dBackward {
             kernel,

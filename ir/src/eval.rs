@@ -423,6 +423,7 @@ pub fn eval_op(op: &Op, args: &[Tensor64]) -> Result<Option<Vec<Tensor64>>> {
         | Op::ConvTranspose2d { .. }
         | Op::Conv2dBackwardInput { .. }
         | Op::Conv2dBackwardWeight { .. }
+        | Op::MaxPool2dWithIndices { .. }
         | Op::MaxPool2dBackward { .. }
         | Op::AvgPool2dBackward { .. }
         | Op::BatchNormBackward { .. }

@@ -185,14 +185,20 @@ pub enum Op {
         groups: usize,
         kernel: [usize; 2],
     },
-    /// Gradient of max_pool2d. Operands: grad_out, x (the argmax indices
-    /// are recomputed from x instead of being saved).
-    MaxPool2dBackward {
+    /// max_pool2d that also outputs the i64 argmax indices (flat within
+    /// each input plane), for the backward (compiled training rewrites
+    /// max_pool2d to it). Outputs: values, indices.
+    MaxPool2dWithIndices {
         kernel: [usize; 2],
         stride: [usize; 2],
         padding: [usize; 2],
         dilation: [usize; 2],
         ceil_mode: bool,
+    },
+    /// Gradient of max_pool2d. Operands: grad_out, indices (from
+    /// `MaxPool2dWithIndices`); `input_size` is the input's (H, W).
+    MaxPool2dBackward {
+        input_size: [usize; 2],
     },
     /// Gradient of avg_pool2d. Operand: grad_out; `input_size` is the
     /// input's (H, W).
@@ -314,6 +320,7 @@ impl Op {
             Op::Stack { .. } => "stack",
             Op::Conv2dBackwardInput { .. } => "conv2d_backward_input",
             Op::Conv2dBackwardWeight { .. } => "conv2d_backward_weight",
+            Op::MaxPool2dWithIndices { .. } => "max_pool2d_with_indices",
             Op::MaxPool2dBackward { .. } => "max_pool2d_backward",
             Op::AvgPool2dBackward { .. } => "avg_pool2d_backward",
             Op::BatchNormBackward { .. } => "batch_norm_backward",
@@ -361,7 +368,9 @@ impl Op {
             Op::Conv2dBackwardInput { .. } | Op::Conv2dBackwardWeight { .. } => {
                 OpClass::Contraction
             }
-            Op::MaxPool2dBackward { .. } | Op::AvgPool2dBackward { .. } => OpClass::Pool,
+            Op::MaxPool2dWithIndices { .. }
+            | Op::MaxPool2dBackward { .. }
+            | Op::AvgPool2dBackward { .. } => OpClass::Pool,
             Op::BatchNormBackward { .. } | Op::LayerNormBackward { .. } => OpClass::Reduction,
             Op::DropoutMask { .. } | Op::SliceBackward { .. } | Op::IndexSelectBackward { .. } => {
                 OpClass::Copy
@@ -580,7 +589,8 @@ impl Op {
                 ("groups", groups.to_string()),
                 ("kernel", l(kernel)),
             ],
-            Op::MaxPool2dBackward {
+            Op::MaxPool2dBackward { input_size } => vec![("input_size", l(input_size))],
+            Op::MaxPool2dWithIndices {
                 kernel,
                 stride,
                 padding,

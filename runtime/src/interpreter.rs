@@ -520,21 +520,30 @@ pub(crate) fn exec_node(
             let ws = [g.shape()[1], x.shape()[1] / groups, kernel[0], kernel[1]];
             one(conv::conv2d_backward_weight(g, x, ws, p)?)
         }
-        Op::MaxPool2dBackward {
+        Op::MaxPool2dWithIndices {
             kernel,
             stride,
             padding,
             dilation,
             ceil_mode,
-        } => one(fnn::max_pool2d_backward(
-            &a[0],
-            &a[1],
-            pair(*kernel),
-            pair(*stride),
-            pair(*padding),
-            pair(*dilation),
-            *ceil_mode,
-        )?),
+        } => {
+            let (v, i) = fnn::max_pool2d_with_indices(
+                &a[0],
+                pair(*kernel),
+                Some(pair(*stride)),
+                pair(*padding),
+                pair(*dilation),
+                *ceil_mode,
+            )?;
+            Ok(vec![v, i])
+        }
+        Op::MaxPool2dBackward { input_size } => {
+            let mut xs = a[0].shape();
+            let r = xs.len();
+            xs[r - 2] = input_size[0];
+            xs[r - 1] = input_size[1];
+            one(fnn::max_pool2d_backward(&a[0], &a[1], &xs)?)
+        }
         Op::AvgPool2dBackward {
             kernel,
             stride,

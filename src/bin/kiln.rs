@@ -99,6 +99,10 @@ enum Command {
         /// Minimum seconds of timed calls per model.
         #[arg(long, default_value_t = 1.0)]
         min_time: f64,
+        /// Time training steps (forward, loss, backward, SGD step), eager
+        /// against compiled training, instead of forwards.
+        #[arg(long)]
+        train: bool,
     },
 }
 
@@ -124,7 +128,14 @@ fn main() -> ExitCode {
             large,
             models,
             min_time,
-        } => bench(large, models.unwrap_or_default(), min_time),
+            train,
+        } => {
+            if train {
+                bench_train(large, models.unwrap_or_default(), min_time)
+            } else {
+                bench(large, models.unwrap_or_default(), min_time)
+            }
+        }
         Command::Export {
             zoo,
             weights,
@@ -178,6 +189,13 @@ fn export(
 fn bench(large: bool, models: Vec<String>, min_time: f64) -> Result<(), String> {
     let rows = kiln::bench::bench_eager(&models, large, min_time).map_err(|e| e.to_string())?;
     print!("{}", kiln::bench::format_table(&rows));
+    Ok(())
+}
+
+fn bench_train(large: bool, models: Vec<String>, min_time: f64) -> Result<(), String> {
+    let rows =
+        kiln::bench_train::bench_train(&models, large, min_time).map_err(|e| e.to_string())?;
+    print!("{}", kiln::bench_train::format_train_table(&rows));
     Ok(())
 }
 

@@ -599,27 +599,34 @@ pub fn dropout_mask(x: &Tensor, p: f64) -> Result<Tensor> {
     .to_dtype(x.dtype())
 }
 
-/// Gradient of `max_pool2d` (eager's kernel), the argmax indices
-/// recomputed from `x`. Not recorded for autograd.
-pub fn max_pool2d_backward(
-    g: &Tensor,
-    x: &Tensor,
-    kernel: (usize, usize),
-    stride: (usize, usize),
-    padding: (usize, usize),
-    dilation: (usize, usize),
-    ceil_mode: bool,
-) -> Result<Tensor> {
-    let (_, idx) = no_grad(|| {
-        let _internal = crate::trace::suspend();
-        max_pool2d_with_indices(x, kernel, Some(stride), padding, dilation, ceil_mode)
-    })?;
-    let (x4, _) = as_4d("max_pool2d backward", x)?;
-    let s = x4.shape();
-    let xs = [s[0], s[1], s[2], s[3]];
-    let iv = idx.contiguous_vec::<i64>();
+/// Gradient of `max_pool2d` (eager's kernel) for an input of `x_shape`,
+/// from the indices `max_pool2d_with_indices` returned. Not recorded for
+/// autograd.
+pub fn max_pool2d_backward(g: &Tensor, indices: &Tensor, x_shape: &[usize]) -> Result<Tensor> {
+    let xs = match x_shape.len() {
+        4 => [x_shape[0], x_shape[1], x_shape[2], x_shape[3]],
+        3 => [1, x_shape[0], x_shape[1], x_shape[2]],
+        _ => {
+            return Err(Error::op(
+                "max_pool2d backward",
+                format!("expected a 3-D or 4-D input shape, got {x_shape:?}"),
+            ))
+        }
+    };
+    if indices.shape() != g.shape() || indices.dtype() != DType::I64 {
+        return Err(Error::op(
+            "max_pool2d backward",
+            format!(
+                "indices {:?} ({}) must be i64 of grad_out's shape {:?}",
+                indices.shape(),
+                indices.dtype(),
+                g.shape()
+            ),
+        ));
+    }
+    let iv = indices.contiguous_vec::<i64>();
     let buf = float_dispatch!("max_pool2d backward", g.dtype(), T => storage(pk::max_pool2d_backward::<T>(&g.contiguous_vec::<T>(), &iv, xs)));
-    Ok(Tensor::from_storage(buf, &x.shape()))
+    Ok(Tensor::from_storage(buf, x_shape))
 }
 
 /// Gradient of `avg_pool2d` for an input of `x_shape` (eager's kernel).
