@@ -720,7 +720,7 @@ pub fn layer_norm_backward(
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let k: usize = normalized_shape.iter().product();
-    if k == 0 || g.shape() != x.shape() || x.numel() % k != 0 {
+    if k == 0 || g.shape() != x.shape() || !x.numel().is_multiple_of(k) {
         return Err(Error::op(
             "layer_norm backward",
             format!(

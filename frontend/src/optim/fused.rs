@@ -133,7 +133,7 @@ fn sgd_typed<T: Float + Element>(
             for i in 0..pv.len() {
                 let mut d = if h.maximize { -g[i] } else { g[i] };
                 if h.weight_decay != 0.0 {
-                    d = d + pv[i] * wd;
+                    d += pv[i] * wd;
                 }
                 if let Some(b) = b.as_deref_mut() {
                     let nb = if h.first {
@@ -146,7 +146,7 @@ fn sgd_typed<T: Float + Element>(
                     b[i] = nb;
                     d = if h.nesterov { d + nb * mom } else { nb };
                 }
-                pv[i] = pv[i] + d * neg_lr;
+                pv[i] += d * neg_lr;
             }
         };
         match st.first_mut() {
@@ -204,9 +204,9 @@ fn adam_typed<T: Float + Element>(
                 let mut gi = if h.maximize { -g[i] } else { g[i] };
                 if h.weight_decay != 0.0 {
                     if h.decoupled {
-                        pv[i] = pv[i] * decay;
+                        pv[i] *= decay;
                     } else {
-                        gi = gi + pv[i] * wd;
+                        gi += pv[i] * wd;
                     }
                 }
                 // exp_avg.lerp_(grad, 1 - beta1), eager's two branches.
@@ -231,7 +231,7 @@ fn adam_typed<T: Float + Element>(
                     None => eas[i],
                 };
                 let denom = second.sqrt() / bc2_sqrt + eps;
-                pv[i] = pv[i] + ea[i] * neg_step / denom;
+                pv[i] += ea[i] * neg_step / denom;
             }
         };
         let (ea, rest) = st.split_first_mut().expect("exp_avg");
