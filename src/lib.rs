@@ -8,6 +8,7 @@
 pub use kiln_frontend::*;
 
 pub mod bench;
+pub mod bench_train;
 /// The OpenCL backend's verify/bench/devices (feature `opencl`).
 #[cfg(feature = "opencl")]
 pub mod opencl;

@@ -421,7 +421,17 @@ pub fn eval_op(op: &Op, args: &[Tensor64]) -> Result<Option<Vec<Tensor64>>> {
         Op::Input { .. }
         | Op::Dropout { .. }
         | Op::ConvTranspose2d { .. }
-        | Op::ModuleCall { .. } => return Ok(None),
+        | Op::ModuleCall { .. }
+        | Op::Conv2dBackwardInput { .. }
+        | Op::Conv2dBackwardWeight { .. }
+        | Op::MaxPool2dWithIndices { .. }
+        | Op::MaxPool2dBackward { .. }
+        | Op::AvgPool2dBackward { .. }
+        | Op::BatchNormBackward { .. }
+        | Op::LayerNormBackward { .. }
+        | Op::DropoutMask { .. }
+        | Op::SliceBackward { .. }
+        | Op::IndexSelectBackward { .. } => return Ok(None),
         Op::Constant { data, .. } => vec![data.clone()],
         Op::Unary(u) => vec![args[0].data.iter().map(|&x| unary(*u, x)).collect()],
         Op::Binary(b) => {

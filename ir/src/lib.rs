@@ -9,6 +9,7 @@
 //! evaluator (`eval`). This crate knows nothing about tensor storage and
 //! depends on no other kiln crate.
 
+pub mod autodiff;
 pub mod dtype;
 pub mod eval;
 pub mod format;

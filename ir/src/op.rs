@@ -175,6 +175,89 @@ pub enum Op {
         path: String,
         ty: TensorType,
     },
+    // ----- backward ops (emitted by `autodiff`) -----
+    /// Gradient of conv2d w.r.t. its input. Operands: grad_out
+    /// [N,O,Ho,Wo], weight [O,C/g,kh,kw]; `input_size` is the input's (H, W).
+    Conv2dBackwardInput {
+        stride: [usize; 2],
+        padding: [usize; 2],
+        dilation: [usize; 2],
+        groups: usize,
+        input_size: [usize; 2],
+    },
+    /// Gradient of conv2d w.r.t. its weight. Operands: grad_out, x
+    /// [N,C,H,W]; `kernel` is the weight's (kh, kw).
+    Conv2dBackwardWeight {
+        stride: [usize; 2],
+        padding: [usize; 2],
+        dilation: [usize; 2],
+        groups: usize,
+        kernel: [usize; 2],
+    },
+    /// max_pool2d that also outputs the i64 argmax indices (flat within
+    /// each input plane), for the backward (compiled training rewrites
+    /// max_pool2d to it). Outputs: values, indices.
+    MaxPool2dWithIndices {
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+        dilation: [usize; 2],
+        ceil_mode: bool,
+    },
+    /// Gradient of max_pool2d. Operands: grad_out, indices (from
+    /// `MaxPool2dWithIndices`); `input_size` is the input's (H, W).
+    MaxPool2dBackward {
+        input_size: [usize; 2],
+    },
+    /// Gradient of avg_pool2d. Operand: grad_out; `input_size` is the
+    /// input's (H, W).
+    AvgPool2dBackward {
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+        ceil_mode: bool,
+        count_include_pad: bool,
+        divisor_override: Option<usize>,
+        input_size: [usize; 2],
+    },
+    /// Gradient of batch_norm. Operands: grad_out, x, [weight], and in eval
+    /// mode running_mean, running_var (training recomputes the batch
+    /// statistics from x). Outputs: grad_x, grad_weight [C], grad_bias [C].
+    BatchNormBackward {
+        training: bool,
+        eps: f64,
+        has_weight: bool,
+    },
+    /// Gradient of layer_norm. Operands: grad_out, x, [weight] (the row
+    /// statistics are recomputed from x). Outputs: grad_x, grad_weight,
+    /// grad_bias (both of `normalized_shape`).
+    LayerNormBackward {
+        normalized_shape: Vec<usize>,
+        eps: f64,
+        has_weight: bool,
+    },
+    /// The scaled keep-mask of training dropout (0 or 1/(1-p)) for an
+    /// operand of x's type, drawn from the global generator exactly as
+    /// eager `dropout` draws it. Compiled training rewrites
+    /// `dropout(x)` to `x * dropout_mask(x)` so the mask can be saved.
+    DropoutMask {
+        p: f64,
+    },
+    /// Gradient of a slice: zeros of `input_shape` with the operand written
+    /// at `[start:end:step]` along `dim`.
+    SliceBackward {
+        input_shape: Vec<usize>,
+        dim: usize,
+        start: usize,
+        end: usize,
+        step: usize,
+    },
+    /// Gradient of index_select: operands grad_out, index; zeros with
+    /// `size` rows along `dim`, grad_out rows added at the indices.
+    IndexSelectBackward {
+        dim: usize,
+        size: usize,
+    },
 }
 
 /// The family of an op: what fusion and the printer care about.
@@ -245,6 +328,16 @@ impl Op {
             Op::Cat { .. } => "cat",
             Op::Stack { .. } => "stack",
             Op::ModuleCall { .. } => "module_call",
+            Op::Conv2dBackwardInput { .. } => "conv2d_backward_input",
+            Op::Conv2dBackwardWeight { .. } => "conv2d_backward_weight",
+            Op::MaxPool2dWithIndices { .. } => "max_pool2d_with_indices",
+            Op::MaxPool2dBackward { .. } => "max_pool2d_backward",
+            Op::AvgPool2dBackward { .. } => "avg_pool2d_backward",
+            Op::BatchNormBackward { .. } => "batch_norm_backward",
+            Op::LayerNormBackward { .. } => "layer_norm_backward",
+            Op::DropoutMask { .. } => "dropout_mask",
+            Op::SliceBackward { .. } => "slice_backward",
+            Op::IndexSelectBackward { .. } => "index_select_backward",
         }
     }
 
@@ -284,6 +377,16 @@ impl Op {
             Op::IndexSelect { .. } | Op::Cat { .. } | Op::Stack { .. } | Op::ModuleCall { .. } => {
                 OpClass::Copy
             }
+            Op::Conv2dBackwardInput { .. } | Op::Conv2dBackwardWeight { .. } => {
+                OpClass::Contraction
+            }
+            Op::MaxPool2dWithIndices { .. }
+            | Op::MaxPool2dBackward { .. }
+            | Op::AvgPool2dBackward { .. } => OpClass::Pool,
+            Op::BatchNormBackward { .. } | Op::LayerNormBackward { .. } => OpClass::Reduction,
+            Op::DropoutMask { .. } | Op::SliceBackward { .. } | Op::IndexSelectBackward { .. } => {
+                OpClass::Copy
+            }
         }
     }
 
@@ -292,7 +395,7 @@ impl Op {
     pub fn is_pure(&self) -> bool {
         !matches!(
             self,
-            Op::Input { .. } | Op::Dropout { .. } | Op::ModuleCall { .. }
+            Op::Input { .. } | Op::Dropout { .. } | Op::DropoutMask { .. } | Op::ModuleCall { .. }
         )
     }
 
@@ -473,6 +576,103 @@ impl Op {
             Op::Select { dim, index } => {
                 vec![("dim", dim.to_string()), ("index", index.to_string())]
             }
+            Op::Conv2dBackwardInput {
+                stride,
+                padding,
+                dilation,
+                groups,
+                input_size,
+            } => vec![
+                ("stride", l(stride)),
+                ("padding", l(padding)),
+                ("dilation", l(dilation)),
+                ("groups", groups.to_string()),
+                ("input_size", l(input_size)),
+            ],
+            Op::Conv2dBackwardWeight {
+                stride,
+                padding,
+                dilation,
+                groups,
+                kernel,
+            } => vec![
+                ("stride", l(stride)),
+                ("padding", l(padding)),
+                ("dilation", l(dilation)),
+                ("groups", groups.to_string()),
+                ("kernel", l(kernel)),
+            ],
+            Op::MaxPool2dBackward { input_size } => vec![("input_size", l(input_size))],
+            Op::MaxPool2dWithIndices {
+                kernel,
+                stride,
+                padding,
+                dilation,
+                ceil_mode,
+            } => vec![
+                ("kernel", l(kernel)),
+                ("stride", l(stride)),
+                ("padding", l(padding)),
+                ("dilation", l(dilation)),
+                ("ceil_mode", b(*ceil_mode)),
+            ],
+            Op::AvgPool2dBackward {
+                kernel,
+                stride,
+                padding,
+                ceil_mode,
+                count_include_pad,
+                divisor_override,
+                input_size,
+            } => {
+                let mut v = vec![
+                    ("kernel", l(kernel)),
+                    ("stride", l(stride)),
+                    ("padding", l(padding)),
+                    ("ceil_mode", b(*ceil_mode)),
+                    ("count_include_pad", b(*count_include_pad)),
+                ];
+                if let Some(d) = divisor_override {
+                    v.push(("divisor_override", d.to_string()));
+                }
+                v.push(("input_size", l(input_size)));
+                v
+            }
+            Op::BatchNormBackward {
+                training,
+                eps,
+                has_weight,
+            } => vec![
+                ("training", b(*training)),
+                ("eps", f(*eps)),
+                ("weight", b(*has_weight)),
+            ],
+            Op::LayerNormBackward {
+                normalized_shape,
+                eps,
+                has_weight,
+            } => vec![
+                ("normalized_shape", l(normalized_shape)),
+                ("eps", f(*eps)),
+                ("weight", b(*has_weight)),
+            ],
+            Op::DropoutMask { p } => vec![("p", f(*p))],
+            Op::SliceBackward {
+                input_shape,
+                dim,
+                start,
+                end,
+                step,
+            } => vec![
+                ("input_shape", l(input_shape)),
+                ("dim", dim.to_string()),
+                ("start", start.to_string()),
+                ("end", end.to_string()),
+                ("step", step.to_string()),
+            ],
+            Op::IndexSelectBackward { dim, size } => {
+                vec![("dim", dim.to_string()), ("size", size.to_string())]
+            }
         }
     }
 
@@ -480,7 +680,19 @@ impl Op {
     fn arity(&self) -> Arity {
         match self {
             Op::Input { .. } | Op::Constant { .. } => Arity::Exact(0),
-            Op::Binary(_) | Op::MatMul | Op::IndexSelect { .. } => Arity::Exact(2),
+            Op::Binary(_)
+            | Op::MatMul
+            | Op::IndexSelect { .. }
+            | Op::Conv2dBackwardInput { .. }
+            | Op::Conv2dBackwardWeight { .. }
+            | Op::MaxPool2dBackward { .. }
+            | Op::IndexSelectBackward { .. } => Arity::Exact(2),
+            Op::BatchNormBackward {
+                training,
+                has_weight,
+                ..
+            } => Arity::Exact(2 + *has_weight as usize + 2 * !*training as usize),
+            Op::LayerNormBackward { has_weight, .. } => Arity::Exact(2 + *has_weight as usize),
             Op::Where | Op::Addmm => Arity::Exact(3),
             Op::Conv2d { .. } | Op::ConvTranspose2d { .. } => Arity::Range(2, 3),
             Op::BatchNorm {
@@ -508,7 +720,7 @@ enum Arity {
     AtLeast(usize),
 }
 
-fn err(op: &Op, operands: &[TensorType], msg: impl Into<String>) -> IrError {
+pub(crate) fn err(op: &Op, operands: &[TensorType], msg: impl Into<String>) -> IrError {
     IrError::Type {
         op: op.name().to_string(),
         operands: operands.to_vec(),
@@ -625,7 +837,7 @@ fn check_dims(op: &Op, ops: &[TensorType], dims: &[usize], rank: usize) -> Resul
     Ok(())
 }
 
-fn require_float(op: &Op, ops: &[TensorType], t: &TensorType, what: &str) -> Result<()> {
+pub(crate) fn require_float(op: &Op, ops: &[TensorType], t: &TensorType, what: &str) -> Result<()> {
     if t.dtype.is_float() {
         Ok(())
     } else {
@@ -640,7 +852,7 @@ fn require_float(op: &Op, ops: &[TensorType], t: &TensorType, what: &str) -> Res
     }
 }
 
-fn require_same_dtype(op: &Op, ops: &[TensorType]) -> Result<()> {
+pub(crate) fn require_same_dtype(op: &Op, ops: &[TensorType]) -> Result<()> {
     if let Some(first) = ops.first() {
         if let Some(o) = ops.iter().find(|t| t.dtype != first.dtype) {
             return Err(err(
@@ -1193,6 +1405,7 @@ pub fn infer(op: &Op, operands: &[TensorType]) -> Result<Vec<TensorType>> {
             shape.insert(*dim, ops.len());
             one(TensorType { shape, dtype })
         }
+        _ => crate::autodiff::infer_backward_op(op, ops),
     }
 }
 
@@ -1376,7 +1589,7 @@ fn infer_conv(
     }])
 }
 
-fn infer_pool(
+pub(crate) fn infer_pool(
     op: &Op,
     ops: &[TensorType],
     kernel: [usize; 2],

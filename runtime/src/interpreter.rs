@@ -483,6 +483,138 @@ pub(crate) fn exec_node(
                 Tensor::stack(&refs, *dim as isize)?
             })
         }
+        // ----- backward ops (compiled training), on eager's backward kernels
+        Op::Conv2dBackwardInput {
+            stride,
+            padding,
+            dilation,
+            groups,
+            input_size,
+        } => {
+            let p = Conv2dParams {
+                stride: pair(*stride),
+                padding: pair(*padding),
+                dilation: pair(*dilation),
+                groups: *groups,
+            };
+            let (g, w) = (&a[0], &a[1]);
+            let xs = [
+                g.shape()[0],
+                w.shape()[1] * groups,
+                input_size[0],
+                input_size[1],
+            ];
+            one(conv::conv2d_backward_input(g, w, xs, p)?)
+        }
+        Op::Conv2dBackwardWeight {
+            stride,
+            padding,
+            dilation,
+            groups,
+            kernel,
+        } => {
+            let p = Conv2dParams {
+                stride: pair(*stride),
+                padding: pair(*padding),
+                dilation: pair(*dilation),
+                groups: *groups,
+            };
+            let (g, x) = (&a[0], &a[1]);
+            let ws = [g.shape()[1], x.shape()[1] / groups, kernel[0], kernel[1]];
+            one(conv::conv2d_backward_weight(g, x, ws, p)?)
+        }
+        Op::MaxPool2dWithIndices {
+            kernel,
+            stride,
+            padding,
+            dilation,
+            ceil_mode,
+        } => {
+            let (v, i) = fnn::max_pool2d_with_indices(
+                &a[0],
+                pair(*kernel),
+                Some(pair(*stride)),
+                pair(*padding),
+                pair(*dilation),
+                *ceil_mode,
+            )?;
+            Ok(vec![v, i])
+        }
+        Op::MaxPool2dBackward { input_size } => {
+            let mut xs = a[0].shape();
+            let r = xs.len();
+            xs[r - 2] = input_size[0];
+            xs[r - 1] = input_size[1];
+            one(fnn::max_pool2d_backward(&a[0], &a[1], &xs)?)
+        }
+        Op::AvgPool2dBackward {
+            kernel,
+            stride,
+            padding,
+            ceil_mode,
+            count_include_pad,
+            divisor_override,
+            input_size,
+        } => {
+            let mut xs = a[0].shape();
+            let r = xs.len();
+            xs[r - 2] = input_size[0];
+            xs[r - 1] = input_size[1];
+            one(fnn::avg_pool2d_backward(
+                &a[0],
+                &xs,
+                pair(*kernel),
+                pair(*stride),
+                pair(*padding),
+                *ceil_mode,
+                *count_include_pad,
+                *divisor_override,
+            )?)
+        }
+        Op::BatchNormBackward {
+            training,
+            eps,
+            has_weight,
+        } => {
+            let w = has_weight.then(|| &a[2]);
+            let k = 2 + *has_weight as usize;
+            let running = (!*training).then(|| (&a[k], &a[k + 1]));
+            let (gi, gw, gb) = fnn::batch_norm_backward(&a[0], &a[1], w, running, *training, *eps)?;
+            Ok(vec![gi, gw, gb])
+        }
+        Op::LayerNormBackward {
+            normalized_shape,
+            eps,
+            has_weight,
+        } => {
+            let w = has_weight.then(|| &a[2]);
+            let (gi, gw, gb) = fnn::layer_norm_backward(&a[0], &a[1], normalized_shape, w, *eps)?;
+            Ok(vec![gi, gw, gb])
+        }
+        Op::DropoutMask { p } => one(fnn::dropout_mask(&a[0], *p)?),
+        Op::SliceBackward {
+            input_shape,
+            dim,
+            start,
+            end,
+            step,
+        } => {
+            let z = Tensor::zeros(input_shape, a[0].dtype());
+            z.slice(
+                *dim as isize,
+                Some(*start as isize),
+                Some(*end as isize),
+                *step,
+            )?
+            .copy_(&a[0])?;
+            one(z)
+        }
+        Op::IndexSelectBackward { dim, size } => {
+            let mut s = a[0].shape();
+            s[*dim] = *size;
+            let z = Tensor::zeros(&s, a[0].dtype());
+            one(z.index_add(*dim as isize, &a[1], &a[0])?)
+        }
     }
 }
 

@@ -109,3 +109,6 @@ pub fn check_trace(traced: &TracedModule, inputs: &[Tensor], rtol: f64) -> Resul
 pub use crate::compiled::{
     compile, compile_with, Backend, CompileOptions, CompiledModule, VerifyReport,
 };
+pub use crate::training::{
+    compile_for_training, compile_training, CompiledTrainModule, LossFn, TrainStep,
+};

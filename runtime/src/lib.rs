@@ -15,9 +15,11 @@ pub mod jit;
 pub mod opencl;
 mod program;
 pub mod traced;
+pub mod training;
 
 pub use compiled::{compile, CompiledModule};
 pub use error::{Error, Result};
 pub use export::{from_bytes, load, GRAPH_KEY, VERSION_KEY};
 pub use interpreter::{run_graph, run_graph_collect, Collected};
 pub use traced::TracedModule;
+pub use training::{compile_for_training, CompiledTrainModule, TrainStep};

@@ -603,6 +603,12 @@ impl<'g> Builder<'g> {
             return false;
         }
         let hi = self.steps.len() - 1;
+        // Overwritten in place within the step: `h` is never readable.
+        if let Some(hb) = self.locs.get(&h).map(|l| l.base) {
+            if jit.outs.iter().any(|o| o.base == hb) {
+                self.avail.retain(|(_, v, _)| *v != h);
+            }
+        }
         self.reads[hi].extend(reads);
         self.writes[hi].extend(writes);
         match &mut self.steps[hi] {

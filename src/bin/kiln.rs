@@ -128,6 +128,10 @@ enum Command {
         /// OpenCL device index (`kiln devices`; default KILN_OPENCL_DEVICE or 0).
         #[arg(long)]
         device: Option<usize>,
+        /// Time training steps (forward, loss, backward, SGD step), eager
+        /// against compiled training, instead of forwards.
+        #[arg(long)]
+        train: bool,
     },
 }
 
@@ -177,6 +181,7 @@ fn main() -> ExitCode {
             models,
             min_time,
             device,
+            train,
         } => {
             let large = large || shape == "throughput";
             let b = match backend {
@@ -185,7 +190,9 @@ fn main() -> ExitCode {
                 Backend::Cpu => kiln::bench::Backend::Cpu,
                 Backend::Opencl => kiln::bench::Backend::Eager,
             };
-            if backend == Backend::Opencl {
+            if train {
+                bench_train(large, models.unwrap_or_default(), min_time)
+            } else if backend == Backend::Opencl {
                 opencl::bench(large, models.unwrap_or_default(), min_time, device)
             } else {
                 bench(
@@ -268,6 +275,13 @@ fn bench(
         let text = serde_json::to_string_pretty(&kiln::bench::to_json(&rows)).expect("json");
         std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     }
+    Ok(())
+}
+
+fn bench_train(large: bool, models: Vec<String>, min_time: f64) -> Result<(), String> {
+    let rows =
+        kiln::bench_train::bench_train(&models, large, min_time).map_err(|e| e.to_string())?;
+    print!("{}", kiln::bench_train::format_train_table(&rows));
     Ok(())
 }
 

@@ -26,6 +26,24 @@ static CACHE: Mutex<Cache> = Mutex::new(Cache {
     bytes: 0,
 });
 
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the cache on or off (off: every buffer goes back to the allocator
+/// at once, e.g. to count live memory with an allocator wrapper); turning it
+/// off empties it.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
+    if !on {
+        let mut c = CACHE.lock();
+        c.bufs.clear();
+        c.bytes = 0;
+    }
+}
+
+fn enabled() -> bool {
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn bytes_of(s: &CpuStorage) -> usize {
     s.capacity() * s.dtype().size()
 }
@@ -33,7 +51,7 @@ fn bytes_of(s: &CpuStorage) -> usize {
 /// A Vec of `n` elements whose contents are unspecified (stale values of a
 /// reused buffer, or defaults): the caller must overwrite every element.
 pub fn alloc_uninit<T: Element>(n: usize) -> Vec<T> {
-    if n * T::DTYPE.size() >= MIN_BYTES {
+    if n * T::DTYPE.size() >= MIN_BYTES && enabled() {
         let mut c = CACHE.lock();
         // Best fit among buffers of this dtype that are large enough but not
         // wastefully so (at most twice the request).
@@ -63,7 +81,7 @@ pub fn alloc_uninit<T: Element>(n: usize) -> Vec<T> {
 /// Hands a storage that is no longer referenced back for reuse.
 pub fn recycle(s: CpuStorage) {
     let bytes = bytes_of(&s);
-    if !(MIN_BYTES..=MAX_CACHED_BYTES).contains(&bytes) {
+    if !(MIN_BYTES..=MAX_CACHED_BYTES).contains(&bytes) || !enabled() {
         return;
     }
     let mut c = CACHE.lock();

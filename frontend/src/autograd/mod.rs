@@ -213,6 +213,20 @@ pub(crate) fn record(
     }
 }
 
+/// Public form of `record` for code outside this crate that computes a
+/// differentiable function itself (compiled training's
+/// `CompiledFunctionBackward`): records `backward` as the grad_fn of
+/// `outputs` when grad mode is on and an input requires grad. `outputs`
+/// must be fresh tensors (no grad_fn, not leaves anyone else owns).
+pub fn record_function(
+    name: impl Into<Cow<'static, str>>,
+    inputs: &[&Tensor],
+    outputs: &[&Tensor],
+    backward: impl Fn(&[Option<Tensor>], &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+) {
+    record(name, inputs, outputs, backward)
+}
+
 /// Marks `outputs`, computed by a fused backward kernel from `inputs`, as
 /// not differentiable again: if a graph of the gradient is being built
 /// (create_graph), differentiating through them is an error naming `what`

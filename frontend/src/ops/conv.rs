@@ -235,6 +235,35 @@ pub fn conv2d(
     finish(out, unbatched)
 }
 
+/// Gradient of `conv2d` w.r.t. its 4-D input of shape `x_shape`: the
+/// kernel eager's `ConvolutionBackward0` runs (used by compiled training's
+/// `conv2d_backward_input` op). Not recorded for autograd.
+pub fn conv2d_backward_input(
+    g: &Tensor,
+    weight: &Tensor,
+    x_shape: [usize; 4],
+    p: Conv2dParams,
+) -> Result<Tensor> {
+    let ws = shape4(&weight.shape());
+    let buf = dispatch_float!(g.dtype(), "conv2d backward", T =>
+        k::conv2d_backward_input::<T>(&contiguous_vec::<T>(g), &contiguous_vec::<T>(weight), ws, x_shape, &p));
+    Ok(Tensor::from_storage(buf, &x_shape))
+}
+
+/// Gradient of `conv2d` w.r.t. its weight of shape `w_shape` (eager's
+/// kernel). Not recorded for autograd.
+pub fn conv2d_backward_weight(
+    g: &Tensor,
+    x: &Tensor,
+    w_shape: [usize; 4],
+    p: Conv2dParams,
+) -> Result<Tensor> {
+    let xs = shape4(&x.shape());
+    let buf = dispatch_float!(g.dtype(), "conv2d backward", T =>
+        k::conv2d_backward_weight::<T>(&contiguous_vec::<T>(x), xs, &contiguous_vec::<T>(g), w_shape, &p));
+    Ok(Tensor::from_storage(buf, &w_shape))
+}
+
 /// `F.conv_transpose2d(x, weight, bias, stride, padding, output_padding,
 /// groups, dilation)`; weight is `[Cin, Cout/groups, Kh, Kw]`.
 pub fn conv_transpose2d(

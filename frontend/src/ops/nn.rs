@@ -610,13 +610,10 @@ pub fn dropout(x: &Tensor, p: f64, training: bool) -> Result<Tensor> {
             format!("expected a floating point input, got {}", x.dtype()),
         ));
     }
-    let keep = random::bernoulli_vec(x.numel(), 1.0 - p);
-    let scale = if p == 1.0 { 0.0 } else { 1.0 / (1.0 - p) };
-    let mask = Tensor::from_storage(
-        CpuStorage::F64(keep.iter().map(|&k| if k { scale } else { 0.0 }).collect()),
-        &x.shape(),
-    )
-    .to_dtype(x.dtype())?;
+    let mask = {
+        let _internal = crate::trace::suspend();
+        dropout_mask(x, p)?
+    };
     let out = {
         let _internal = crate::trace::suspend();
         no_grad(|| x.mul(&mask))?
@@ -634,6 +631,165 @@ pub fn dropout(x: &Tensor, p: f64, training: bool) -> Result<Tensor> {
         Ok(vec![Some(g[0].as_ref().unwrap().mul(&mask)?)])
     });
     Ok(out)
+}
+
+/// The scaled keep-mask training dropout multiplies by: 0 with
+/// probability `p`, else `1/(1-p)`, of x's shape and dtype, drawn from the
+/// global generator. `dropout` uses it, and so does compiled training (the
+/// IR's `dropout_mask`), so both draw the same numbers in the same order.
+pub fn dropout_mask(x: &Tensor, p: f64) -> Result<Tensor> {
+    let keep = random::bernoulli_vec(x.numel(), 1.0 - p);
+    let scale = if p == 1.0 { 0.0 } else { 1.0 / (1.0 - p) };
+    Tensor::from_storage(
+        CpuStorage::F64(keep.iter().map(|&k| if k { scale } else { 0.0 }).collect()),
+        &x.shape(),
+    )
+    .to_dtype(x.dtype())
+}
+
+/// Gradient of `max_pool2d` (eager's kernel) for an input of `x_shape`,
+/// from the indices `max_pool2d_with_indices` returned. Not recorded for
+/// autograd.
+pub fn max_pool2d_backward(g: &Tensor, indices: &Tensor, x_shape: &[usize]) -> Result<Tensor> {
+    let xs = match x_shape.len() {
+        4 => [x_shape[0], x_shape[1], x_shape[2], x_shape[3]],
+        3 => [1, x_shape[0], x_shape[1], x_shape[2]],
+        _ => {
+            return Err(Error::op(
+                "max_pool2d backward",
+                format!("expected a 3-D or 4-D input shape, got {x_shape:?}"),
+            ))
+        }
+    };
+    if indices.shape() != g.shape() || indices.dtype() != DType::I64 {
+        return Err(Error::op(
+            "max_pool2d backward",
+            format!(
+                "indices {:?} ({}) must be i64 of grad_out's shape {:?}",
+                indices.shape(),
+                indices.dtype(),
+                g.shape()
+            ),
+        ));
+    }
+    let iv = indices.contiguous_vec::<i64>();
+    let buf = float_dispatch!("max_pool2d backward", g.dtype(), T => storage(pk::max_pool2d_backward::<T>(&g.contiguous_vec::<T>(), &iv, xs)));
+    Ok(Tensor::from_storage(buf, x_shape))
+}
+
+/// Gradient of `avg_pool2d` for an input of `x_shape` (eager's kernel).
+/// Not recorded for autograd.
+#[allow(clippy::too_many_arguments)]
+pub fn avg_pool2d_backward(
+    g: &Tensor,
+    x_shape: &[usize],
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    padding: (usize, usize),
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor_override: Option<usize>,
+) -> Result<Tensor> {
+    let xs = match x_shape.len() {
+        4 => [x_shape[0], x_shape[1], x_shape[2], x_shape[3]],
+        3 => [1, x_shape[0], x_shape[1], x_shape[2]],
+        _ => {
+            return Err(Error::op(
+                "avg_pool2d backward",
+                format!("expected a 3-D or 4-D input shape, got {x_shape:?}"),
+            ))
+        }
+    };
+    let p = AvgPool2dParams {
+        kernel,
+        stride,
+        padding,
+        ceil_mode,
+        count_include_pad,
+        divisor_override,
+    };
+    let buf = float_dispatch!("avg_pool2d backward", g.dtype(), T => storage(pk::avg_pool2d_backward::<T>(&g.contiguous_vec::<T>(), xs, &p)));
+    Ok(Tensor::from_storage(buf, x_shape))
+}
+
+/// Gradient of `batch_norm` (eager's kernel): `(grad_input, grad_weight
+/// [C], grad_bias [C])`. In training the batch statistics are recomputed
+/// from `x`; in eval `running` holds (running_mean, running_var). Not
+/// recorded for autograd.
+pub fn batch_norm_backward(
+    g: &Tensor,
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    running: Option<(&Tensor, &Tensor)>,
+    training: bool,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let s = x.shape();
+    if s.len() < 2 || g.shape() != s {
+        return Err(Error::op(
+            "batch_norm backward",
+            format!(
+                "grad_out {:?} and input {s:?} must have one shape of rank >= 2",
+                g.shape()
+            ),
+        ));
+    }
+    let (n, c) = (s[0], s[1]);
+    let sp: usize = s[2..].iter().product();
+    let shape3 = [n, c, sp];
+    let (gi, gw, gb) = float_dispatch!("batch_norm backward", x.dtype(), T => {
+        let xv = x.contiguous_vec::<T>();
+        let gv = g.contiguous_vec::<T>();
+        let wv = vec_of::<T>(weight);
+        let (gi, gw, gb) = if training {
+            let (_, st) = nk::batch_norm_train::<T>(&xv, shape3, None, None, eps);
+            nk::batch_norm_backward::<T>(&gv, &xv, shape3, wv.as_deref(), &st.mean, &st.invstd, true)
+        } else {
+            let (rm, rv) = running.ok_or_else(|| Error::op("batch_norm backward", "eval mode needs the running stats"))?;
+            nk::batch_norm_backward_eval::<T>(&gv, &xv, shape3, wv.as_deref(), &rm.contiguous_vec::<T>(), &rv.contiguous_vec::<T>(), eps)
+        };
+        (storage(gi), storage(gw), storage(gb))
+    });
+    Ok((
+        Tensor::from_storage(gi, &s),
+        Tensor::from_storage(gw, &[c]),
+        Tensor::from_storage(gb, &[c]),
+    ))
+}
+
+/// Gradient of `layer_norm` (eager's kernel): `(grad_input, grad_weight,
+/// grad_bias)`, the row statistics recomputed from `x`. Not recorded for
+/// autograd.
+pub fn layer_norm_backward(
+    g: &Tensor,
+    x: &Tensor,
+    normalized_shape: &[usize],
+    weight: Option<&Tensor>,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let k: usize = normalized_shape.iter().product();
+    if k == 0 || g.shape() != x.shape() || !x.numel().is_multiple_of(k) {
+        return Err(Error::op(
+            "layer_norm backward",
+            format!(
+                "grad_out {:?} and input {:?} do not fit normalized_shape {normalized_shape:?}",
+                g.shape(),
+                x.shape()
+            ),
+        ));
+    }
+    let (gi, gw, gb) = float_dispatch!("layer_norm backward", x.dtype(), T => {
+        let xv = x.contiguous_vec::<T>();
+        let (_, mean, rstd) = nk::layer_norm::<T>(&xv, k, None, None, eps);
+        let wv = vec_of::<T>(weight);
+        let (gi, gw, gb) = nk::layer_norm_backward::<T>(&g.contiguous_vec::<T>(), &xv, k, &mean, &rstd, wv.as_deref());
+        (storage(gi), storage(gw), storage(gb))
+    });
+    Ok((
+        Tensor::from_storage(gi, &x.shape()),
+        Tensor::from_storage(gw, normalized_shape),
+        Tensor::from_storage(gb, normalized_shape),
+    ))
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! `param.addcdiv_(exp_avg, denom, value=-lr/bc1)`.
 
 use super::{
-    check_entry_names, get_bool, get_f64, load_like, GroupOptions, Groups, Optimizer,
+    check_entry_names, fused, get_bool, get_f64, load_like, GroupOptions, Groups, Optimizer,
     OptimizerStateDict, ParamGroup,
 };
 use crate::autograd::NoGradGuard;
@@ -146,6 +146,7 @@ pub(crate) struct AdamState {
 /// `torch.optim.Adam` / `torch.optim.AdamW` (see `AdamOptions::adamw`).
 pub struct Adam {
     g: Groups<AdamOptions, AdamState>,
+    fused: bool,
 }
 
 impl Adam {
@@ -164,7 +165,19 @@ impl Adam {
         }
         Ok(Adam {
             g: Groups::new(groups)?,
+            fused: false,
         })
+    }
+
+    /// Use the fused step (`optim::fused`): one pass per parameter over
+    /// gradient, state and parameter, bit-for-bit the eager step's result.
+    pub fn set_fused(&mut self, fused: bool) -> &mut Adam {
+        self.fused = fused;
+        self
+    }
+
+    pub fn is_fused(&self) -> bool {
+        self.fused
     }
 
     pub fn add_param_group(&mut self, group: ParamGroup<AdamOptions>) -> Result<()> {
@@ -215,6 +228,30 @@ impl Optimizer for Adam {
                     }
                 };
                 st.step.add_(&Tensor::scalar(1.0f32))?;
+                let mut state: Vec<&Tensor> = vec![&grad, &st.exp_avg, &st.exp_avg_sq];
+                state.extend(st.max_exp_avg_sq.as_ref());
+                if self.fused && fused::applies(p, &state) {
+                    let h = fused::AdamHyper {
+                        lr: o.lr,
+                        beta1,
+                        beta2,
+                        eps: o.eps,
+                        weight_decay: o.weight_decay,
+                        decoupled: o.decoupled_weight_decay,
+                        // `grad` is already negated for maximize.
+                        maximize: false,
+                        step: st.step.item()?,
+                    };
+                    fused::adam(
+                        p,
+                        &grad,
+                        &st.exp_avg,
+                        &st.exp_avg_sq,
+                        st.max_exp_avg_sq.as_ref(),
+                        h,
+                    )?;
+                    continue;
+                }
                 if o.weight_decay != 0.0 {
                     if o.decoupled_weight_decay {
                         p.mul_scalar_(1.0 - o.lr * o.weight_decay)?;

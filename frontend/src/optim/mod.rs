@@ -7,6 +7,7 @@
 //! no_grad with in-place ops, so parameters keep their tensor objects.
 
 mod adam;
+mod fused;
 mod sgd;
 
 pub use adam::{Adam, AdamOptions};

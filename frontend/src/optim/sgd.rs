@@ -2,7 +2,7 @@
 //! PyTorch's `_single_tensor_sgd`.
 
 use super::{
-    check_entry_names, get_bool, get_f64, load_like, GroupOptions, Groups, Optimizer,
+    check_entry_names, fused, get_bool, get_f64, load_like, GroupOptions, Groups, Optimizer,
     OptimizerStateDict, ParamGroup,
 };
 use crate::autograd::NoGradGuard;
@@ -103,6 +103,7 @@ pub(crate) struct SgdState {
 /// `torch.optim.SGD`.
 pub struct SGD {
     g: Groups<SgdOptions, SgdState>,
+    fused: bool,
 }
 
 impl SGD {
@@ -117,6 +118,7 @@ impl SGD {
         }
         Ok(SGD {
             g: Groups::new(groups)?,
+            fused: false,
         })
     }
 
@@ -127,6 +129,17 @@ impl SGD {
 
     pub fn param_groups(&self) -> &[ParamGroup<SgdOptions>] {
         &self.g.groups
+    }
+
+    /// Use the fused step (`optim::fused`): one pass per parameter over
+    /// gradient, state and parameter, bit-for-bit the eager step's result.
+    pub fn set_fused(&mut self, fused: bool) -> &mut SGD {
+        self.fused = fused;
+        self
+    }
+
+    pub fn is_fused(&self) -> bool {
+        self.fused
     }
 
     /// The momentum buffer of a parameter, once a step created it.
@@ -145,6 +158,37 @@ impl Optimizer for SGD {
             let o = &group.options;
             for p in &group.params {
                 let Some(grad) = p.grad() else { continue };
+                if self.fused && fused::applies(p, &[&grad]) {
+                    let (buf, first) = if o.momentum != 0.0 {
+                        let st = self.g.state.entry(p.id()).or_insert(SgdState {
+                            momentum_buffer: None,
+                        });
+                        match &st.momentum_buffer {
+                            Some(b) if fused::applies(p, &[&grad, b]) => (Some(b.clone()), false),
+                            Some(_) => (None, false),
+                            None => {
+                                let b = p.zeros_like()?.detach();
+                                st.momentum_buffer = Some(b.clone());
+                                (Some(b), true)
+                            }
+                        }
+                    } else {
+                        (None, false)
+                    };
+                    if o.momentum == 0.0 || buf.is_some() {
+                        let h = fused::SgdHyper {
+                            lr: o.lr,
+                            momentum: o.momentum,
+                            dampening: o.dampening,
+                            weight_decay: o.weight_decay,
+                            nesterov: o.nesterov,
+                            maximize: o.maximize,
+                            first,
+                        };
+                        fused::sgd(p, &grad, buf.as_ref(), h)?;
+                        continue;
+                    }
+                }
                 let mut d_p = if o.maximize { grad.neg()? } else { grad };
                 if o.weight_decay != 0.0 {
                     // grad.add(param, alpha=weight_decay)
