@@ -1771,3 +1771,109 @@ mod tests {
         }
     }
 }
+
+/// A bare graph lowered to a compiled program (`Program`), run with user
+/// inputs by index and parameters/buffers from a binding function: the
+/// executor of compiled training's forward and backward graphs.
+pub(crate) struct GraphExec {
+    graph: Graph,
+    program: Program,
+    arena: parking_lot::Mutex<Vec<f32>>,
+}
+
+impl GraphExec {
+    /// Runs the compile pipeline on `graph`, plans fusion and lowers it.
+    /// The graph's outputs (count and order) are kept.
+    pub(crate) fn new(mut graph: Graph) -> Result<GraphExec> {
+        kiln_ir::passes::PassManager::compile_pipeline().run(&mut graph)?;
+        let plan = kiln_ir::plan_fusion(&graph)?;
+        let g = &graph;
+        let program = Program::build(g, &plan, &|n| {
+            Ok(match &g.node(n).op {
+                Op::Input {
+                    kind: InputKind::User(i),
+                    ..
+                } => LeafSrc::User(*i),
+                Op::Input { kind, .. } => LeafSrc::State(kind.clone()),
+                op => {
+                    let mut t = exec_node(op, &[], &[], &|k| {
+                        Err(Error::Binding(format!("a constant binds nothing ({k:?})")))
+                    })?;
+                    LeafSrc::Const(t.remove(0))
+                }
+            })
+        })?;
+        let arena = parking_lot::Mutex::new(vec![0f32; program.arena_len()]);
+        Ok(GraphExec {
+            graph,
+            program,
+            arena,
+        })
+    }
+
+    /// Nodes on the fallback path (`op: reason`).
+    pub(crate) fn fallbacks(&self) -> &[String] {
+        self.program.fallbacks()
+    }
+
+    /// All graph outputs, in order.
+    pub(crate) fn run(
+        &self,
+        inputs: &[Tensor],
+        bind: &dyn Fn(&InputKind) -> Result<Tensor>,
+    ) -> Result<Vec<Tensor>> {
+        let leaves: Vec<Tensor> = self
+            .program
+            .leaves()
+            .iter()
+            .zip(self.program.leaf_nodes())
+            .map(|(l, n)| {
+                let t = match l {
+                    LeafSrc::User(i) => inputs
+                        .get(*i)
+                        .cloned()
+                        .ok_or_else(|| Error::Input(format!("graph input {i} missing")))?,
+                    LeafSrc::State(k) => bind(k)?,
+                    LeafSrc::Const(t) => t.clone(),
+                };
+                let want = &self.graph.node(*n).outputs[0];
+                if !t.has_type(&want.shape, want.dtype) {
+                    return Err(Error::Input(format!(
+                        "graph input {:?}: expected {want}, got {}",
+                        l,
+                        crate::interpreter::tensor_type(&t)
+                    )));
+                }
+                Ok(if t.dtype() == DType::F32 && !t.is_contiguous() {
+                    t.contiguous()?
+                } else {
+                    t
+                })
+            })
+            .collect::<Result<_>>()?;
+        let no_call = |path: &str, _: &Tensor| -> Result<Tensor> {
+            Err(Error::Input(format!(
+                "module_call `{path}` in a bare graph (no live module)"
+            )))
+        };
+        let mut ptrs = Vec::with_capacity(leaves.len());
+        let mut fresh;
+        let mut guard = self.arena.try_lock();
+        let arena: &mut Vec<f32> = match guard.as_deref_mut() {
+            Some(a) => a,
+            None => {
+                fresh = vec![0f32; self.program.arena_len()];
+                &mut fresh
+            }
+        };
+        self.program.run(
+            &self.graph,
+            &leaves,
+            &mut ptrs,
+            arena,
+            inputs,
+            bind,
+            &no_call,
+        )
+    }
+}

@@ -20,7 +20,8 @@
 //! compiled forward, the loss, the backward and the optimizer step into one
 //! `TrainStep::step(x, target)` call.
 
-use crate::interpreter::{run_graph, tensor_type};
+use crate::interpreter::tensor_type;
+use crate::program::GraphExec;
 use crate::{Error, Result, TracedModule};
 use kiln_frontend::autograd::{is_grad_enabled, record_function};
 use kiln_frontend::nn::{Module, ModuleExt};
@@ -32,14 +33,16 @@ use kiln_ir::{Graph, InputKind, OutputKind, TensorType};
 use parking_lot::Mutex;
 use std::sync::Arc;
 
-/// Runs one graph. The single place compiled training executes graphs, so
-/// the executor can be swapped.
+/// Runs one graph: the compiled CPU program (JIT pointwise kernels, gemm/
+/// conv kernels, one arena; the backward ops without a native lowering on
+/// the interpreter's kernels). The single place compiled training executes
+/// graphs.
 fn run(
-    graph: &Graph,
+    exec: &GraphExec,
     inputs: &[Tensor],
     bindings: &dyn Fn(&InputKind) -> Result<Tensor>,
 ) -> Result<Vec<Tensor>> {
-    no_grad(|| run_graph(graph, inputs, bindings))
+    no_grad(|| exec.run(inputs, bindings))
 }
 
 /// What selects a compiled variant.
@@ -58,6 +61,8 @@ pub struct TrainVariant {
     key: Key,
     forward: TracedModule,
     joint: JointGraphs,
+    fwd_exec: GraphExec,
+    bwd_exec: GraphExec,
     compile_ms: f64,
 }
 
@@ -65,6 +70,14 @@ impl TrainVariant {
     /// The forward graph (original outputs, then the saved values).
     pub fn forward_graph(&self) -> &Graph {
         self.forward.graph()
+    }
+
+    /// Nodes of the forward and backward programs that run on the
+    /// interpreter's kernels (`op: reason`), forward first.
+    pub fn fallbacks(&self) -> Vec<String> {
+        let mut v = self.fwd_exec.fallbacks().to_vec();
+        v.extend(self.bwd_exec.fallbacks().iter().cloned());
+        v
     }
 
     /// The backward graph (see `kiln_ir::autodiff::JointGraphs`).
@@ -189,11 +202,15 @@ impl CompiledTrainModule {
         let mut fwd = std::mem::take(&mut joint.forward);
         pm.run(&mut fwd)?;
         pm.run(&mut joint.backward)?;
+        let fwd_exec = GraphExec::new(fwd.clone())?;
+        let bwd_exec = GraphExec::new(joint.backward.clone())?;
         let forward = TracedModule::new(fwd, module.clone())?;
         Ok(TrainVariant {
             key,
             forward,
             joint,
+            fwd_exec,
+            bwd_exec,
             compile_ms: start.elapsed().as_secs_f64() * 1e3,
         })
     }
@@ -204,7 +221,7 @@ impl CompiledTrainModule {
     pub fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         let v = self.variant(inputs)?;
         let fwd = &v.forward;
-        let outs = run(fwd.graph(), inputs, &|k| fwd.bind(k))?;
+        let outs = run(&v.fwd_exec, inputs, &|k| fwd.bind(k))?;
         let j = &v.joint;
         let mut user = Vec::new();
         let mut updates = Vec::new();
@@ -236,7 +253,6 @@ impl CompiledTrainModule {
             .collect();
         let v2 = v.clone();
         let backward = move |gs: &[Option<Tensor>], needs: &[bool]| {
-            let j = &v2.joint;
             let mut bin: Vec<Tensor> = Vec::with_capacity(gs.len() + saved.len());
             for (g, ty) in gs.iter().zip(&out_types) {
                 bin.push(match g {
@@ -245,7 +261,7 @@ impl CompiledTrainModule {
                 });
             }
             bin.extend(saved.iter().cloned());
-            let grads = run(&j.backward, &bin, &|k| {
+            let grads = run(&v2.bwd_exec, &bin, &|k| {
                 Err(Error::Binding(format!(
                     "the backward graph binds nothing by name ({k:?})"
                 )))
