@@ -71,7 +71,11 @@ impl MatLayout {
 
 /// Multiply-adds per matrix below which a lone matmul is run on one thread
 /// (fork/join costs more than it saves). gemm has its own threshold on top.
-const GEMM_PAR_WORK: usize = 48 * 48 * 48;
+/// Measured with `bench_ops -- 100 --small-mm` (2-core AVX-512 box, shared
+/// with other jobs): 64x256x10 (164K MACs) 0.006 ms on one thread vs
+/// 0.013-0.030 split over two, 64x256x32 (524K) 0.008 vs 0.015; from about
+/// 1M MACs (10-15 us on one thread) a split can pay on an idle box.
+const GEMM_PAR_WORK: usize = 1 << 20;
 
 /// Multiply-adds below which a lone product is split by rows across the
 /// threads (single-threaded gemm each) rather than parallelized inside gemm.
@@ -302,7 +306,7 @@ pub(crate) fn matmul_impl<T: Float>(
     }
 
     let nthreads = threads(parallel);
-    if batch > 1 && nthreads > 1 && work < BATCH_PAR_WORK {
+    if batch > 1 && nthreads > 1 && work < BATCH_PAR_WORK && batch * work >= GEMM_PAR_WORK {
         // Many small products: one thread per group of batch indices.
         let pc = SendPtr(c.as_mut_ptr());
         let (pa, pb) = (SendPtr(pa as *mut T), SendPtr(pb as *mut T));
@@ -744,6 +748,7 @@ pub(crate) mod tests {
             (2, 64, 70, 65),
             (1, 129, 257, 95),
             (40, 12, 8, 16),
+            (64, 32, 40, 32),
             (2, 3, 0, 4),
         ] {
             for &(ta, tb, bc) in &[
@@ -850,7 +855,7 @@ mod row_split_tests {
     /// A medium product (row-split path) with a transposed B and beta = 1.
     #[test]
     fn row_split_matches_naive() {
-        for (m, k, n) in [(67, 53, 71), (71, 53, 67), (9, 700, 300)] {
+        for (m, k, n) in [(67, 253, 71), (71, 253, 67), (9, 1700, 300)] {
             split_case(m, k, n);
         }
     }
