@@ -173,6 +173,26 @@ fn small_matmuls(reps: usize) {
         row("matmul_epilogue +bias", &shape, t, Rate::Flops(flops));
         let t = one.install(|| time(reps, || matmul(&a, la, &w, lb, 1, m, k, n)));
         row("matmul 1 thread", &shape, t, Rate::Flops(flops));
+        let mut ct = vec![0.0f32; m * n];
+        let t = one.install(|| {
+            time(reps, || {
+                kiln_cpu::matmul::matmul_into(
+                    &mut ct,
+                    MatLayout::contiguous(n, m).t(),
+                    0.0,
+                    1.0,
+                    &a,
+                    la,
+                    &w,
+                    lb,
+                    1,
+                    m,
+                    k,
+                    n,
+                )
+            })
+        });
+        row("matmul C^T 1 thread", &shape, t, Rate::Flops(flops));
     }
 }
 

@@ -609,7 +609,7 @@ unsafe fn unshuffle_pixels_avx512(
 /// Transposes the 16x16 matrix whose rows are `r` in place.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn transpose16(r: &mut [std::arch::x86_64::__m512; 16]) {
+pub(crate) fn transpose16(r: &mut [std::arch::x86_64::__m512; 16]) {
     use std::arch::x86_64::*;
     // 32-bit interleave within 128-bit lanes of row pairs.
     let mut t = [_mm512_setzero_ps(); 16];
