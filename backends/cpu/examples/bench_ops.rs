@@ -4,7 +4,8 @@
 //! `cargo run --release -p kiln-cpu --example bench_ops [-- reps]`.
 
 use kiln_cpu::conv::{
-    conv2d, conv2d_backward_input, conv2d_backward_weight, conv2d_into, force_direct, Conv2dParams,
+    conv2d, conv2d_backward_input, conv2d_backward_weight, conv2d_into, force_avx2, force_direct,
+    Conv2dParams,
 };
 use kiln_cpu::elementwise::{map, unary, zip_strided};
 use kiln_cpu::matmul::{matmul, matmul_epilogue, MatLayout};
@@ -106,14 +107,23 @@ fn zoo_convs(reps: usize) {
             let (ho, wo) = kiln_cpu::conv::conv2d_output_size((xs[2], xs[3]), (ws[2], ws[3]), &p);
             let flops = 2.0 * (n * ws[0] * ho * wo * ws[1] * ws[2] * ws[3]) as f64;
             let mut out = vec![0.0f32; n * ws[0] * ho * wo];
-            for (algo, force) in [
-                ("direct", Some(true)),
-                ("im2col", Some(false)),
-                ("auto", None),
+            for (algo, force, threads) in [
+                ("direct", Some(true), 0),
+                ("direct avx2", Some(true), 0),
+                ("im2col", Some(false), 0),
+                ("auto", None, 0),
+                ("auto 1 thread", None, 1),
             ] {
-                force_direct(force);
-                let t = time(reps, || {
-                    conv2d_into(&x, xs, &w, ws, Some(&b), &p, &mut out, None);
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("pool");
+                let t = pool.install(|| {
+                    force_direct(force);
+                    force_avx2(algo == "direct avx2");
+                    time(reps, || {
+                        conv2d_into(&x, xs, &w, ws, Some(&b), &p, &mut out, None);
+                    })
                 });
                 row(
                     &format!("{name} {algo}"),
@@ -122,7 +132,6 @@ fn zoo_convs(reps: usize) {
                     Rate::Flops(flops),
                 );
             }
-            force_direct(None);
         }
     }
 }
@@ -138,6 +147,8 @@ fn small_matmuls(reps: usize) {
     for (m, k, n) in [
         (64, 784, 256),
         (64, 256, 10),
+        (64, 256, 32),
+        (128, 256, 64),
         (8192, 20, 50),
         (8192, 50, 4),
         (32, 256, 768),
@@ -162,6 +173,26 @@ fn small_matmuls(reps: usize) {
         row("matmul_epilogue +bias", &shape, t, Rate::Flops(flops));
         let t = one.install(|| time(reps, || matmul(&a, la, &w, lb, 1, m, k, n)));
         row("matmul 1 thread", &shape, t, Rate::Flops(flops));
+        let mut ct = vec![0.0f32; m * n];
+        let t = one.install(|| {
+            time(reps, || {
+                kiln_cpu::matmul::matmul_into(
+                    &mut ct,
+                    MatLayout::contiguous(n, m).t(),
+                    0.0,
+                    1.0,
+                    &a,
+                    la,
+                    &w,
+                    lb,
+                    1,
+                    m,
+                    k,
+                    n,
+                )
+            })
+        });
+        row("matmul C^T 1 thread", &shape, t, Rate::Flops(flops));
     }
 }
 

@@ -48,6 +48,9 @@ use std::mem::MaybeUninit;
 
 mod direct;
 
+#[doc(hidden)]
+pub use direct::force_avx2;
+
 /// Stride, padding, dilation and groups of a 2-d convolution; pairs are
 /// `(h, w)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -606,7 +609,7 @@ unsafe fn unshuffle_pixels_avx512(
 /// Transposes the 16x16 matrix whose rows are `r` in place.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn transpose16(r: &mut [std::arch::x86_64::__m512; 16]) {
+pub(crate) fn transpose16(r: &mut [std::arch::x86_64::__m512; 16]) {
     use std::arch::x86_64::*;
     // 32-bit interleave within 128-bit lanes of row pairs.
     let mut t = [_mm512_setzero_ps(); 16];
@@ -1804,12 +1807,26 @@ mod tests {
                     *v = *v * 2.0 + n as f32;
                 }
             };
-            for force in [Some(true), Some(false), None] {
+            #[cfg(target_arch = "x86_64")]
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            #[cfg(not(target_arch = "x86_64"))]
+            let avx2 = false;
+            for (force, only_avx2) in [
+                (Some(true), false),
+                (Some(true), true),
+                (Some(false), false),
+                (None, false),
+            ] {
+                if only_avx2 && !avx2 {
+                    continue;
+                }
+                force_avx2(only_avx2);
                 force_direct(force);
                 calls.lock().iter_mut().for_each(|c| *c = 0);
                 let mut y = vec![f32::NAN; xs[0] * per];
                 conv2d_into(&x, xs, &w, ws, Some(&b), &prm, &mut y, Some(&epi));
-                assert_close(&y, &want, 2e-4, &format!("conv2d_into case {ci} {force:?}"));
+                let what = format!("conv2d_into case {ci} {force:?} avx2-only={only_avx2}");
+                assert_close(&y, &want, 2e-4, &what);
                 assert!(
                     calls.lock().iter().all(|&c| c == 1),
                     "case {ci}: epilogue calls"
@@ -1820,6 +1837,7 @@ mod tests {
                 let plain: Vec<f64> = plain.iter().map(|&v| v as f64).collect();
                 assert_close(&y2, &plain, 1e-5, &format!("no bias case {ci} {force:?}"));
             }
+            force_avx2(false);
             force_direct(None);
         }
     }

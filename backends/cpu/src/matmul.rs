@@ -71,7 +71,11 @@ impl MatLayout {
 
 /// Multiply-adds per matrix below which a lone matmul is run on one thread
 /// (fork/join costs more than it saves). gemm has its own threshold on top.
-const GEMM_PAR_WORK: usize = 48 * 48 * 48;
+/// Measured with `bench_ops -- 100 --small-mm` (2-core AVX-512 box, shared
+/// with other jobs): 64x256x10 (164K MACs) 0.006 ms on one thread vs
+/// 0.013-0.030 split over two, 64x256x32 (524K) 0.008 vs 0.015; from about
+/// 1M MACs (10-15 us on one thread) a split can pay on an idle box.
+const GEMM_PAR_WORK: usize = 1 << 20;
 
 /// Multiply-adds below which a lone product is split by rows across the
 /// threads (single-threaded gemm each) rather than parallelized inside gemm.
@@ -302,7 +306,7 @@ pub(crate) fn matmul_impl<T: Float>(
     }
 
     let nthreads = threads(parallel);
-    if batch > 1 && nthreads > 1 && work < BATCH_PAR_WORK {
+    if batch > 1 && nthreads > 1 && work < BATCH_PAR_WORK && batch * work >= GEMM_PAR_WORK {
         // Many small products: one thread per group of batch indices.
         let pc = SendPtr(c.as_mut_ptr());
         let (pa, pb) = (SendPtr(pa as *mut T), SendPtr(pb as *mut T));
@@ -331,6 +335,18 @@ pub(crate) fn matmul_impl<T: Float>(
                     );
                 }
             });
+        return;
+    }
+
+    if batch == 1
+        && beta == T::zero()
+        && alpha == T::one()
+        && lc.col_stride == 1
+        && transposed_dst_wins(m, k, n, lb)
+    {
+        let nth = if work >= GEMM_PAR_WORK { nthreads } else { 1 };
+        let row = lc.row_stride;
+        matmul_via_ct(&mut c[lc.offset..], row, a, la, b, lb, m, k, n, nth);
         return;
     }
 
@@ -413,6 +429,176 @@ pub(crate) fn matmul_impl<T: Float>(
     }
 }
 
+/// Whether `C = A @ B` is faster computed as C^T (C column-major, then
+/// transposed): when B is column-major (`x @ W^T` with W `[n, k]` stored
+/// row-major, i.e. every Linear layer) and much larger than A, gemm run on
+/// a row-major C packs all of B on every call; on a column-major C it reads
+/// B in place. Measured with `bench_ops -- 60 --small-mm` ("C^T" rows, one
+/// thread): 32x1024 @ (256x1024)^T 0.231 -> 0.093 ms, 32x256 @
+/// (768x256)^T 0.124 -> 0.065, 64x784 @ (256x784)^T 0.156 -> 0.118; slower
+/// when B is small (64x256 @ (32x256)^T 0.011 -> 0.015) or A is not much
+/// smaller than B (128x256 @ (64x256)^T 0.024 -> 0.028, 4096x784 @
+/// (256x784)^T 7.7 -> 8.6), hence `k >= 4m` and `n*k >= 64K`.
+fn transposed_dst_wins(m: usize, k: usize, n: usize, lb: MatLayout) -> bool {
+    lb.row_stride == 1 && lb.col_stride != 1 && k >= 4 * m && n * k >= 1 << 16
+}
+
+thread_local! {
+    /// Each thread's C^T buffers (one `Vec<T>` per element type), kept.
+    static CT_SCRATCH: std::cell::RefCell<Vec<Box<dyn std::any::Any>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's reusable buffer of at least `len` elements
+/// (contents unspecified); a nested call gets a fresh buffer.
+fn with_ct_scratch<T: Float, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    let mut v: Box<Vec<T>> = CT_SCRATCH
+        .try_with(|c| {
+            let mut c = c.try_borrow_mut().ok()?;
+            let i = c.iter().position(|b| b.is::<Vec<T>>())?;
+            c.swap_remove(i).downcast::<Vec<T>>().ok()
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    if v.len() < len {
+        v.resize(len, T::zero());
+    }
+    let r = f(&mut v[..len]);
+    let _ = CT_SCRATCH.try_with(|c| {
+        if let Ok(mut c) = c.try_borrow_mut() {
+            if !c.iter().any(|b| b.is::<Vec<T>>()) {
+                c.push(v);
+            }
+        }
+    });
+    r
+}
+
+/// `C = A @ B` into row-major C (`c[i*ldc + j]`) through a column-major
+/// C^T in scratch: `nth` single-threaded gemms on column slices, then a
+/// tiled transpose (row blocks in parallel when C is large).
+#[allow(clippy::too_many_arguments)]
+fn matmul_via_ct<T: Float>(
+    c: &mut [T],
+    ldc: usize,
+    a: &[T],
+    la: MatLayout,
+    b: &[T],
+    lb: MatLayout,
+    m: usize,
+    k: usize,
+    n: usize,
+    nth: usize,
+) {
+    assert!(m == 0 || n == 0 || (m - 1) * ldc + n <= c.len());
+    with_ct_scratch::<T, _>(m * n, |tmp| {
+        let pt = SendPtr(tmp.as_mut_ptr());
+        let (pa, pb) = (SendPtr(a.as_ptr() as *mut T), SendPtr(b.as_ptr() as *mut T));
+        let cols = if nth > 1 {
+            n.div_ceil(nth).next_multiple_of(16).min(n)
+        } else {
+            n
+        };
+        let part = |t: usize| {
+            let c0 = t * cols;
+            if c0 >= n {
+                return;
+            }
+            let nc = cols.min(n - c0);
+            let (pt, pa, pb) = (&pt, &pa, &pb);
+            // SAFETY: the caller checked A and B; part t writes columns
+            // [c0, c0+nc) of the column-major m x n C^T in `tmp` (m*n).
+            unsafe {
+                gemm_one(
+                    m,
+                    k,
+                    nc,
+                    pt.0.add(c0 * m),
+                    (1, m),
+                    pa.0.add(la.offset),
+                    (la.row_stride, la.col_stride),
+                    pb.0.add(lb.offset + c0 * lb.col_stride),
+                    (lb.row_stride, lb.col_stride),
+                    T::one(),
+                    T::zero(),
+                    Parallelism::None,
+                );
+            }
+        };
+        if nth > 1 {
+            (0..nth).into_par_iter().for_each(part);
+        } else {
+            part(0);
+        }
+        let tmp = &*tmp;
+        let rows = m.div_ceil(nth.max(1)).max(1);
+        if nth > 1 && m * n >= crate::PAR_THRESHOLD && m > rows {
+            c.par_chunks_mut(rows * ldc)
+                .enumerate()
+                .for_each(|(bi, cb)| {
+                    let r0 = bi * rows;
+                    transpose(&tmp[r0..], m, cb, ldc, rows.min(m - r0), n);
+                });
+        } else {
+            transpose(tmp, m, c, ldc, m, n);
+        }
+    });
+}
+
+/// `dst[i*ldd + j] = src[j*lds + i]` for `i < rows`, `j < cols`, in 16x16
+/// tiles (AVX-512 register transposes for whole f32 tiles).
+fn transpose<T: Float>(src: &[T], lds: usize, dst: &mut [T], ldd: usize, rows: usize, cols: usize) {
+    const B: usize = 16;
+    for i0 in (0..rows).step_by(B) {
+        let i1 = (i0 + B).min(rows);
+        for j0 in (0..cols).step_by(B) {
+            let j1 = (j0 + B).min(cols);
+            #[cfg(target_arch = "x86_64")]
+            if i1 - i0 == B
+                && j1 - j0 == B
+                && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+                && is_x86_feature_detected!("avx512f")
+            {
+                assert!((j0 + B - 1) * lds + i0 + B <= src.len());
+                assert!((i0 + B - 1) * ldd + j0 + B <= dst.len());
+                // SAFETY: T is f32 (checked), avx512f detected, the tile's
+                // reads and writes are in bounds (asserted).
+                unsafe {
+                    tile16_avx512(
+                        src.as_ptr().add(j0 * lds + i0) as *const f32,
+                        lds,
+                        dst.as_mut_ptr().add(i0 * ldd + j0) as *mut f32,
+                        ldd,
+                    );
+                }
+                continue;
+            }
+            for i in i0..i1 {
+                let d = &mut dst[i * ldd + j0..i * ldd + j1];
+                for (jj, v) in d.iter_mut().enumerate() {
+                    *v = src[(j0 + jj) * lds + i];
+                }
+            }
+        }
+    }
+}
+
+/// One 16x16 f32 tile: `dst[r*ldd + c] = src[c*lds + r]`.
+///
+/// Safety: avx512f; 16 rows of 16 readable at `src` (stride `lds`) and
+/// writable at `dst` (stride `ldd`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile16_avx512(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
+    use std::arch::x86_64::*;
+    let mut r: [__m512; 16] = std::array::from_fn(|k| _mm512_loadu_ps(src.add(k * lds)));
+    crate::conv::transpose16(&mut r);
+    for (k, v) in r.iter().enumerate() {
+        _mm512_storeu_ps(dst.add(k * ldd), *v);
+    }
+}
+
 thread_local! {
     static IN_GEMM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
@@ -447,26 +633,15 @@ pub fn in_gemm() -> bool {
 /// `rows = &mut c[r0*n..(r0+len)*n]`, `r0` a multiple of 4.
 pub type RowEpilogue<'a, T> = &'a (dyn Fn(usize, &mut [T]) + Sync);
 
-/// Rows of C per task in `matmul_epilogue` for a product of `m` rows,
-/// `n` columns and `work` multiply-adds on `threads` threads (a multiple
-/// of 4). Below `ROW_SPLIT_WORK` one block per thread; above, blocks of
-/// about `EPI_BLOCK_BYTES` of C so the epilogue reads them from L2 (and
-/// the load balances), at least 4 rows; measured with bench_ops
-/// ("matmul_epilogue" rows against the plain matmul).
-fn epilogue_rows(m: usize, n: usize, work: usize, threads: usize, elem: usize) -> usize {
-    let per_thread = m.div_ceil(threads).next_multiple_of(4);
-    if work < ROW_SPLIT_WORK {
-        return per_thread;
-    }
-    let l2 = (EPI_BLOCK_BYTES / (n * elem).max(1)).max(4) / 4 * 4;
-    per_thread.min(l2.max(EPI_MIN_ROWS))
+/// Rows of C per task in `matmul_epilogue` for a product of `m` rows on
+/// `threads` threads: one block per thread (a multiple of 4 rows). Each
+/// block's gemm packs all of B, so smaller blocks (tried: ~256 KB of C per
+/// block, to run the epilogue from L2) repacked B 12 times on 1024x256 @
+/// (768x256)^T and ran at 0.6-0.7x the plain matmul (bench_ops
+/// --small-mm).
+fn epilogue_rows(m: usize, threads: usize) -> usize {
+    m.div_ceil(threads).next_multiple_of(4)
 }
-
-/// Bytes of C per row block of a large `matmul_epilogue`.
-const EPI_BLOCK_BYTES: usize = 256 << 10;
-/// Fewest rows per row block of a large `matmul_epilogue` (gemm packs B
-/// again for every block, so blocks must not get too thin).
-const EPI_MIN_ROWS: usize = 64;
 
 /// `C = A @ B (+ bias)` for one product into contiguous C `[m, n]`
 /// (`c.len() == m*n`, never read), A `[m, k]` and B `[k, n]` views as in
@@ -544,11 +719,15 @@ pub fn matmul_epilogue<T: Float>(
     };
     let threads = rayon::current_num_threads();
     let work = m * n * k;
-    if threads > 1 && (GEMM_PAR_WORK..ROW_SPLIT_WORK).contains(&work) && m < n && n >= 32 {
+    let via_impl =
+        (threads > 1 && (GEMM_PAR_WORK..ROW_SPLIT_WORK).contains(&work) && m < n && n >= 32)
+            || transposed_dst_wins(m, k, n, lb);
+    if via_impl {
         // Fewer rows than columns: row blocks would each pack all of B,
-        // so the product is split by columns (as `matmul_into` does) and
-        // the bias and epilogue run afterwards on row blocks, in parallel
-        // when C is large.
+        // so the product is split by columns (as `matmul_into` does), or
+        // computed transposed (`transposed_dst_wins`), and the bias and
+        // epilogue run afterwards on row blocks, in parallel when C is
+        // large.
         matmul_impl(
             c,
             MatLayout::contiguous(m, n),
@@ -587,7 +766,7 @@ pub fn matmul_epilogue<T: Float>(
         return;
     }
     if threads > 1 && work >= GEMM_PAR_WORK && m >= 8 {
-        let rows = epilogue_rows(m, n, work, threads, std::mem::size_of::<T>());
+        let rows = epilogue_rows(m, threads);
         c.par_chunks_mut(rows * n)
             .enumerate()
             .for_each(|(i, cb)| block(i * rows, cb, Parallelism::None));
@@ -744,6 +923,9 @@ pub(crate) mod tests {
             (2, 64, 70, 65),
             (1, 129, 257, 95),
             (40, 12, 8, 16),
+            (64, 32, 40, 32),
+            (1, 8, 300, 300),
+            (1, 20, 700, 100),
             (2, 3, 0, 4),
         ] {
             for &(ta, tb, bc) in &[
@@ -850,7 +1032,7 @@ mod row_split_tests {
     /// A medium product (row-split path) with a transposed B and beta = 1.
     #[test]
     fn row_split_matches_naive() {
-        for (m, k, n) in [(67, 53, 71), (71, 53, 67), (9, 700, 300)] {
+        for (m, k, n) in [(67, 253, 71), (71, 253, 67), (9, 1700, 300)] {
             split_case(m, k, n);
         }
     }

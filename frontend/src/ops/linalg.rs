@@ -7,7 +7,7 @@
 use crate::autograd::record;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
-use kiln_cpu::matmul::{matmul as mm_kernel, matmul_into, MatLayout};
+use kiln_cpu::matmul::{matmul as mm_kernel, matmul_epilogue, matmul_into, MatLayout};
 use kiln_cpu::{Float, Layout};
 use kiln_ir::DType;
 
@@ -114,6 +114,44 @@ fn bmm_raw(
             format!("expected floating point operands, got {d}"),
         )),
     }
+}
+
+/// `bias + mat1 @ mat2` for a bias holding one row of `n` (f32/f64, same
+/// dtype as the matrices) through `matmul_epilogue`.
+fn addmm_row_bias(
+    bias: &Tensor,
+    mat1: &Tensor,
+    mat2: &Tensor,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<Tensor> {
+    fn run<T: Float>(
+        bias: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Vec<T> {
+        let (ma, mb) = (mat_layout(&a.layout(), 0), mat_layout(&b.layout(), 0));
+        // beta = 0 semantics: C is never read, every element written.
+        let mut c = kiln_cpu::buffers::alloc_uninit::<T>(m * n);
+        bias.with_contiguous::<T, _>(|bv| {
+            a.with_slice::<T, _>(|sa, _| {
+                b.with_slice::<T, _>(|sb, _| {
+                    matmul_epilogue(&mut c, sa, ma, sb, mb, m, k, n, Some(bv), None)
+                })
+            })
+        });
+        c
+    }
+    let storage = match mat1.dtype() {
+        DType::F32 => kiln_cpu::CpuStorage::F32(run::<f32>(bias, mat1, mat2, m, k, n)),
+        DType::F64 => kiln_cpu::CpuStorage::F64(run::<f64>(bias, mat1, mat2, m, k, n)),
+        d => return Err(Error::op("addmm", format!("unexpected dtype {d}"))),
+    };
+    Ok(Tensor::from_storage(storage, &[m, n]))
 }
 
 fn check_float_pair(op: &str, a: &Tensor, b: &Tensor) -> Result<()> {
@@ -279,6 +317,17 @@ impl Tensor {
                 ),
             ));
         }
+        if matches!(mat1.dtype(), DType::F32 | DType::F64)
+            && bias.dtype() == mat1.dtype()
+            && bias.numel() == n
+            && bshape.last() == Some(&n)
+        {
+            // A bias row ([n] or [1, n]): fused into the product
+            // (`matmul_epilogue`: no pre-filled output, added per row block
+            // while it is in cache).
+            let out = addmm_row_bias(bias, mat1, mat2, m, k, n)?;
+            return Ok(Self::addmm_record(bias, mat1, mat2, out, bshape));
+        }
         let filled = {
             let _internal = crate::trace::suspend();
             let bias_c = bias.to_dtype(mat1.dtype())?;
@@ -332,7 +381,17 @@ impl Tensor {
                 return r.to_dtype(mat1.dtype());
             }
         }
-        let out = filled;
+        Ok(Self::addmm_record(bias, mat1, mat2, filled, bshape))
+    }
+
+    /// Records addmm's trace node and `AddmmBackward0`; returns `out`.
+    fn addmm_record(
+        bias: &Tensor,
+        mat1: &Tensor,
+        mat2: &Tensor,
+        out: Tensor,
+        bshape: Vec<usize>,
+    ) -> Tensor {
         crate::trace::record(kiln_ir::Op::Addmm, &[bias, mat1, mat2], &[&out]);
         let (a, b) = (mat1.detach(), mat2.detach());
         record(
@@ -352,7 +411,7 @@ impl Tensor {
                 ])
             },
         );
-        Ok(out)
+        out
     }
 
     /// A fresh contiguous copy with no autograd (internal buffer helper).
