@@ -173,7 +173,7 @@ pub fn compile_with(
 /// A hash of what the compiled graph depends on in the module tree: every
 /// module's path, type and hook ids, every parameter's and buffer's name,
 /// dtype and shape, and the global hooks.
-fn fingerprint(m: &dyn Module) -> u64 {
+pub(crate) fn fingerprint(m: &dyn Module) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     for (name, sub) in m.named_modules() {
         name.hash(&mut h);

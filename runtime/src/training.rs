@@ -11,10 +11,20 @@
 //! on the outputs, `autograd::grad`).
 //!
 //! Guards: a variant is compiled per (input types, which inputs require
-//! grad, train/eval flag, the set of parameters that require grad), so
-//! freezing or unfreezing a parameter recompiles (a frozen parameter gets no
-//! gradient computation at all). Graphs run through one function, `run`
-//! (today the reference interpreter), so a faster executor can replace it.
+//! grad, train/eval flag, the set of parameters that require grad, the
+//! module tree and its hooks), so freezing or unfreezing a parameter, or a
+//! new hook, recompiles (a frozen parameter gets no gradient computation at
+//! all). Graphs run on the compiled CPU program (`GraphExec`: JIT pointwise
+//! kernels, gemm/conv kernels, one arena).
+//!
+//! Hooks stay live: the forward is traced with live hooks, so each call of
+//! a submodule with hooks is a `module_call` node; such a graph is cut into
+//! compiled segments (`Segmented`), each differentiated on its own and
+//! recorded as one `CompiledFunctionBackward`, with the hooked submodule's
+//! call run eagerly between them (its forward hooks, and its full backward
+//! hooks through eager autograd, exactly as in eager mode; a replaced
+//! grad_input flows into the previous segment's backward). The root's hooks
+//! run around the compiled forward.
 //!
 //! `compile_training(&model, loss_fn, optimizer, &example)` bundles a
 //! compiled forward, the loss, the backward and the optimizer step into one
@@ -29,7 +39,7 @@ use kiln_frontend::optim::Optimizer;
 use kiln_frontend::{no_grad, Tensor};
 use kiln_ir::autodiff::{differentiate, JointGraphs};
 use kiln_ir::passes::PassManager;
-use kiln_ir::{Graph, InputKind, OutputKind, TensorType};
+use kiln_ir::{Graph, InputKind, Op, OutputKind, TensorType};
 use parking_lot::Mutex;
 use std::sync::Arc;
 
@@ -53,6 +63,8 @@ struct Key {
     input_requires_grad: Vec<bool>,
     /// Names of the parameters that require grad, in module order.
     trainable: Vec<String>,
+    /// The module tree and its hooks (`compiled::fingerprint`).
+    tree: u64,
 }
 
 /// One compiled variant: the forward graph (bound by name to the live
@@ -63,6 +75,11 @@ pub struct TrainVariant {
     joint: JointGraphs,
     fwd_exec: GraphExec,
     bwd_exec: GraphExec,
+    /// When the module has hooked submodules: the traced graph cut at its
+    /// `module_call` nodes (each piece differentiated on its own, the
+    /// hooked calls run eagerly with autograd between them). `forward`,
+    /// `joint` and the execs above then describe the first piece only.
+    segments: Option<Arc<Segmented>>,
     compile_ms: f64,
 }
 
@@ -142,6 +159,7 @@ impl CompiledTrainModule {
                 .filter(|(_, p)| p.requires_grad())
                 .map(|(n, _)| n)
                 .collect(),
+            tree: crate::compiled::fingerprint(&*self.module),
         }
     }
 
@@ -187,10 +205,36 @@ impl CompiledTrainModule {
         } else {
             Vec::new()
         };
-        let traced = no_grad(|| crate::jit::trace(module, inputs));
+        if inputs.len() != 1 {
+            return Err(Error::Input(format!(
+                "compile_for_training: kiln modules take one input tensor, got {}",
+                inputs.len()
+            )));
+        }
+        // Hooks stay live: hooked submodules become `module_call` nodes.
+        let traced =
+            no_grad(|| kiln_frontend::trace::trace_module_live_hooks(&**module, &inputs[0]));
         restore_buffers(module, &snapshot)?;
-        let mut traced = traced?;
+        let mut traced = TracedModule::new(traced?.graph, module.clone())?;
         traced.run_passes()?;
+        if traced
+            .graph()
+            .node_ids()
+            .iter()
+            .any(|&n| matches!(traced.graph().node(n).op, Op::ModuleCall { .. }))
+        {
+            let seg = Segmented::build(traced.graph(), &key)?;
+            let first = seg.first_fn()?;
+            return Ok(TrainVariant {
+                key,
+                forward: TracedModule::new(first.0, module.clone())?,
+                joint: first.1,
+                fwd_exec: first.2,
+                bwd_exec: first.3,
+                segments: Some(Arc::new(seg)),
+                compile_ms: start.elapsed().as_secs_f64() * 1e3,
+            });
+        }
         let trainable = &key.trainable;
         let req = &key.input_requires_grad;
         let mut joint = differentiate(traced.graph(), &|k: &InputKind| match k {
@@ -211,6 +255,7 @@ impl CompiledTrainModule {
             joint,
             fwd_exec,
             bwd_exec,
+            segments: None,
             compile_ms: start.elapsed().as_secs_f64() * 1e3,
         })
     }
@@ -219,7 +264,27 @@ impl CompiledTrainModule {
     /// differentiate, the outputs get a `CompiledFunctionBackward` grad_fn
     /// that runs the compiled backward. Buffer updates are written back.
     pub fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let root_hooks =
+            self.module.core().has_call_hooks() || !kiln_frontend::nn::global_hook_ids().is_empty();
+        if !root_hooks || inputs.len() != 1 {
+            return self.forward_body(inputs);
+        }
+        // The root's hooks (forward, and full backward hooks through
+        // eager autograd) run around the compiled forward, as in eager.
+        let y = kiln_frontend::nn::call_with_forward(&*self.module, &inputs[0], &|x| {
+            let mut outs = self
+                .forward_body(std::slice::from_ref(x))
+                .map_err(|e| kiln_frontend::Error::Lookup(e.to_string()))?;
+            Ok(outs.remove(0))
+        })?;
+        Ok(vec![y])
+    }
+
+    fn forward_body(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         let v = self.variant(inputs)?;
+        if let Some(seg) = &v.segments {
+            return seg.forward(&self.module, inputs);
+        }
         let fwd = &v.forward;
         let outs = run(&v.fwd_exec, inputs, &|k| fwd.bind(k))?;
         let j = &v.joint;
@@ -361,5 +426,395 @@ impl TrainStep {
 
     pub fn optimizer_mut(&mut self) -> &mut dyn Optimizer {
         &mut *self.optimizer
+    }
+}
+
+// ------------------------------------------------------------------ segments
+
+/// A graph differentiated and compiled as one autograd function: its
+/// forward records one `CompiledFunctionBackward` node whose backward runs
+/// the compiled backward graph.
+struct DiffFn {
+    fwd_graph: Graph,
+    joint: JointGraphs,
+    fwd_exec: GraphExec,
+    bwd_exec: GraphExec,
+}
+
+/// Differentiates `g` and compiles both graphs: (forward graph, joint,
+/// forward exec, backward exec).
+fn diff_parts(
+    g: &Graph,
+    wants: &dyn Fn(&InputKind) -> bool,
+) -> Result<(Graph, JointGraphs, GraphExec, GraphExec)> {
+    let mut joint = differentiate(g, wants)?;
+    let pm = PassManager::standard();
+    let mut fwd = std::mem::take(&mut joint.forward);
+    pm.run(&mut fwd)?;
+    pm.run(&mut joint.backward)?;
+    let fwd_exec = GraphExec::new(fwd.clone())?;
+    let bwd_exec = GraphExec::new(joint.backward.clone())?;
+    Ok((fwd, joint, fwd_exec, bwd_exec))
+}
+
+impl DiffFn {
+    /// Runs the forward on `inputs` (user inputs by index, parameters and
+    /// buffers from `bind`) and returns the graph's original outputs in
+    /// order; with grad mode on, the user outputs take part in autograd.
+    fn apply(
+        self: &Arc<Self>,
+        inputs: &[Tensor],
+        bind: &dyn Fn(&InputKind) -> Result<Tensor>,
+    ) -> Result<Vec<Tensor>> {
+        let outs = run(&self.fwd_exec, inputs, bind)?;
+        let j = &self.joint;
+        let mut originals = Vec::with_capacity(j.num_outputs);
+        let mut user_pos = Vec::new();
+        let mut outs = outs.into_iter();
+        for o in self.fwd_graph.outputs().iter().take(j.num_outputs) {
+            let t = outs.next().expect("one tensor per output");
+            if matches!(o.kind, OutputKind::User) {
+                user_pos.push(originals.len());
+                originals.push(t.detach());
+            } else {
+                originals.push(t);
+            }
+        }
+        let saved: Vec<Tensor> = outs.collect();
+        if !is_grad_enabled() || j.grad_inputs.is_empty() || j.grad_outputs.is_empty() {
+            return Ok(originals);
+        }
+        let diff_inputs: Vec<Tensor> = j
+            .grad_inputs
+            .iter()
+            .map(|k| match k {
+                InputKind::User(i) => Ok(inputs[*i].clone()),
+                k => bind(k),
+            })
+            .collect::<Result<_>>()?;
+        let out_types: Vec<TensorType> = j
+            .grad_outputs
+            .iter()
+            .map(|&i| tensor_type(&originals[user_pos[i]]))
+            .collect();
+        let f = self.clone();
+        let backward = move |gs: &[Option<Tensor>], needs: &[bool]| {
+            let mut bin: Vec<Tensor> = Vec::with_capacity(gs.len() + saved.len());
+            for (g, ty) in gs.iter().zip(&out_types) {
+                bin.push(match g {
+                    Some(g) => g.clone(),
+                    None => Tensor::zeros(&ty.shape, ty.dtype),
+                });
+            }
+            bin.extend(saved.iter().cloned());
+            let grads = run(&f.bwd_exec, &bin, &|k| {
+                Err(Error::Binding(format!(
+                    "the backward graph binds nothing by name ({k:?})"
+                )))
+            })
+            .map_err(|e| {
+                kiln_frontend::Error::Autograd(format!("CompiledFunctionBackward: {e}"))
+            })?;
+            Ok(grads
+                .into_iter()
+                .zip(needs)
+                .map(|(g, &n)| n.then_some(g))
+                .collect())
+        };
+        let in_refs: Vec<&Tensor> = diff_inputs.iter().collect();
+        let out_refs: Vec<&Tensor> = j
+            .grad_outputs
+            .iter()
+            .map(|&i| &originals[user_pos[i]])
+            .collect();
+        record_function("CompiledFunctionBackward", &in_refs, &out_refs, backward);
+        Ok(originals)
+    }
+}
+
+/// One piece of a graph cut at its `module_call` nodes.
+enum Piece {
+    /// A compiled, differentiated subgraph: its user input `j` is slot
+    /// `ext[j]`, its output `k` fills slot `defs[k]`.
+    Seg {
+        f: Arc<DiffFn>,
+        ext: Vec<usize>,
+        defs: Vec<usize>,
+    },
+    /// A hooked submodule's call, run eagerly (hooks, autograd and all).
+    Call {
+        path: String,
+        arg: usize,
+        out: usize,
+    },
+}
+
+/// A traced graph cut at its `module_call` nodes: compiled segments, and
+/// between them the hooked submodules' calls in eager mode, so their
+/// forward hooks run and their full backward hooks see (and may replace)
+/// the gradients flowing through the eager autograd between the compiled
+/// segments' `CompiledFunctionBackward` nodes.
+pub(crate) struct Segmented {
+    pieces: Vec<Piece>,
+    nslots: usize,
+    /// Slot of user input `i`.
+    user_slots: Vec<usize>,
+    /// Where each of the original graph's outputs is, and its kind.
+    outputs: Vec<(usize, OutputKind)>,
+    /// The first segment's graph and input-gradient mask (for the
+    /// variant's accessors).
+    first: Option<(Graph, Vec<bool>)>,
+    trainable: Vec<String>,
+}
+
+fn seg_wants<'a>(trainable: &'a [String], mask: &'a [bool]) -> impl Fn(&InputKind) -> bool + 'a {
+    move |k: &InputKind| match k {
+        InputKind::Param(n) => trainable.contains(n),
+        InputKind::User(i) => mask.get(*i).copied().unwrap_or(false),
+        InputKind::Buffer(_) => false,
+    }
+}
+
+impl Segmented {
+    fn build(g: &Graph, key: &Key) -> Result<Segmented> {
+        use kiln_ir::{OpClass, Value};
+        use std::collections::{HashMap, HashSet};
+        let order = g.topo_order()?;
+        let mut slot_of: HashMap<Value, usize> = HashMap::new();
+        let mut nslots = 0usize;
+        let mut slot = |v: Value, slot_of: &mut HashMap<Value, usize>| {
+            *slot_of.entry(v).or_insert_with(|| {
+                nslots += 1;
+                nslots - 1
+            })
+        };
+        // User inputs first.
+        let mut users: Vec<(usize, Value)> = Vec::new();
+        for &n in &order {
+            if let Op::Input {
+                kind: InputKind::User(i),
+                ..
+            } = g.node(n).op
+            {
+                users.push((i, Value::new(n, 0)));
+            }
+        }
+        users.sort_by_key(|(i, _)| *i);
+        let user_slots: Vec<usize> = users.iter().map(|(_, v)| slot(*v, &mut slot_of)).collect();
+        let is_user_input = |v: Value| {
+            matches!(
+                g.node(v.node).op,
+                Op::Input {
+                    kind: InputKind::User(_),
+                    ..
+                }
+            )
+        };
+        // Runs of compute nodes between module calls.
+        let mut runs: Vec<Result<Vec<kiln_ir::NodeId>, kiln_ir::NodeId>> = Vec::new();
+        let mut cur = Vec::new();
+        for &n in &order {
+            match g.node(n).op.class() {
+                OpClass::Input | OpClass::Constant => {}
+                _ if matches!(g.node(n).op, Op::ModuleCall { .. }) => {
+                    if !cur.is_empty() {
+                        runs.push(Ok(std::mem::take(&mut cur)));
+                    }
+                    runs.push(Err(n));
+                }
+                _ => cur.push(n),
+            }
+        }
+        if !cur.is_empty() {
+            runs.push(Ok(cur));
+        }
+        let mut pieces = Vec::new();
+        let mut first = None;
+        for r in runs {
+            match r {
+                Err(n) => {
+                    let Op::ModuleCall { path, .. } = &g.node(n).op else {
+                        unreachable!("module calls only")
+                    };
+                    let arg = g.operands(n)[0];
+                    let arg = slot(arg, &mut slot_of);
+                    let out = slot(Value::new(n, 0), &mut slot_of);
+                    pieces.push(Piece::Call {
+                        path: path.clone(),
+                        arg,
+                        out,
+                    });
+                }
+                Ok(nodes) => {
+                    let set: HashSet<kiln_ir::NodeId> = nodes.iter().copied().collect();
+                    let mut sg = Graph::new();
+                    let mut map: HashMap<Value, Value> = HashMap::new();
+                    let mut ext = Vec::new();
+                    let mut mask = Vec::new();
+                    for &n in &nodes {
+                        let mut ops = Vec::new();
+                        for v in g.operands(n) {
+                            if let Some(&m) = map.get(&v) {
+                                ops.push(m);
+                                continue;
+                            }
+                            let node = g.node(v.node);
+                            let m = match &node.op {
+                                Op::Input { kind, ty } if !matches!(kind, InputKind::User(_)) => {
+                                    sg.add_input(kind.clone(), ty.clone(), &node.scope)?
+                                }
+                                Op::Constant { ty, data } => {
+                                    sg.add_constant(ty.clone(), data.clone(), &node.scope)?
+                                }
+                                _ => {
+                                    let ty = g.value_type(v).clone();
+                                    let j = ext.len();
+                                    ext.push(slot(v, &mut slot_of));
+                                    mask.push(if is_user_input(v) {
+                                        let Op::Input {
+                                            kind: InputKind::User(i),
+                                            ..
+                                        } = node.op
+                                        else {
+                                            unreachable!("user input")
+                                        };
+                                        key.input_requires_grad.get(i).copied().unwrap_or(false)
+                                    } else {
+                                        ty.dtype.is_float()
+                                    });
+                                    sg.add_input(InputKind::User(j), ty, "")?
+                                }
+                            };
+                            map.insert(v, m);
+                            ops.push(m);
+                        }
+                        let node = g.node(n);
+                        let outs = sg.add_node(node.op.clone(), &ops, &node.scope)?;
+                        for (k, o) in outs.into_iter().enumerate() {
+                            map.insert(Value::new(n, k), o);
+                        }
+                    }
+                    let mut defs = Vec::new();
+                    for &n in &nodes {
+                        for k in 0..g.node(n).outputs.len() {
+                            let v = Value::new(n, k);
+                            let escapes = g.is_graph_output(v)
+                                || g.users(v).iter().any(|(u, _)| !set.contains(u));
+                            if escapes {
+                                sg.add_output(map[&v], OutputKind::User)?;
+                                defs.push(slot(v, &mut slot_of));
+                            }
+                        }
+                    }
+                    let wants = seg_wants(&key.trainable, &mask);
+                    let (fwd_graph, joint, fwd_exec, bwd_exec) = diff_parts(&sg, &wants)?;
+                    if first.is_none() {
+                        first = Some((sg, mask.clone()));
+                    }
+                    pieces.push(Piece::Seg {
+                        f: Arc::new(DiffFn {
+                            fwd_graph,
+                            joint,
+                            fwd_exec,
+                            bwd_exec,
+                        }),
+                        ext,
+                        defs,
+                    });
+                }
+            }
+        }
+        let mut outputs = Vec::new();
+        for o in g.outputs() {
+            let s = slot(o.value, &mut slot_of);
+            outputs.push((s, o.kind.clone()));
+        }
+        Ok(Segmented {
+            pieces,
+            nslots,
+            user_slots,
+            outputs,
+            first,
+            trainable: key.trainable.clone(),
+        })
+    }
+
+    /// The first compiled segment's parts (for the variant's accessors).
+    fn first_fn(&self) -> Result<(Graph, JointGraphs, GraphExec, GraphExec)> {
+        let (g, mask) = self.first.as_ref().ok_or_else(|| {
+            Error::Input("compiled training: the graph has no compiled segment".into())
+        })?;
+        diff_parts(g, &seg_wants(&self.trainable, mask))
+    }
+
+    /// Runs the pieces in order; returns the user outputs and writes buffer
+    /// updates back.
+    fn forward(&self, module: &Arc<dyn Module>, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        if inputs.len() != self.user_slots.len() {
+            return Err(Error::Input(format!(
+                "compiled training: {} input(s) expected, got {}",
+                self.user_slots.len(),
+                inputs.len()
+            )));
+        }
+        let mut slots: Vec<Option<Tensor>> = vec![None; self.nslots];
+        for (s, t) in self.user_slots.iter().zip(inputs) {
+            slots[*s] = Some(t.clone());
+        }
+        let take = |slots: &[Option<Tensor>], s: usize| {
+            slots[s].clone().ok_or_else(|| {
+                Error::Input(format!(
+                    "compiled training: slot {s} read before it was set"
+                ))
+            })
+        };
+        let bind = |k: &InputKind| -> Result<Tensor> {
+            match k {
+                InputKind::Param(n) => Ok(module.get_parameter(n)?),
+                InputKind::Buffer(n) => Ok(module.get_buffer(n)?),
+                InputKind::User(i) => Err(Error::Binding(format!("user input {i} by name"))),
+            }
+        };
+        for p in &self.pieces {
+            match p {
+                Piece::Seg { f, ext, defs } => {
+                    let ins: Vec<Tensor> = ext
+                        .iter()
+                        .map(|&s| take(&slots, s))
+                        .collect::<Result<_>>()?;
+                    let outs = f.apply(&ins, &bind)?;
+                    for (s, t) in defs.iter().zip(outs) {
+                        slots[*s] = Some(t);
+                    }
+                }
+                Piece::Call { path, arg, out } => {
+                    let x = take(&slots, *arg)?;
+                    let y = module.get_submodule(path)?.call(&x)?;
+                    slots[*out] = Some(y);
+                }
+            }
+        }
+        let mut user = Vec::new();
+        let mut updates = Vec::new();
+        for (s, kind) in &self.outputs {
+            let t = take(&slots, *s)?;
+            match kind {
+                OutputKind::User => user.push(t),
+                OutputKind::BufferUpdate(name) => updates.push((name.clone(), t)),
+            }
+        }
+        no_grad(|| -> Result<()> {
+            for (name, v) in &updates {
+                let dst = module.get_buffer(name)?;
+                let v = if dst.shares_storage(v) {
+                    v.detach().clone_tensor()?
+                } else {
+                    v.detach()
+                };
+                dst.copy_(&v)?;
+            }
+            Ok(())
+        })?;
+        Ok(user)
     }
 }
