@@ -1778,13 +1778,15 @@ mod tests {
 pub(crate) struct GraphExec {
     graph: Graph,
     program: Program,
+    /// Keep the arena between calls (inference) or take one per call.
+    keep_arena: bool,
     arena: parking_lot::Mutex<Vec<f32>>,
 }
 
 impl GraphExec {
     /// Runs the compile pipeline on `graph`, plans fusion and lowers it.
     /// The graph's outputs (count and order) are kept.
-    pub(crate) fn new(mut graph: Graph) -> Result<GraphExec> {
+    pub(crate) fn new(mut graph: Graph, keep_arena: bool) -> Result<GraphExec> {
         kiln_ir::passes::PassManager::compile_pipeline().run(&mut graph)?;
         let plan = kiln_ir::plan_fusion(&graph)?;
         let g = &graph;
@@ -1803,10 +1805,15 @@ impl GraphExec {
                 }
             })
         })?;
-        let arena = parking_lot::Mutex::new(vec![0f32; program.arena_len()]);
+        let arena = parking_lot::Mutex::new(if keep_arena {
+            vec![0f32; program.arena_len()]
+        } else {
+            Vec::new()
+        });
         Ok(GraphExec {
             graph,
             program,
+            keep_arena,
             arena,
         })
     }
@@ -1857,6 +1864,22 @@ impl GraphExec {
             )))
         };
         let mut ptrs = Vec::with_capacity(leaves.len());
+        if !self.keep_arena {
+            // A per-call arena (from the recycling cache), released when the
+            // call ends: training keeps no memory between steps.
+            let mut arena = kiln_cpu::buffers::alloc_uninit::<f32>(self.program.arena_len());
+            let r = self.program.run(
+                &self.graph,
+                &leaves,
+                &mut ptrs,
+                &mut arena,
+                inputs,
+                bind,
+                &no_call,
+            );
+            kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(arena));
+            return r;
+        }
         let mut fresh;
         let mut guard = self.arena.try_lock();
         let arena: &mut Vec<f32> = match guard.as_deref_mut() {

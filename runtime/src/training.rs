@@ -246,8 +246,8 @@ impl CompiledTrainModule {
         let mut fwd = std::mem::take(&mut joint.forward);
         pm.run(&mut fwd)?;
         pm.run(&mut joint.backward)?;
-        let fwd_exec = GraphExec::new(fwd.clone())?;
-        let bwd_exec = GraphExec::new(joint.backward.clone())?;
+        let fwd_exec = GraphExec::new(fwd.clone(), false)?;
+        let bwd_exec = GraphExec::new(joint.backward.clone(), false)?;
         let forward = TracedModule::new(fwd, module.clone())?;
         Ok(TrainVariant {
             key,
@@ -452,8 +452,8 @@ fn diff_parts(
     let mut fwd = std::mem::take(&mut joint.forward);
     pm.run(&mut fwd)?;
     pm.run(&mut joint.backward)?;
-    let fwd_exec = GraphExec::new(fwd.clone())?;
-    let bwd_exec = GraphExec::new(joint.backward.clone())?;
+    let fwd_exec = GraphExec::new(fwd.clone(), false)?;
+    let bwd_exec = GraphExec::new(joint.backward.clone(), false)?;
     Ok((fwd, joint, fwd_exec, bwd_exec))
 }
 
