@@ -1527,11 +1527,7 @@ type LeafFn<'a, R> = dyn FnMut(&[(usize, usize)]) -> R + 'a;
 /// Holds a read lock on every leaf while `f` runs on raw views of them
 /// (null for leaves that are not contiguous f32: only fallback nodes read
 /// those, as tensors).
-fn with_leaf_slices<R>(
-    ts: &[Tensor],
-    ptrs: &mut Vec<(usize, usize)>,
-    f: &mut LeafFn<'_, R>,
-) -> R {
+fn with_leaf_slices<R>(ts: &[Tensor], ptrs: &mut Vec<(usize, usize)>, f: &mut LeafFn<'_, R>) -> R {
     match ts.split_first() {
         None => f(ptrs),
         Some((t, rest)) => {
