@@ -260,7 +260,10 @@ impl OpenClModule {
                 return Err(Error::Input(msg));
             }
         }
-        let v = Arc::new(compile_variant(&self.ctx, &self.module, inputs, tree)?);
+        let v = kiln_frontend::device::host_access(|| {
+            compile_variant(&self.ctx, &self.module, inputs, tree)
+        })?;
+        let v = Arc::new(v);
         self.variants.lock().push(v.clone());
         Ok(v)
     }
