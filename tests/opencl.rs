@@ -1,13 +1,25 @@
 //! The OpenCL backend (feature `opencl`, run on PoCL in CI): every zoo model
 //! compiled for an OpenCL device equals eager CPU output, in eval and in
-//! training mode (buffer updates included); data stays on the device.
+//! training mode (buffer updates included); data stays on the device; hooks
+//! stay live across CPU/GPU segments and the module tree is guarded, as in
+//! `jit::compile` (`tests/compiled_hooks.rs`).
 #![cfg(feature = "opencl")]
 
 mod common;
 use common::{fixtures, model, rel};
 use kiln::nn::prelude::*;
-use kiln::runtime::opencl::compile_opencl;
-use kiln::{zoo, Tensor};
+use kiln::runtime::opencl::{compile_opencl, OpenClModule};
+use kiln::{zoo, DType, Tensor};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// One eager call and one OpenCL call of `m` on `x`: equal within 1e-4.
+fn same(c: &OpenClModule, m: &Arc<dyn Module>, x: &Tensor) {
+    let want = kiln::no_grad(|| m.call(x)).unwrap();
+    let got = kiln::no_grad(|| c.forward(&[x.clone()])).unwrap();
+    let e = rel(&got[0], &want);
+    assert!(e <= 1e-4, "opencl vs eager {e:.2e}");
+}
 
 #[test]
 fn every_zoo_model_on_opencl_equals_eager() {
@@ -128,5 +140,207 @@ fn every_zoo_fixture_on_opencl_matches_pytorch() {
         let r = kiln::opencl::verify_opencl(&fixtures(), name, None).unwrap();
         assert!(r.passed(), "{r}: {:?}", r.checks);
         assert!(r.checks.len() >= 2);
+    }
+}
+
+#[test]
+fn hooks_registered_before_compile_run_live_and_replace_values() {
+    let (m, x) = model("simple_net");
+    m.eval();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = calls.clone();
+    let relu = m.get_submodule("relu").unwrap().arc().unwrap();
+    let _h1 = relu.register_forward_hook(move |_, _, y| {
+        c2.fetch_add(1, Ordering::SeqCst);
+        Ok(Some(y.add_scalar(1.0)?))
+    });
+    let layer2 = m.get_submodule("layer2").unwrap().arc().unwrap();
+    let _h2 = layer2.register_forward_pre_hook(|_, x| Ok(Some(x.mul_scalar(2.0)?)));
+    let _h3 = m.register_forward_hook(|_, _, y| Ok(Some(y.mul_scalar(3.0)?)));
+    let c = compile_opencl(&m, &[x.clone()], None).unwrap();
+    assert_eq!(c.first().module_calls(), ["relu", "layer2"]);
+    assert!(c.fallbacks().is_empty(), "{:?}", c.fallbacks());
+    assert!(c.launch_count() > 0, "layer1 runs on the device");
+    let before = calls.load(Ordering::SeqCst);
+    same(&c, &m, &x); // one eager call, one OpenCL call
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        before + 2,
+        "the hook ran in the OpenCL call"
+    );
+    kiln::no_grad(|| c.forward(&[x.clone()])).unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), before + 3);
+    assert_eq!(c.variant_count(), 1);
+}
+
+#[test]
+fn hooks_registered_after_compile_recompile_once_and_removal_restores() {
+    let (m, x) = model("seed_cnn");
+    m.eval();
+    let c = compile_opencl(&m, &[x.clone()], None).unwrap();
+    same(&c, &m, &x);
+    assert!(c.first().module_calls().is_empty());
+    let conv = m.get_submodule("net.4").unwrap().arc().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s2 = seen.clone();
+    let mut h = conv.register_forward_hook(move |_, _, y| {
+        s2.fetch_add(1, Ordering::SeqCst);
+        Ok(Some(y.neg()?))
+    });
+    same(&c, &m, &x);
+    assert_eq!(c.variant_count(), 2, "one recompilation for the new hook");
+    // Eager call, the trace of the new variant, the OpenCL call.
+    assert_eq!(seen.load(Ordering::SeqCst), 3);
+    same(&c, &m, &x);
+    assert_eq!(c.variant_count(), 2, "cached");
+    assert_eq!(seen.load(Ordering::SeqCst), 5);
+    h.remove();
+    same(&c, &m, &x);
+    assert_eq!(c.variant_count(), 2, "the hook-free variant is reused");
+    assert_eq!(seen.load(Ordering::SeqCst), 5, "removed hooks do not run");
+    // A pre-hook replacing the input of a hooked submodule.
+    let bn = m.get_submodule("net.3").unwrap().arc().unwrap();
+    let _p = bn.register_forward_pre_hook(|_, x| Ok(Some(x.mul_scalar(0.5)?)));
+    same(&c, &m, &x);
+    assert_eq!(c.variant_count(), 3);
+}
+
+#[test]
+fn guards_each_cause_exactly_one_recompilation() {
+    let (m, x) = model("simple_net");
+    m.eval();
+    let c = compile_opencl(&m, &[x.clone()], None).unwrap();
+    assert_eq!(c.variant_count(), 1);
+    let x2 = Tensor::randn(&[5, 784], DType::F32);
+    same(&c, &m, &x2);
+    assert_eq!(c.variant_count(), 2);
+    m.train(true);
+    same(&c, &m, &x);
+    assert_eq!(c.variant_count(), 3);
+    m.eval();
+    same(&c, &m, &x);
+    assert_eq!(c.variant_count(), 3);
+    // A child replaced (ReLU -> LeakyReLU).
+    m.set_submodule("relu", Arc::new(LeakyReLU::new(0.2)))
+        .unwrap();
+    same(&c, &m, &x);
+    assert_eq!(c.variant_count(), 4);
+    same(&c, &m, &x);
+    assert_eq!(c.variant_count(), 4);
+    // A new hook anywhere in the tree.
+    let l1 = m.get_submodule("layer1").unwrap().arc().unwrap();
+    let _h = l1.register_forward_pre_hook(|_, _| Ok(None));
+    same(&c, &m, &x);
+    assert_eq!(c.variant_count(), 5);
+}
+
+/// A hooked submodule in training mode (custom_stack's MyBatchNorm1d
+/// reassigns its buffers): the hook runs on the host between device
+/// segments, the buffer updates are written back, and compiling left the
+/// buffers' values and tensor objects as they were.
+#[test]
+fn training_hooks_across_segments_and_buffers_restored_by_name() {
+    let (a, x) = model("custom_stack");
+    let (b, _) = model("custom_stack");
+    for m in [&a, &b] {
+        m.train(true);
+        let bn = m.get_submodule("net.1").unwrap().arc().unwrap();
+        let _ = bn.register_forward_hook(|_, _, y| Ok(Some(y.mul_scalar(0.5)?)));
+    }
+    let before: Vec<(String, Tensor, Vec<f64>)> = b
+        .named_buffers()
+        .into_iter()
+        .map(|(n, t)| (n, t.clone(), t.to_vec::<f64>()))
+        .collect();
+    let c = compile_opencl(&b, &[x.clone()], None).unwrap();
+    assert_eq!(c.first().module_calls(), ["net.1"]);
+    for (n, t, v) in &before {
+        let now = b.get_buffer(n).unwrap();
+        assert!(now.same_object(t), "{n}: the original tensor object");
+        assert_eq!(&now.to_vec::<f64>(), v, "{n}: values restored");
+    }
+    for _ in 0..2 {
+        let want = kiln::no_grad(|| a.call(&x)).unwrap();
+        let got = kiln::no_grad(|| c.forward(&[x.clone()])).unwrap();
+        assert!(rel(&got[0], &want) <= 1e-4);
+        for ((n, t), (_, w)) in b.named_buffers().into_iter().zip(a.named_buffers()) {
+            assert!(rel(&t, &w) <= 1e-4, "buffer {n}");
+        }
+    }
+}
+
+/// `tensor.to_device(Device::OpenCl(0))`: an OpenCL module takes it, keeps
+/// it on the device while it is unchanged and returns its output on the
+/// device; eager ops refuse device tensors, naming the op.
+#[test]
+fn device_tensors_in_and_out_of_an_opencl_module() {
+    use kiln::Device;
+    let (m, x) = model("seed_cnn");
+    m.eval();
+    let want = kiln::no_grad(|| m.call(&x)).unwrap();
+    let dx = x.to_device(Device::OpenCl(0)).unwrap();
+    let e = m.call(&dx).unwrap_err().to_string();
+    assert!(e.contains("conv2d") && e.contains("opencl:0"), "{e}");
+    let c = compile_opencl(&m, &[dx.clone()], Some(0)).unwrap();
+    let y = kiln::no_grad(|| c.forward(&[dx.clone()])).unwrap();
+    assert_eq!(y[0].device(), Device::OpenCl(0));
+    let e = y[0].relu().unwrap_err().to_string();
+    assert!(e.contains("relu") && e.contains("opencl:0"), "{e}");
+    let back = y[0].to_device(Device::Cpu).unwrap();
+    assert!(rel(&back, &want) <= 1e-4);
+    // The resident input is not uploaded again; a CPU input is.
+    let (up, _) = c.transfers();
+    kiln::no_grad(|| c.forward(&[dx.clone()])).unwrap();
+    assert_eq!(c.transfers().0, up, "nothing uploaded");
+    let y = kiln::no_grad(|| c.forward(&[x.clone()])).unwrap();
+    assert_eq!(y[0].device(), Device::Cpu);
+    assert_eq!(c.transfers().0, up + 1);
+    // A written device input is uploaded again.
+    kiln::no_grad(|| dx.copy_(&x.mul_scalar(0.5).unwrap()).map(|_| ())).unwrap();
+    let y = kiln::no_grad(|| c.forward(&[dx.clone()])).unwrap();
+    assert_eq!(c.transfers().0, up + 2);
+    let want = kiln::no_grad(|| m.call(&x.mul_scalar(0.5).unwrap())).unwrap();
+    assert!(rel(&y[0].to_device(Device::Cpu).unwrap(), &want) <= 1e-4);
+}
+
+/// `module.to_device(device)` keeps the parameter objects; the module then
+/// compiles for OpenCL (eval and training, buffer updates written back to
+/// the device buffers) and its eager call is a clear error.
+#[test]
+fn module_to_device_then_compile_opencl() {
+    use kiln::Device;
+    for name in ["seed_cnn", "custom_stack"] {
+        let (a, x) = model(name);
+        let (b, _) = model(name);
+        let params = b.parameters();
+        b.to_device(Device::OpenCl(0)).unwrap();
+        assert!(b
+            .parameters()
+            .iter()
+            .zip(&params)
+            .all(|(p, q)| p.same_object(q) && p.device() == Device::OpenCl(0)));
+        assert!(b.buffers().iter().all(|t| t.device() == Device::OpenCl(0)));
+        let e = kiln::no_grad(|| b.call(&x)).unwrap_err().to_string();
+        assert!(e.contains("opencl:0") && e.contains("to_device"), "{e}");
+        for training in [false, true] {
+            a.train(training);
+            b.train(training);
+            let c = compile_opencl(&b, &[x.clone()], Some(0)).unwrap();
+            let want = kiln::no_grad(|| a.call(&x)).unwrap();
+            let got = kiln::no_grad(|| c.forward(&[x.clone()])).unwrap();
+            assert!(rel(&got[0], &want) <= 1e-4, "{name} training={training}");
+            for ((n, t), (_, w)) in b.named_buffers().into_iter().zip(a.named_buffers()) {
+                assert_eq!(t.device(), Device::OpenCl(0), "{name}: {n}");
+                assert!(
+                    rel(&t.to_device(Device::Cpu).unwrap(), &w) <= 1e-4,
+                    "{name}: {n}"
+                );
+            }
+        }
+        b.to_device(Device::Cpu).unwrap();
+        a.eval();
+        b.eval();
+        let want = kiln::no_grad(|| a.call(&x)).unwrap();
+        assert!(rel(&kiln::no_grad(|| b.call(&x)).unwrap(), &want) <= 1e-4);
     }
 }

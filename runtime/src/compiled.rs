@@ -190,39 +190,57 @@ pub(crate) fn fingerprint(m: &dyn Module) -> u64 {
     h.finish()
 }
 
-/// Copies of every parameter and buffer, by name.
-struct StateSnapshot(Vec<(bool, String, Tensor)>);
+/// Copies of every parameter and buffer, by name, with the tensor objects
+/// the names referred to when it was taken.
+pub(crate) struct StateSnapshot(Vec<(bool, String, Tensor, Tensor)>);
 
 impl StateSnapshot {
-    fn take(m: &dyn Module, params: bool) -> Result<StateSnapshot> {
+    pub(crate) fn take(m: &dyn Module, params: bool) -> Result<StateSnapshot> {
         let mut v = Vec::new();
         if params {
             for (n, t) in m.named_parameters() {
-                v.push((true, n, t.detach().clone_tensor()?));
+                let saved = t.detach().clone_tensor()?;
+                v.push((true, n, t, saved));
             }
         }
         for (n, t) in m.named_buffers() {
-            v.push((false, n, t.detach().clone_tensor()?));
+            let saved = t.detach().clone_tensor()?;
+            v.push((false, n, t, saved));
         }
         Ok(StateSnapshot(v))
     }
 
-    /// Writes the values back into whatever tensors the names refer to now
-    /// (a forward may have reassigned a buffer, as MyBatchNorm1d does).
-    fn restore(&self, m: &dyn Module) -> Result<()> {
+    /// Writes the saved values back into the original tensors; a buffer
+    /// the forward reassigned (`self.running_mean = ...`, as MyBatchNorm1d
+    /// does) gets its original tensor object back under its name.
+    pub(crate) fn restore(&self, m: &dyn Module) -> Result<()> {
         kiln_frontend::no_grad(|| -> Result<()> {
-            for (is_param, n, saved) in &self.0 {
+            for (is_param, n, orig, saved) in &self.0 {
                 let live = if *is_param {
                     m.get_parameter(n)?
                 } else {
                     m.get_buffer(n)?
                 };
-                if live.shape() == saved.shape() && live.dtype() == saved.dtype() {
-                    live.copy_(saved)?;
+                if !*is_param && !live.same_object(orig) {
+                    let (owner, leaf) = match n.rsplit_once('.') {
+                        Some((p, l)) => (Some(p), l),
+                        None => (None, n.as_str()),
+                    };
+                    match owner {
+                        Some(p) => m
+                            .get_submodule(p)?
+                            .core()
+                            .set_buffer(leaf, Some(orig.clone()))?,
+                        None => m.core().set_buffer(leaf, Some(orig.clone()))?,
+                    }
+                }
+                let dst = if *is_param { &live } else { orig };
+                if dst.shape() == saved.shape() && dst.dtype() == saved.dtype() {
+                    dst.copy_(saved)?;
                 } else {
                     return Err(Error::Binding(format!(
                         "cannot restore `{n}`: it is now {}, it was {}",
-                        tensor_type(&live),
+                        tensor_type(dst),
                         tensor_type(saved)
                     )));
                 }

@@ -13,14 +13,24 @@
 //! Ops without a device kernel (listed by `fallbacks()`, each naming the
 //! op) run explicitly on the CPU with the eager kernels: their operands are
 //! downloaded and their results uploaded (counted as transfers too).
-//! Guards and variants work as for `CompiledModule`: other input types or a
-//! train/eval switch compile another variant (at most `MAX_VARIANTS`).
+//! Guards and variants work as for `CompiledModule`: other input types, a
+//! train/eval switch or a changed module tree (a replaced child, a new or
+//! removed hook: `compiled::fingerprint`, recomputed only when
+//! `nn::structure_epoch()` moved) compile another variant (at most
+//! `MAX_VARIANTS`).
+//!
+//! Hooks stay live across CPU/GPU segments, as in `CompiledModule`: the
+//! module is traced with live hooks, the root's hooks run around the device
+//! forward (`nn::call_with_forward`), and each call of a submodule with
+//! hooks is a `module_call` step: its operand is downloaded, the live
+//! submodule is called on the host (pre-hooks, forward, forward hooks,
+//! exactly as eager, replacing values included) and its result uploaded.
 
-use crate::compiled::MAX_VARIANTS;
+use crate::compiled::{fingerprint, StateSnapshot, MAX_VARIANTS};
 use crate::interpreter::{check_types, describe_node, exec_node, tensor_type};
 use crate::{Error, Result, TracedModule};
 use kiln_frontend::nn::{Module, ModuleExt};
-use kiln_frontend::Tensor;
+use kiln_frontend::{Device, Tensor};
 use kiln_ir::{DType, Graph, InputKind, NodeId, OutputKind, TensorType, Value};
 use kiln_opencl::{Context, DeviceGraph, OclError, Step};
 use parking_lot::Mutex;
@@ -82,9 +92,22 @@ fn from_bytes(b: &[u8], ty: &TensorType) -> Result<Tensor> {
     })
 }
 
-/// One compiled graph on the device.
+/// True if `t` is the tensor last uploaded (same storage, layout and
+/// version).
+fn fresh(prev: Option<&(Tensor, u64)>, t: &Tensor) -> bool {
+    prev.is_some_and(|(prev, ver)| {
+        prev.shares_storage(t)
+            && prev.storage_offset() == t.storage_offset()
+            && prev.strides() == t.strides()
+            && t.version() == *ver
+    })
+}
+
+/// One compiled graph on the device: the variant for one set of input
+/// types, one training flag and one module-tree fingerprint.
 pub struct ClVariant {
     training: bool,
+    tree: u64,
     traced: TracedModule,
     pos: HashMap<NodeId, usize>,
     dg: Mutex<DeviceGraph>,
@@ -98,6 +121,8 @@ pub struct OpenClModule {
     module: Arc<dyn Module>,
     ctx: Arc<Context>,
     variants: Mutex<Vec<Arc<ClVariant>>>,
+    /// (structure epoch, tree fingerprint) last seen.
+    seen: Mutex<(u64, u64)>,
 }
 
 /// Traces `module` on `inputs` and compiles it for OpenCL device `device`
@@ -108,49 +133,32 @@ pub fn compile_opencl(
     device: Option<usize>,
 ) -> Result<OpenClModule> {
     let ctx = kiln_opencl::context(device).map_err(ocl)?;
-    let first = compile_variant(&ctx, module, inputs)?;
+    let epoch = kiln_frontend::nn::structure_epoch();
+    let tree = fingerprint(&**module);
+    let first = kiln_frontend::device::host_access(|| compile_variant(&ctx, module, inputs, tree))?;
     Ok(OpenClModule {
         module: module.clone(),
         ctx,
         variants: Mutex::new(vec![Arc::new(first)]),
+        seen: Mutex::new((epoch, tree)),
     })
 }
 
-/// Traces (restoring the buffers a training-mode trace updated) and runs
-/// the standard passes.
-pub(crate) fn trace_optimized(module: &Arc<dyn Module>, inputs: &[Tensor]) -> Result<TracedModule> {
-    let snapshot: Vec<(String, Tensor, Tensor)> = if module.is_training() {
-        module
-            .named_buffers()
-            .into_iter()
-            .map(|(n, t)| Ok((n, t.clone(), t.detach().clone_tensor()?)))
-            .collect::<Result<_>>()?
-    } else {
-        Vec::new()
-    };
-    let traced = crate::jit::trace(module, inputs);
-    kiln_frontend::no_grad(|| -> kiln_frontend::Result<()> {
-        for (name, live, saved) in &snapshot {
-            live.copy_(saved)?;
-            // A buffer the forward reassigned (`self.running_mean = ...`,
-            // MyBatchNorm1d) gets its original tensor object back.
-            if !module.get_buffer(name)?.shares_storage(live) {
-                let (owner, leaf) = match name.rsplit_once('.') {
-                    Some((p, l)) => (Some(p), l),
-                    None => (None, name.as_str()),
-                };
-                match owner {
-                    Some(p) => module
-                        .get_submodule(p)?
-                        .core()
-                        .set_buffer(leaf, Some(live.clone()))?,
-                    None => module.core().set_buffer(leaf, Some(live.clone()))?,
-                }
-            }
-        }
-        Ok(())
-    })?;
-    let mut traced = traced?;
+/// Traces with live hooks (the root's hooks are left to the caller, a
+/// hooked submodule's call becomes a `module_call` node), restores the
+/// buffers the tracing forward changed (by name, original tensor objects
+/// included) and runs the standard passes.
+fn trace_live(module: &Arc<dyn Module>, inputs: &[Tensor]) -> Result<TracedModule> {
+    if inputs.len() != 1 {
+        return Err(Error::Input(format!(
+            "compile_opencl: kiln modules take one input tensor, got {}",
+            inputs.len()
+        )));
+    }
+    let snapshot = StateSnapshot::take(&**module, false)?;
+    let trace = kiln_frontend::trace::trace_module_live_hooks(&**module, &inputs[0]);
+    snapshot.restore(&**module)?;
+    let mut traced = TracedModule::new(trace?.graph, module.clone())?;
     traced.run_passes()?;
     Ok(traced)
 }
@@ -159,16 +167,18 @@ fn compile_variant(
     ctx: &Arc<Context>,
     module: &Arc<dyn Module>,
     inputs: &[Tensor],
+    tree: u64,
 ) -> Result<ClVariant> {
     let start = std::time::Instant::now();
     let training = module.is_training();
-    let traced = trace_optimized(module, inputs)?;
+    let traced = trace_live(module, inputs)?;
     let g = traced.graph();
     let order = g.topo_order()?;
     let pos = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let dg = DeviceGraph::compile(ctx, g).map_err(ocl)?;
     Ok(ClVariant {
         training,
+        tree,
         traced,
         pos,
         dg: Mutex::new(dg),
@@ -189,6 +199,7 @@ pub fn compile_traced(traced: TracedModule, device: Option<usize>) -> Result<ClV
     let dg = DeviceGraph::compile(&ctx, g).map_err(ocl)?;
     Ok(ClVariant {
         training: false,
+        tree: 0,
         traced,
         pos,
         dg: Mutex::new(dg),
@@ -203,19 +214,44 @@ impl OpenClModule {
         self.ctx.info()
     }
 
-    /// The variant for these inputs and the module's mode, compiled if needed.
+    /// The compiled module's live module.
+    pub fn module(&self) -> &Arc<dyn Module> {
+        &self.module
+    }
+
+    /// The module tree's fingerprint, recomputed only when
+    /// `nn::structure_epoch()` moved.
+    fn tree(&self) -> u64 {
+        let epoch = kiln_frontend::nn::structure_epoch();
+        let mut seen = self.seen.lock();
+        if seen.0 != epoch {
+            *seen = (epoch, fingerprint(&*self.module));
+        }
+        seen.1
+    }
+
+    /// The variant for these inputs, the module's mode and its tree
+    /// (children, hooks), compiled if needed.
     pub fn variant(&self, inputs: &[Tensor]) -> Result<Arc<ClVariant>> {
         let training = self.module.is_training();
-        let types: Vec<TensorType> = inputs.iter().map(tensor_type).collect();
+        let tree = self.tree();
+        let matches = |v: &ClVariant| {
+            v.training == training
+                && v.tree == tree
+                && v.traced.input_types().len() == inputs.len()
+                && v.traced
+                    .input_types()
+                    .iter()
+                    .zip(inputs)
+                    .all(|(t, x)| x.has_type(&t.shape, t.dtype))
+        };
         {
             let vs = self.variants.lock();
-            if let Some(v) = vs
-                .iter()
-                .find(|v| v.training == training && v.traced.input_types() == types)
-            {
+            if let Some(v) = vs.iter().find(|v| matches(v)) {
                 return Ok(v.clone());
             }
             if vs.len() >= MAX_VARIANTS {
+                let types: Vec<TensorType> = inputs.iter().map(tensor_type).collect();
                 let msg = format!(
                     "recompilation limit reached: {} OpenCL variants are compiled (limit {MAX_VARIANTS}); inputs {types:?} would need another",
                     vs.len()
@@ -224,7 +260,10 @@ impl OpenClModule {
                 return Err(Error::Input(msg));
             }
         }
-        let v = Arc::new(compile_variant(&self.ctx, &self.module, inputs)?);
+        let v = kiln_frontend::device::host_access(|| {
+            compile_variant(&self.ctx, &self.module, inputs, tree)
+        })?;
+        let v = Arc::new(v);
         self.variants.lock().push(v.clone());
         Ok(v)
     }
@@ -233,7 +272,8 @@ impl OpenClModule {
         self.variants.lock().len()
     }
 
-    fn first(&self) -> Arc<ClVariant> {
+    /// The first compiled variant.
+    pub fn first(&self) -> Arc<ClVariant> {
         self.variants.lock()[0].clone()
     }
 
@@ -265,9 +305,61 @@ impl OpenClModule {
         })
     }
 
-    /// Runs the variant for these inputs (compiling it on first use).
+    /// Runs the module: the root's hooks (live) around the variant for
+    /// these inputs (compiled on first use). Inputs may be on the CPU or on
+    /// this module's device (`to_device(Device::OpenCl(n))`, kept on the
+    /// device while unchanged); outputs are on the device when an input
+    /// was. Parameters and buffers may be on either.
     pub fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        self.variant(inputs)?.forward(inputs)
+        let root_hooks =
+            self.module.core().has_call_hooks() || !kiln_frontend::nn::global_hook_ids().is_empty();
+        if !root_hooks || inputs.len() != 1 {
+            return self.run(inputs);
+        }
+        let y = kiln_frontend::nn::call_with_forward(&*self.module, &inputs[0], &|x| {
+            let mut outs = self
+                .run(std::slice::from_ref(x))
+                .map_err(kiln_frontend::Error::from)?;
+            Ok(outs.remove(0))
+        })?;
+        Ok(vec![y])
+    }
+
+    /// The variant for `inputs`, run; outputs moved to the device when an
+    /// input is there.
+    fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let here = Device::OpenCl(self.ctx.info().index);
+        let mut on_device = false;
+        for (i, t) in inputs.iter().enumerate() {
+            match t.device() {
+                Device::Cpu => {}
+                d if d == here => on_device = true,
+                d => {
+                    return Err(Error::Input(format!(
+                        "OpenCL module on {here}: input {i} is on {d} (move it with .to_device)"
+                    )))
+                }
+            }
+        }
+        // The compiled program's explicit host steps (module calls,
+        // fallbacks) and the trace of a new variant read device tensors'
+        // host-resident values.
+        let outs = kiln_frontend::device::host_access(|| {
+            self.variant(inputs).and_then(|v| v.forward(inputs))
+        })?;
+        if !on_device {
+            return Ok(outs);
+        }
+        Ok(outs
+            .iter()
+            .map(|t| t.to_device(here))
+            .collect::<kiln_frontend::Result<_>>()?)
+    }
+
+    /// `forward` for one input and one output.
+    pub fn call(&self, x: &Tensor) -> Result<Tensor> {
+        let mut outs = self.forward(std::slice::from_ref(x))?;
+        Ok(outs.remove(0))
     }
 }
 
@@ -295,6 +387,21 @@ impl ClVariant {
         self.dg.lock().program().source.clone()
     }
 
+    /// Calls the live submodule at `path` (a `module_call` step).
+    fn call_submodule(&self, path: &str, x: &Tensor) -> Result<Tensor> {
+        let m = self.traced.module().ok_or_else(|| {
+            Error::Binding(format!(
+                "module_call `{path}`: this graph is not bound to a live module"
+            ))
+        })?;
+        Ok(m.get_submodule(path)?.call(x)?)
+    }
+
+    /// The `module_call` steps' submodule paths, in order.
+    pub fn module_calls(&self) -> Vec<String> {
+        self.dg.lock().program().module_calls()
+    }
+
     /// Uploads the state inputs whose tensors changed since their upload.
     fn bind_state(&self, dg: &DeviceGraph, g: &Graph) -> Result<()> {
         let mut up = self.uploaded.lock();
@@ -309,13 +416,7 @@ impl ClVariant {
                     tensor_type(&t)
                 )));
             }
-            let fresh = up.get(&buf).is_some_and(|(prev, ver)| {
-                prev.shares_storage(&t)
-                    && prev.storage_offset() == t.storage_offset()
-                    && prev.strides() == t.strides()
-                    && t.version() == *ver
-            });
-            if !fresh {
+            if !fresh(up.get(&buf), &t) {
                 dg.write(buf, &to_bytes(&t)?).map_err(ocl)?;
                 up.insert(buf, (t.clone(), t.version()));
             }
@@ -344,9 +445,22 @@ impl ClVariant {
         }
         let g = self.traced.graph();
         let dg = self.dg.lock();
-        for (i, t) in inputs.iter().enumerate() {
-            if let Some(buf) = dg.program().input_buf(g, &InputKind::User(i)) {
-                dg.write(buf, &to_bytes(t)?).map_err(ocl)?;
+        {
+            // An input on the device is uploaded once and kept while its
+            // storage and version are unchanged; a CPU input every call.
+            let mut up = self.uploaded.lock();
+            for (i, t) in inputs.iter().enumerate() {
+                if let Some(buf) = dg.program().input_buf(g, &InputKind::User(i)) {
+                    let resident = !t.device().is_cpu();
+                    if !(resident && fresh(up.get(&buf), t)) {
+                        dg.write(buf, &to_bytes(t)?).map_err(ocl)?;
+                        if resident {
+                            up.insert(buf, (t.clone(), t.version()));
+                        } else {
+                            up.remove(&buf);
+                        }
+                    }
+                }
             }
         }
         self.bind_state(&dg, g)?;
@@ -354,6 +468,24 @@ impl ClVariant {
         for (i, step) in dg.program().steps.iter().enumerate() {
             match step {
                 Step::Launch(_) => dg.launch(i).map_err(ocl)?,
+                Step::Call { node, path } => {
+                    // A hooked submodule: operand down, the live module's
+                    // call (hooks + forward, as eager), result up.
+                    let n = *node;
+                    let v = g.operands(n)[0];
+                    let x = from_bytes(&dg.read(g, v).map_err(ocl)?, g.value_type(v))?;
+                    let y = self
+                        .call_submodule(path, &x)
+                        .and_then(|y| {
+                            check_types(std::slice::from_ref(&y), &g.node(n).outputs).map(|_| y)
+                        })
+                        .map_err(|e| Error::Exec {
+                            node: describe_node(g, &self.pos, n),
+                            source: Box::new(e),
+                        })?;
+                    let l = &dg.program().layouts[&Value::new(n, 0)];
+                    dg.write(l.buf, &to_bytes(&y)?).map_err(ocl)?;
+                }
                 Step::Host { node, .. } => {
                     // Explicit CPU fallback: operands down, results up.
                     let n = *node;

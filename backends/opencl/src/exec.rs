@@ -103,7 +103,7 @@ impl DeviceGraph {
                         )
                     })?)
                 }
-                Step::Host { .. } => None,
+                Step::Host { .. } | Step::Call { .. } => None,
             });
         }
         Ok(DeviceGraph {

@@ -15,10 +15,11 @@
 //! broadcasting, so transposed weights feed the GEMM directly.
 //!
 //! Kernels:
-//! * pointwise: one work item per element (f32, i64 and bool values; exp,
-//!   tanh, erf, sigmoid, gelu through OpenCL's built-ins), `float4` loads
-//!   and stores when every operand is contiguous and the length is a
-//!   multiple of 4;
+//! * pointwise: one work item per element, scalar loads and stores through
+//!   each operand's layout (f32, i64 and bool values; exp, tanh, erf,
+//!   sigmoid, gelu through OpenCL's built-ins); vectorization is left to
+//!   the OpenCL compiler (PoCL packs work items into SIMD lanes), there are
+//!   no explicit `vload4`/`float4` accesses;
 //! * GEMM (matmul, addmm, conv2d as implicit GEMM, batched over matmul batch
 //!   dims or conv groups): a `TM x TN` output tile per work group, `TK`-deep
 //!   slices of A and B staged in local memory, an `RT x RT` register block
@@ -37,6 +38,11 @@
 //! with a computed index, 1-D matmul operands) become `Step::Host` steps:
 //! the runtime runs that node on the CPU explicitly and the reason names
 //! the op (`Program::fallbacks`).
+//!
+//! A `module_call` node (a submodule with hooks, traced with live hooks)
+//! becomes a `Step::Call`: the runtime downloads its operand, calls the
+//! live submodule on the host (hooks and forward as eager) and uploads the
+//! result; it is not a fallback.
 
 use crate::OclError;
 use kiln_ir::op::result_type;
@@ -127,6 +133,12 @@ pub enum Step {
         node: NodeId,
         reason: String,
     },
+    /// A `module_call` node: the runtime calls the live submodule at `path`
+    /// on the host (its pre-hooks, forward and forward hooks, as eager).
+    Call {
+        node: NodeId,
+        path: String,
+    },
 }
 
 /// A graph lowered for one device: buffers, layouts and the steps in order.
@@ -146,6 +158,17 @@ impl Program {
             .iter()
             .filter_map(|s| match s {
                 Step::Host { reason, .. } => Some(reason.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The submodule paths of the `module_call` steps, in order.
+    pub fn module_calls(&self) -> Vec<String> {
+        self.steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Call { path, .. } => Some(path.clone()),
                 _ => None,
             })
             .collect()
@@ -287,6 +310,11 @@ fn unsupported(g: &Graph, n: NodeId, why: impl Into<String>) -> String {
 /// Why node `n` has no device kernel, if it has none.
 fn check_node(g: &Graph, n: NodeId) -> Option<String> {
     let node = g.node(n);
+    if let Op::ModuleCall { path, .. } = &node.op {
+        return Some(format!(
+            "opencl backend: module_call `{path}` runs the hooked submodule on the host"
+        ));
+    }
     for t in node.outputs.iter().chain(g.operand_types(n).iter()) {
         if let Err(e) = ctype(t.dtype) {
             return Some(unsupported(
@@ -666,9 +694,15 @@ impl<'a> Lowering<'a> {
                 let ty = self.ty(v).clone();
                 self.new_buf(v, &ty, BufRole::Intermediate);
             }
-            self.steps.push(Step::Host {
-                node: n,
-                reason: reason.clone(),
+            self.steps.push(match &g.node(n).op {
+                Op::ModuleCall { path, .. } => Step::Call {
+                    node: n,
+                    path: path.clone(),
+                },
+                _ => Step::Host {
+                    node: n,
+                    reason: reason.clone(),
+                },
             });
             return Ok(());
         }

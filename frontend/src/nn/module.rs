@@ -775,6 +775,13 @@ pub trait ModuleExt: Module {
         })
     }
 
+    /// `to(device)`: every parameter and buffer moved to `device`;
+    /// parameters keep their tensor objects (`param.data = ...`, as
+    /// `_apply`), so optimizers and hooks holding them still see them.
+    fn to_device(&self, device: crate::Device) -> Result<()> {
+        self.apply_tensors(&|t: &Tensor| t.to_device(device))
+    }
+
     fn float(&self) -> Result<()> {
         self.to_dtype(DType::F32)
     }

@@ -187,6 +187,7 @@ pub fn conv2d(
     bias: Option<&Tensor>,
     p: Conv2dParams,
 ) -> Result<Tensor> {
+    crate::device::check_cpu_opt("conv2d", &[Some(x), Some(weight), bias])?;
     if matches!(x.dtype(), DType::F16 | DType::BF16) && x.dtype() == weight.dtype() {
         let up = |t: &Tensor| t.to_dtype(DType::F32);
         let b = bias.map(up).transpose()?;
@@ -273,6 +274,7 @@ pub fn conv_transpose2d(
     p: Conv2dParams,
     output_padding: (usize, usize),
 ) -> Result<Tensor> {
+    crate::device::check_cpu_opt("conv_transpose2d", &[Some(x), Some(weight), bias])?;
     if matches!(x.dtype(), DType::F16 | DType::BF16) && x.dtype() == weight.dtype() {
         let up = |t: &Tensor| t.to_dtype(DType::F32);
         let b = bias.map(up).transpose()?;

@@ -12,6 +12,7 @@ use kiln_ir::{BinaryOp, DType, UnaryOp};
 
 /// Broadcast shape of two tensors, or an error naming the op and shapes.
 pub(crate) fn broadcast(op: &str, a: &Tensor, b: &Tensor) -> Result<Vec<usize>> {
+    crate::device::check_cpu(op, &[a, b])?;
     kiln_ir::broadcast_shapes(&a.shape(), &b.shape()).map_err(|_| {
         Error::op(
             op,
@@ -284,6 +285,7 @@ impl Tensor {
 
     /// Elementwise NOT of a bool tensor.
     pub fn logical_not(&self) -> Result<Tensor> {
+        crate::device::check_cpu("logical_not", &[self])?;
         let a = self.to_dtype(DType::Bool)?;
         let v = a.with_contiguous::<bool, _>(|s| k::map(s, |x: bool| !x));
         Ok(Tensor::from_storage(CpuStorage::Bool(v), &self.shape()))
@@ -291,6 +293,7 @@ impl Tensor {
 
     /// `torch.where(cond, a, b)` with broadcasting of all three.
     pub fn where_(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        crate::device::check_cpu("where", &[cond])?;
         let s1 = broadcast("where", a, b)?;
         let shape = kiln_ir::broadcast_shapes(&cond.shape(), &s1).map_err(|_| {
             Error::op(
@@ -366,6 +369,7 @@ impl Tensor {
     /// Applies a unary kernel, promoting integer inputs to f32 (or keeping
     /// i64 for ops closed over integers).
     fn unary_raw(&self, op: UnaryOp) -> Result<Tensor> {
+        crate::device::check_cpu(op.name(), &[self])?;
         let shape = self.shape();
         match self.dtype() {
             DType::I64 | DType::Bool => {

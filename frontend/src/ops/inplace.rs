@@ -13,6 +13,10 @@ use std::sync::atomic::Ordering;
 
 impl Tensor {
     fn check_inplace(&self, op: &str) -> Result<()> {
+        // copy_ is the cross-device copy (as in PyTorch): allowed.
+        if op != "copy_" {
+            crate::device::check_cpu(op, &[self])?;
+        }
         if is_grad_enabled() && self.requires_grad() {
             let what = if self.is_leaf() {
                 "a leaf Variable that requires grad"

@@ -155,6 +155,7 @@ fn addmm_row_bias(
 }
 
 fn check_float_pair(op: &str, a: &Tensor, b: &Tensor) -> Result<()> {
+    crate::device::check_cpu(op, &[a, b])?;
     if a.dtype() != b.dtype() || !a.dtype().is_float() {
         return Err(Error::op(
             op,
@@ -292,6 +293,7 @@ impl Tensor {
 
     /// Batched matrix product of two 3-d tensors with equal batch.
     pub fn bmm(&self, other: &Tensor) -> Result<Tensor> {
+        crate::device::check_cpu("bmm", &[self, other])?;
         let (sa, sb) = (self.shape(), other.shape());
         if sa.len() != 3 || sb.len() != 3 || sa[0] != sb[0] || sa[2] != sb[1] {
             return Err(Error::op("bmm", format!("expected 3-d tensors with matching batch and inner dims, got {sa:?} and {sb:?}")));
@@ -303,6 +305,7 @@ impl Tensor {
     /// broadcast to the result (`AddmmBackward0`). The bias is written into
     /// the output first and gemm accumulates onto it: one pass over memory.
     pub fn addmm(bias: &Tensor, mat1: &Tensor, mat2: &Tensor) -> Result<Tensor> {
+        crate::device::check_cpu("addmm", &[bias])?;
         check_float_pair("addmm", mat1, mat2)?;
         let (sa, sb) = (mat1.shape(), mat2.shape());
         check_mat_pair("addmm", &sa, &sb)?;
@@ -416,6 +419,7 @@ impl Tensor {
 
     /// A fresh contiguous copy with no autograd (internal buffer helper).
     pub(crate) fn contiguous_copy(&self) -> Result<Tensor> {
+        crate::device::check_cpu("contiguous", &[self])?;
         Ok(Tensor::from_storage(
             self.contiguous_storage(),
             &self.shape(),
@@ -427,6 +431,7 @@ impl Tensor {
 /// weight `[out, in]`. A 2-d input is one `addmm`; more dims are folded
 /// into the rows and viewed back, as PyTorch does.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    crate::device::check_cpu_opt("linear", &[Some(x), Some(weight), bias])?;
     let xs = x.shape();
     let ws = weight.shape();
     if ws.len() != 2 || xs.is_empty() || xs[xs.len() - 1] != ws[1] {

@@ -109,11 +109,13 @@ impl Tensor {
     /// the first occurrence of the max; NaN counts as the max. The gradient
     /// (`MaxBackward0`) goes to the indexed elements only.
     pub fn max_dim(&self, dim: isize, keepdim: bool) -> Result<(Tensor, Tensor)> {
+        crate::device::check_cpu("max", &[self])?;
         self.minmax_dim(dim, keepdim, false)
     }
 
     /// `min(dim, keepdim)`: like `max_dim` (`MinBackward0`).
     pub fn min_dim(&self, dim: isize, keepdim: bool) -> Result<(Tensor, Tensor)> {
+        crate::device::check_cpu("min", &[self])?;
         self.minmax_dim(dim, keepdim, true)
     }
 
@@ -174,6 +176,7 @@ impl Tensor {
     }
 
     fn extreme_all(&self, min: bool) -> Result<Tensor> {
+        crate::device::check_cpu(if min { "min" } else { "max" }, &[self])?;
         let op = op_name(min);
         let shape = self.shape();
         let rd: Vec<usize> = (0..shape.len()).collect();
@@ -206,11 +209,13 @@ impl Tensor {
     /// `amax(dims, keepdim)`: max over several dims (all if empty). The
     /// gradient (`AmaxBackward0`) is shared evenly among ties.
     pub fn amax(&self, dims: &[isize], keepdim: bool) -> Result<Tensor> {
+        crate::device::check_cpu("amax", &[self])?;
         self.amax_amin(dims, keepdim, false)
     }
 
     /// `amin(dims, keepdim)` (`AminBackward0`).
     pub fn amin(&self, dims: &[isize], keepdim: bool) -> Result<Tensor> {
+        crate::device::check_cpu("amin", &[self])?;
         self.amax_amin(dims, keepdim, true)
     }
 
@@ -287,11 +292,13 @@ impl Tensor {
     /// with `dim` None, the index into the flattened tensor (shape `[]`, or
     /// all ones with keepdim, as PyTorch).
     pub fn argmax(&self, dim: Option<isize>, keepdim: bool) -> Result<Tensor> {
+        crate::device::check_cpu("argmax", &[self])?;
         self.arg_extreme(dim, keepdim, false)
     }
 
     /// `argmin(dim, keepdim)`, like `argmax`.
     pub fn argmin(&self, dim: Option<isize>, keepdim: bool) -> Result<Tensor> {
+        crate::device::check_cpu("argmin", &[self])?;
         self.arg_extreme(dim, keepdim, true)
     }
 

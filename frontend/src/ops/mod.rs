@@ -33,6 +33,7 @@ pub(crate) fn float_op(
     f32_fn: impl FnOnce(&[f32]) -> Vec<f32>,
     f64_fn: impl FnOnce(&[f64]) -> Vec<f64>,
 ) -> Result<Tensor> {
+    crate::device::check_cpu(op, &[x])?;
     match x.dtype() {
         DType::F32 => Ok(Tensor::from_storage(
             CpuStorage::F32(x.with_contiguous(f32_fn)),

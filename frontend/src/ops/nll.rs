@@ -53,6 +53,7 @@ pub fn nll_loss(
     reduction: Reduction,
     ignore_index: i64,
 ) -> Result<Tensor> {
+    crate::device::check_cpu_opt("nll_loss", &[Some(input), Some(target), weight])?;
     let shape = input.shape();
     let nd = shape.len();
     if !input.is_floating_point() {

@@ -137,6 +137,7 @@ fn max_pool2d_impl(
     ceil_mode: bool,
     want_indices: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    crate::device::check_cpu("max_pool2d", &[x])?;
     if let Some((d, up)) = via_f32(&[x])? {
         let (v, i) = max_pool2d_impl(
             &up[0],
@@ -225,6 +226,7 @@ pub fn avg_pool2d(
     count_include_pad: bool,
     divisor_override: Option<usize>,
 ) -> Result<Tensor> {
+    crate::device::check_cpu("avg_pool2d", &[x])?;
     if let Some((d, up)) = via_f32(&[x])? {
         return avg_pool2d(
             &up[0],
@@ -301,6 +303,10 @@ pub fn batch_norm(
     momentum: f64,
     eps: f64,
 ) -> Result<Tensor> {
+    crate::device::check_cpu_opt(
+        "batch_norm",
+        &[Some(x), running_mean, running_var, weight, bias],
+    )?;
     let s = x.shape();
     if s.len() < 2 {
         return Err(Error::op(
@@ -484,6 +490,7 @@ pub fn layer_norm(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
+    crate::device::check_cpu_opt("layer_norm", &[Some(x), weight, bias])?;
     let s = x.shape();
     let nd = normalized_shape.len();
     if nd == 0 || s.len() < nd || s[s.len() - nd..] != *normalized_shape {
@@ -595,6 +602,7 @@ pub fn layer_norm(
 /// probability `p` (from the global generator, `kiln::manual_seed`) and
 /// scales the rest by 1/(1-p); identity in eval or when p == 0.
 pub fn dropout(x: &Tensor, p: f64, training: bool) -> Result<Tensor> {
+    crate::device::check_cpu("dropout", &[x])?;
     if !(0.0..=1.0).contains(&p) {
         return Err(Error::op(
             "dropout",

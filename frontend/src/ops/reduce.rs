@@ -94,6 +94,7 @@ impl Tensor {
     /// `sum(dims, keepdim)`; an empty `dims` sums everything. Integer and
     /// bool inputs sum to i64, as PyTorch.
     pub fn sum_dims(&self, dims: &[isize], keepdim: bool) -> Result<Tensor> {
+        crate::device::check_cpu("sum", &[self])?;
         let shape = self.shape();
         let rd = reduce_dims("sum", dims, shape.len())?;
         let out_shape = reduced_shape(&shape, &rd, keepdim);
@@ -106,11 +107,13 @@ impl Tensor {
 
     /// Sum of all elements (0-d result).
     pub fn sum(&self) -> Result<Tensor> {
+        crate::device::check_cpu("sum", &[self])?;
         self.sum_dims(&[], false)
     }
 
     /// `mean(dims, keepdim)`; floating inputs only, as PyTorch.
     pub fn mean_dims(&self, dims: &[isize], keepdim: bool) -> Result<Tensor> {
+        crate::device::check_cpu("mean", &[self])?;
         if !self.dtype().is_float() {
             return Err(Error::op(
                 "mean",
@@ -184,6 +187,7 @@ impl Tensor {
     }
 
     pub fn mean(&self) -> Result<Tensor> {
+        crate::device::check_cpu("mean", &[self])?;
         self.mean_dims(&[], false)
     }
 
@@ -191,6 +195,7 @@ impl Tensor {
     /// leading extra dims are summed away, dims where `shape` has 1 are
     /// summed with keepdim.
     pub fn sum_to_size(&self, shape: &[usize]) -> Result<Tensor> {
+        crate::device::check_cpu("sum_to_size", &[self])?;
         let cur = self.shape();
         if cur == shape {
             return Ok(self.clone());
@@ -294,22 +299,26 @@ impl Tensor {
     /// default; `N - correction <= 0` gives NaN). Floating inputs only.
     /// grad_fn `VarBackward0`.
     pub fn var_dims(&self, dims: &[isize], correction: usize, keepdim: bool) -> Result<Tensor> {
+        crate::device::check_cpu("var", &[self])?;
         self.var_std("var", dims, correction, keepdim, false)
     }
 
     /// `var()` over all elements, unbiased.
     pub fn var(&self) -> Result<Tensor> {
+        crate::device::check_cpu("var", &[self])?;
         self.var_dims(&[], 1, false)
     }
 
     /// `std(dims, correction, keepdim)`: the square root of `var_dims`.
     /// grad_fn `StdBackward0`.
     pub fn std_dims(&self, dims: &[isize], correction: usize, keepdim: bool) -> Result<Tensor> {
+        crate::device::check_cpu("std", &[self])?;
         self.var_std("std", dims, correction, keepdim, true)
     }
 
     /// `std()` over all elements, unbiased.
     pub fn std(&self) -> Result<Tensor> {
+        crate::device::check_cpu("std", &[self])?;
         self.std_dims(&[], 1, false)
     }
 
@@ -402,11 +411,13 @@ impl Tensor {
     /// `prod(dim, keepdim)`. Integer and bool inputs give i64 (computed in
     /// f64, like `sum`). grad_fn `ProdBackward1`.
     pub fn prod_dim(&self, dim: isize, keepdim: bool) -> Result<Tensor> {
+        crate::device::check_cpu("prod", &[self])?;
         self.prod_impl(Some(dim), keepdim)
     }
 
     /// `prod()` of all elements (0-d result). grad_fn `ProdBackward0`.
     pub fn prod(&self) -> Result<Tensor> {
+        crate::device::check_cpu("prod", &[self])?;
         self.prod_impl(None, false)
     }
 

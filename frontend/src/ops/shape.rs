@@ -135,6 +135,7 @@ impl Tensor {
     /// shapes. Grad_fn `CatBackward0`; each input's gradient is cast back
     /// to its dtype.
     pub fn cat(tensors: &[&Tensor], dim: isize) -> Result<Tensor> {
+        crate::device::check_cpu("cat", tensors)?;
         if tensors.is_empty() {
             return Err(Error::op(
                 "cat",
@@ -229,6 +230,7 @@ impl Tensor {
     /// `torch.stack(tensors, dim)`: all shapes equal; a new dim `dim` is
     /// inserted (dtype promotion as `cat`; grad_fn `StackBackward0`).
     pub fn stack(tensors: &[&Tensor], dim: isize) -> Result<Tensor> {
+        crate::device::check_cpu("stack", tensors)?;
         if tensors.is_empty() {
             return Err(Error::op("stack", "stack expects a non-empty TensorList"));
         }
@@ -280,6 +282,7 @@ impl Tensor {
     /// The backward (`IndexSelectBackward0`) index-adds the gradient's rows
     /// into zeros, so repeated indices accumulate.
     pub fn index_select(&self, dim: isize, index: &Tensor) -> Result<Tensor> {
+        crate::device::check_cpu("index_select", &[self, index])?;
         let shape = self.shape();
         let nd = shape.len();
         let d = normalize_dim(dim, nd, "index_select")?;
@@ -324,6 +327,7 @@ impl Tensor {
     /// indices accumulate. `source` has `self`'s dtype and shape except
     /// `index.numel()` along `dim`. Grad_fn `IndexAddBackward0`.
     pub fn index_add(&self, dim: isize, index: &Tensor, source: &Tensor) -> Result<Tensor> {
+        crate::device::check_cpu("index_add", &[self, index, source])?;
         let shape = self.shape();
         let nd = shape.len();
         let d = normalize_dim(dim, nd, "index_add")?;

@@ -21,6 +21,7 @@ impl Tensor {
     }
 
     fn softmax_impl(&self, op: &'static str, dim: isize, log: bool) -> Result<Tensor> {
+        crate::device::check_cpu(op, &[self])?;
         let nd = self.dim();
         let d = normalize_dim(dim, nd, op)?;
         let d = if nd == 0 { None } else { Some(d) };

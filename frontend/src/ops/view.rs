@@ -235,6 +235,7 @@ impl Tensor {
             None => {
                 // Copy: PyTorch records the clone then the view (_unsafe_view);
                 // the grad_fn seen on the result is UnsafeViewBackward0.
+                crate::device::check_cpu("reshape", &[self])?;
                 let c = self.contiguous()?;
                 let flat = c.detach().alias_with(Layout::contiguous(shape));
                 crate::trace::record(
@@ -858,12 +859,30 @@ impl Tensor {
         self.shape() == other.shape()
     }
 
-    /// `to(device)`: only the host exists, so this is `self` itself (as
-    /// PyTorch's `to` when nothing changes).
+    /// `to(device)`: `self` itself when it is already on `device` (as
+    /// PyTorch's `to` when nothing changes), else a contiguous copy on
+    /// `device` (`ToCopyBackward0`). A tensor on an OpenCL device keeps its
+    /// values in host memory, marked with the device (see `device.rs`):
+    /// eager ops refuse it, views keep the device, the OpenCL runtime
+    /// uploads it; `to_device(Device::Cpu)` brings it back.
     pub fn to_device(&self, device: Device) -> Result<Tensor> {
-        match device {
-            Device::Cpu => Ok(self.clone()),
+        let src = self.device();
+        if src == device {
+            return Ok(self.clone());
         }
+        if !device.is_cpu() {
+            crate::device::mark_off_cpu();
+        }
+        let out = Tensor::from_parts(
+            crate::tensor::Storage::new(self.contiguous_storage()),
+            Layout::contiguous(&self.shape()),
+            device,
+        );
+        crate::trace::record(kiln_ir::Op::Contiguous, &[self], &[&out]);
+        record("ToCopyBackward0", &[self], &[&out], move |g, _| {
+            Ok(vec![Some(g[0].as_ref().unwrap().to_device(src)?)])
+        });
+        Ok(out)
     }
 
     /// A contiguous tensor with the same values: `self` itself when already
@@ -878,6 +897,7 @@ impl Tensor {
     /// PyTorch's `clone()`: a new contiguous tensor with its own storage
     /// (`CloneBackward0`). Rust's `Clone` on `Tensor` copies the handle.
     pub fn clone_tensor(&self) -> Result<Tensor> {
+        crate::device::check_cpu("clone", &[self])?;
         let out = Tensor::from_storage(self.contiguous_storage(), &self.shape());
         crate::trace::record(kiln_ir::Op::Contiguous, &[self], &[&out]);
         record("CloneBackward0", &[self], &[&out], |g, _| {
@@ -893,6 +913,7 @@ impl Tensor {
         if src == dtype {
             return Ok(self.clone());
         }
+        crate::device::check_cpu("to", &[self])?;
         let out = Tensor::from_storage(self.contiguous_storage().to_dtype(dtype), &self.shape());
         crate::trace::record(kiln_ir::Op::Cast(dtype), &[self], &[&out]);
         if dtype.is_float() && src.is_float() {
