@@ -93,6 +93,14 @@ fn main() -> kiln::Result<()> {
                 .map_err(|e| kiln::Error::op("train step", e.to_string()))
         })?;
         let mib = |b: usize| b as f64 / (1 << 20) as f64;
+        let v = step.model().variant(std::slice::from_ref(&x)).unwrap();
+        let (fa, ba) = v.arena_bytes();
+        eprintln!(
+            "{name}: forward arena {:.1} MiB, backward arena {:.1} MiB, {} saved values",
+            mib(fa),
+            mib(ba),
+            v.num_saved()
+        );
         println!(
             "| {name} | {shape:?} | {:.1} | {:.1} |",
             mib(eager),

@@ -34,6 +34,9 @@ use std::collections::{HashMap, HashSet};
 enum Base {
     Leaf(usize),
     Buf(usize),
+    /// Graph output buffer `k`: allocated per call and returned as the
+    /// output tensor (no copy out of the arena).
+    Out(usize),
 }
 
 /// A strided view of a base (offsets and strides in elements).
@@ -275,10 +278,16 @@ enum OutSrc {
     Tensor(Value),
     Leaf(usize),
     View(Loc),
+    /// Written in place by the steps into output buffer `k`.
+    Out(usize),
 }
 
 /// A lowered graph (see the module docs).
 pub(crate) struct Program {
+    /// Tensor-held values to drop after each step (their last reader).
+    frees: Vec<Vec<Value>>,
+    /// Shapes of the output buffers written in place (`Base::Out`).
+    out_shapes: Vec<Vec<usize>>,
     /// When each value with a view is readable (for `collect` runs): after
     /// that many steps, at that view.
     avail: Vec<(usize, Value, Loc)>,
@@ -313,6 +322,10 @@ struct Builder<'g> {
     avail: Vec<(usize, Value, Loc)>,
     /// Building an epilogue of the step already pushed.
     epilogue_mode: bool,
+    /// Shapes of the `Base::Out` buffers.
+    out_shapes: Vec<Vec<usize>>,
+    /// The last step reading each tensor-held value (freed after it).
+    tensor_last: HashMap<Value, usize>,
 }
 
 fn bufs_of(spans: &[Span]) -> Vec<usize> {
@@ -320,7 +333,7 @@ fn bufs_of(spans: &[Span]) -> Vec<usize> {
         .iter()
         .filter_map(|s| match s.base {
             Base::Buf(b) => Some(b),
-            Base::Leaf(_) => None,
+            Base::Leaf(_) | Base::Out(_) => None,
         })
         .collect()
 }
@@ -371,6 +384,7 @@ impl<'g> Builder<'g> {
         let shape = self.g.value_type(v).shape.clone();
         let b = self.new_buf(kiln_ir::numel(&shape));
         let loc = Loc::contiguous(Base::Buf(b), 0, &shape);
+        self.tensor_last.insert(v, self.steps.len());
         self.push(
             Step::Import {
                 value: v,
@@ -411,8 +425,14 @@ impl<'g> Builder<'g> {
     /// A fresh contiguous arena value for output `v`.
     fn output(&mut self, v: Value) -> Span {
         let shape = self.g.value_type(v).shape.clone();
-        let b = self.new_buf(kiln_ir::numel(&shape));
-        let loc = Loc::contiguous(Base::Buf(b), 0, &shape);
+        // A graph output is written straight into the tensor returned.
+        let base = if self.g.is_graph_output(v) && self.is_f32(v) {
+            self.out_shapes.push(shape.clone());
+            Base::Out(self.out_shapes.len() - 1)
+        } else {
+            Base::Buf(self.new_buf(kiln_ir::numel(&shape)))
+        };
+        let loc = Loc::contiguous(base, 0, &shape);
         let s = loc.span();
         self.set_loc(v, loc, true);
         s
@@ -430,6 +450,7 @@ impl<'g> Builder<'g> {
         let mut reads = Vec::new();
         for v in self.g.operands(n) {
             let a = if self.tensors.contains(&v) {
+                self.tensor_last.insert(v, self.steps.len());
                 Arg::Tensor(v)
             } else if let Some(&i) = self.leaf_of.get(&v) {
                 Arg::Leaf(i)
@@ -540,6 +561,7 @@ impl<'g> Builder<'g> {
                     _ => None,
                 }
             });
+            let reuse = reuse.filter(|_| !self.g.is_graph_output(v));
             let span = match reuse {
                 Some(b) => {
                     taken.insert(b);
@@ -1144,6 +1166,8 @@ impl Program {
             fallbacks: Vec::new(),
             avail: Vec::new(),
             epilogue_mode: false,
+            out_shapes: Vec::new(),
+            tensor_last: HashMap::new(),
         };
         let mut leaves = Vec::new();
         let mut leaf_nodes = Vec::new();
@@ -1175,10 +1199,14 @@ impl Program {
                 let loc = b.locs.get(&v).cloned().ok_or_else(|| {
                     Error::Input(format!("compiled program: output {v:?} was not computed"))
                 })?;
-                if let Base::Buf(x) = loc.base {
-                    end_reads.push(x);
+                match loc.base {
+                    Base::Out(k) if loc.off == 0 && loc.is_contiguous() => OutSrc::Out(k),
+                    Base::Buf(x) => {
+                        end_reads.push(x);
+                        OutSrc::View(loc)
+                    }
+                    _ => OutSrc::View(loc),
                 }
-                OutSrc::View(loc)
             });
         }
         let nbuf = b.buf_lens.len();
@@ -1207,7 +1235,18 @@ impl Program {
         for (o, l) in buf_offsets.iter().zip(&b.buf_lens) {
             assert!(o + l <= arena_len, "memory plan: buffer outside the arena");
         }
+        let mut frees = vec![Vec::new(); b.steps.len()];
+        for (v, &st) in &b.tensor_last {
+            let returned = outputs
+                .iter()
+                .any(|o| matches!(o, OutSrc::Tensor(t) if t == v));
+            if !returned && st < frees.len() {
+                frees[st].push(*v);
+            }
+        }
         Ok(Program {
+            frees,
+            out_shapes: std::mem::take(&mut b.out_shapes),
             avail,
             leaves,
             leaf_nodes,
@@ -1223,6 +1262,30 @@ impl Program {
 
     pub(crate) fn leaves(&self) -> &[LeafSrc] {
         &self.leaves
+    }
+
+    /// Fresh output buffers (the call's only allocations besides what
+    /// fallback nodes allocate) and their (address, length).
+    #[allow(clippy::type_complexity)]
+    fn alloc_outputs(
+        &self,
+    ) -> (
+        std::cell::RefCell<Vec<Option<Vec<f32>>>>,
+        Vec<(usize, usize)>,
+    ) {
+        let bufs: Vec<Option<Vec<f32>>> = self
+            .out_shapes
+            .iter()
+            .map(|s| Some(kiln_cpu::buffers::alloc_uninit::<f32>(kiln_ir::numel(s))))
+            .collect();
+        let outs = bufs
+            .iter()
+            .map(|b| {
+                let b = b.as_ref().expect("fresh");
+                (b.as_ptr() as usize, b.len())
+            })
+            .collect();
+        (std::cell::RefCell::new(bufs), outs)
     }
 
     /// The graph node of each leaf.
@@ -1266,12 +1329,15 @@ impl Program {
     ) -> Result<Vec<Tensor>> {
         assert!(arena.len() >= self.arena_len, "arena too small");
         ptrs.clear();
+        let (out_bufs, outs) = self.alloc_outputs();
         with_leaf_slices(leaves, ptrs, &mut |ptrs| {
             let ctx = Ctx {
                 leaves: ptrs,
                 arena: arena.as_mut_ptr(),
                 offs: &self.buf_offsets,
                 lens: &self.buf_lens,
+                outs: &outs,
+                out_bufs: &out_bufs,
             };
             self.exec(g, &ctx, leaves, user_inputs, bind, call, None)
         })
@@ -1292,12 +1358,15 @@ impl Program {
     ) -> Result<(Vec<Tensor>, HashMap<Value, Tensor>)> {
         let mut ptrs = Vec::new();
         let mut seen = HashMap::new();
+        let (out_bufs, outs) = self.alloc_outputs();
         let outs = with_leaf_slices(leaves, &mut ptrs, &mut |ptrs| {
             let ctx = Ctx {
                 leaves: ptrs,
                 arena: arena.as_mut_ptr(),
                 offs: &self.buf_offsets,
                 lens: &self.buf_lens,
+                outs: &outs,
+                out_bufs: &out_bufs,
             };
             self.exec(g, &ctx, leaves, user_inputs, bind, call, Some(&mut seen))
         })?;
@@ -1559,6 +1628,11 @@ impl Program {
                 }
             }
             snapshot(si + 1, &mut collect);
+            if collect.is_none() {
+                for v in &self.frees[si] {
+                    tensors.remove(v);
+                }
+            }
         }
         if let Some(seen) = collect {
             for (v, t) in &tensors {
@@ -1573,6 +1647,21 @@ impl Program {
                     OutSrc::Leaf(i) => leaves[*i].clone(),
                     OutSrc::View(loc) => {
                         Tensor::f32_filled_by(&loc.shape, |d| unsafe { gather_into(ctx, loc, d) })
+                    }
+                    OutSrc::Out(k) => {
+                        let mut bufs = ctx.out_bufs.borrow_mut();
+                        match bufs[*k].take() {
+                            Some(b) => Tensor::from_vec(b, &self.out_shapes[*k])?,
+                            // The same value returned twice.
+                            None => Tensor::f32_filled_by(&self.out_shapes[*k], |d| {
+                                d.copy_from_slice(unsafe {
+                                    std::slice::from_raw_parts(
+                                        ctx.outs[*k].0 as *const f32,
+                                        ctx.outs[*k].1,
+                                    )
+                                })
+                            }),
+                        }
                     }
                 })
             })
@@ -1630,12 +1719,17 @@ struct Ctx<'a> {
     arena: *mut f32,
     offs: &'a [usize],
     lens: &'a [usize],
+    /// (address, length) of each output buffer.
+    outs: &'a [(usize, usize)],
+    /// The output buffers, taken out as the returned tensors at the end.
+    out_bufs: &'a std::cell::RefCell<Vec<Option<Vec<f32>>>>,
 }
 
 impl Ctx<'_> {
     unsafe fn base_ptr(&self, base: Base) -> *mut f32 {
         match base {
             Base::Leaf(i) => self.leaves[i].0 as *mut f32,
+            Base::Out(k) => self.outs[k].0 as *mut f32,
             // SAFETY: offsets are inside the arena (`plan_memory`).
             Base::Buf(b) => unsafe { self.arena.add(self.offs[b]) },
         }
@@ -1645,6 +1739,7 @@ impl Ctx<'_> {
         let cap = match s.base {
             Base::Leaf(i) => self.leaves[i].1,
             Base::Buf(b) => self.lens[b],
+            Base::Out(k) => self.outs[k].1,
         };
         assert!(
             s.off + s.len <= cap,
@@ -1821,6 +1916,11 @@ impl GraphExec {
     /// Nodes on the fallback path (`op: reason`).
     pub(crate) fn fallbacks(&self) -> &[String] {
         self.program.fallbacks()
+    }
+
+    /// Elements of the arena a call uses.
+    pub(crate) fn arena_len(&self) -> usize {
+        self.program.arena_len()
     }
 
     /// All graph outputs, in order.

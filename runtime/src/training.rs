@@ -89,6 +89,12 @@ impl TrainVariant {
         self.forward.graph()
     }
 
+    /// Bytes of the forward's and the backward's arenas (intermediate
+    /// values, planned by liveness; taken per call).
+    pub fn arena_bytes(&self) -> (usize, usize) {
+        (4 * self.fwd_exec.arena_len(), 4 * self.bwd_exec.arena_len())
+    }
+
     /// Nodes of the forward and backward programs that run on the
     /// interpreter's kernels (`op: reason`), forward first.
     pub fn fallbacks(&self) -> Vec<String> {
