@@ -71,14 +71,14 @@ struct Key {
 /// module) and the backward graph.
 pub struct TrainVariant {
     key: Key,
+    /// The forward graph bound to the live module (binding, write-back).
     forward: TracedModule,
-    joint: JointGraphs,
-    fwd_exec: GraphExec,
-    bwd_exec: GraphExec,
+    /// The compiled forward/backward pair.
+    f: Arc<DiffFn>,
     /// When the module has hooked submodules: the traced graph cut at its
     /// `module_call` nodes (each piece differentiated on its own, the
-    /// hooked calls run eagerly with autograd between them). `forward`,
-    /// `joint` and the execs above then describe the first piece only.
+    /// hooked calls run eagerly with autograd between them). `forward` and
+    /// `f` then describe the first piece only.
     segments: Option<Arc<Segmented>>,
     compile_ms: f64,
 }
@@ -92,31 +92,34 @@ impl TrainVariant {
     /// Bytes of the forward's and the backward's arenas (intermediate
     /// values, planned by liveness; taken per call).
     pub fn arena_bytes(&self) -> (usize, usize) {
-        (4 * self.fwd_exec.arena_len(), 4 * self.bwd_exec.arena_len())
+        (
+            4 * self.f.fwd_exec.arena_len(),
+            4 * self.f.bwd_exec.arena_len(),
+        )
     }
 
     /// Nodes of the forward and backward programs that run on the
     /// interpreter's kernels (`op: reason`), forward first.
     pub fn fallbacks(&self) -> Vec<String> {
-        let mut v = self.fwd_exec.fallbacks().to_vec();
-        v.extend(self.bwd_exec.fallbacks().iter().cloned());
+        let mut v = self.f.fwd_exec.fallbacks().to_vec();
+        v.extend(self.f.bwd_exec.fallbacks().iter().cloned());
         v
     }
 
     /// The backward graph (see `kiln_ir::autodiff::JointGraphs`).
     pub fn backward_graph(&self) -> &Graph {
-        &self.joint.backward
+        &self.f.joint.backward
     }
 
     /// How many values the forward saves for the backward.
     pub fn num_saved(&self) -> usize {
-        self.joint.num_saved
+        self.f.joint.num_saved
     }
 
     /// The inputs (parameters by name, user inputs by index) that get a
     /// gradient, in the order of the backward graph's outputs.
     pub fn grad_inputs(&self) -> &[InputKind] {
-        &self.joint.grad_inputs
+        &self.f.joint.grad_inputs
     }
 
     /// Trace + differentiation + passes time.
@@ -230,37 +233,38 @@ impl CompiledTrainModule {
             .any(|&n| matches!(traced.graph().node(n).op, Op::ModuleCall { .. }))
         {
             let seg = Segmented::build(traced.graph(), &key)?;
-            let first = seg.first_fn()?;
+            let (fwd_graph, joint, fwd_exec, bwd_exec) = seg.first_fn()?;
             return Ok(TrainVariant {
                 key,
-                forward: TracedModule::new(first.0, module.clone())?,
-                joint: first.1,
-                fwd_exec: first.2,
-                bwd_exec: first.3,
+                forward: TracedModule::new(fwd_graph.clone(), module.clone())?,
+                f: Arc::new(DiffFn {
+                    fwd_graph,
+                    joint,
+                    fwd_exec,
+                    bwd_exec,
+                }),
                 segments: Some(Arc::new(seg)),
                 compile_ms: start.elapsed().as_secs_f64() * 1e3,
             });
         }
         let trainable = &key.trainable;
         let req = &key.input_requires_grad;
-        let mut joint = differentiate(traced.graph(), &|k: &InputKind| match k {
-            InputKind::Param(n) => trainable.contains(n),
-            InputKind::User(i) => req.get(*i).copied().unwrap_or(false),
-            InputKind::Buffer(_) => false,
-        })?;
-        let pm = PassManager::standard();
-        let mut fwd = std::mem::take(&mut joint.forward);
-        pm.run(&mut fwd)?;
-        pm.run(&mut joint.backward)?;
-        let fwd_exec = GraphExec::new(fwd.clone(), false)?;
-        let bwd_exec = GraphExec::new(joint.backward.clone(), false)?;
-        let forward = TracedModule::new(fwd, module.clone())?;
+        let (fwd_graph, joint, fwd_exec, bwd_exec) =
+            diff_parts(traced.graph(), &|k: &InputKind| match k {
+                InputKind::Param(n) => trainable.contains(n),
+                InputKind::User(i) => req.get(*i).copied().unwrap_or(false),
+                InputKind::Buffer(_) => false,
+            })?;
+        let forward = TracedModule::new(fwd_graph.clone(), module.clone())?;
         Ok(TrainVariant {
             key,
             forward,
-            joint,
-            fwd_exec,
-            bwd_exec,
+            f: Arc::new(DiffFn {
+                fwd_graph,
+                joint,
+                fwd_exec,
+                bwd_exec,
+            }),
             segments: None,
             compile_ms: start.elapsed().as_secs_f64() * 1e3,
         })
@@ -292,63 +296,16 @@ impl CompiledTrainModule {
             return seg.forward(&self.module, inputs);
         }
         let fwd = &v.forward;
-        let outs = run(&v.fwd_exec, inputs, &|k| fwd.bind(k))?;
-        let j = &v.joint;
+        let outs = v.f.apply(inputs, &|k| fwd.bind(k))?;
         let mut user = Vec::new();
         let mut updates = Vec::new();
-        let mut outs = outs.into_iter();
-        for o in fwd.graph().outputs().iter().take(j.num_outputs) {
-            let t = outs.next().expect("one tensor per output");
+        for (o, t) in v.f.fwd_graph.outputs().iter().zip(outs) {
             match &o.kind {
-                OutputKind::User => user.push(t.detach()),
+                OutputKind::User => user.push(t),
                 OutputKind::BufferUpdate(name) => updates.push((name.clone(), t)),
             }
         }
-        let saved: Vec<Tensor> = outs.collect();
         fwd.write_back(updates)?;
-        if !is_grad_enabled() || j.grad_inputs.is_empty() || j.grad_outputs.is_empty() {
-            return Ok(user);
-        }
-        let diff_inputs: Vec<Tensor> = j
-            .grad_inputs
-            .iter()
-            .map(|k| match k {
-                InputKind::User(i) => Ok(inputs[*i].clone()),
-                k => fwd.bind(k),
-            })
-            .collect::<Result<_>>()?;
-        let out_types: Vec<TensorType> = j
-            .grad_outputs
-            .iter()
-            .map(|&i| tensor_type(&user[i]))
-            .collect();
-        let v2 = v.clone();
-        let backward = move |gs: &[Option<Tensor>], needs: &[bool]| {
-            let mut bin: Vec<Tensor> = Vec::with_capacity(gs.len() + saved.len());
-            for (g, ty) in gs.iter().zip(&out_types) {
-                bin.push(match g {
-                    Some(g) => g.clone(),
-                    None => Tensor::zeros(&ty.shape, ty.dtype),
-                });
-            }
-            bin.extend(saved.iter().cloned());
-            let grads = run(&v2.bwd_exec, &bin, &|k| {
-                Err(Error::Binding(format!(
-                    "the backward graph binds nothing by name ({k:?})"
-                )))
-            })
-            .map_err(|e| {
-                kiln_frontend::Error::Autograd(format!("CompiledFunctionBackward: {e}"))
-            })?;
-            Ok(grads
-                .into_iter()
-                .zip(needs)
-                .map(|(g, &n)| n.then_some(g))
-                .collect())
-        };
-        let in_refs: Vec<&Tensor> = diff_inputs.iter().collect();
-        let out_refs: Vec<&Tensor> = j.grad_outputs.iter().map(|&i| &user[i]).collect();
-        record_function("CompiledFunctionBackward", &in_refs, &out_refs, backward);
         Ok(user)
     }
 
