@@ -36,25 +36,12 @@ pub fn decompose_batchnorm_eval(g: &mut Graph) -> Result<bool> {
             continue;
         }
         let c = xt.shape[1];
-        let mut k = 1;
-        let gamma = has_weight.then(|| {
-            k += 1;
-            ops[k - 1]
-        });
-        let beta = has_bias.then(|| {
-            k += 1;
-            ops[k - 1]
-        });
-        let (mean, var) = (ops[k], ops[k + 1]);
+        let (gamma, beta, mean, var) = super::bn_fold::bn_operands(&ops, has_weight, has_bias);
         let scope = g.node(bn).scope.clone();
         let s = scope.as_str();
         let bin =
             |g: &mut Graph, b: BinaryOp, l: Value, r: Value| g.add1(Op::Binary(b), &[l, r], s);
-        let ve = g.add1(Op::Unary(UnaryOp::AddScalar(eps)), &[var], s)?;
-        let mut scale = g.add1(Op::Unary(UnaryOp::Rsqrt), &[ve], s)?;
-        if let Some(gm) = gamma {
-            scale = bin(g, BinaryOp::Mul, gm, scale)?;
-        }
+        let scale = super::bn_fold::bn_scale(g, var, gamma, eps, s)?;
         let ms = bin(g, BinaryOp::Mul, mean, scale)?;
         let shift = match beta {
             Some(bt) => bin(g, BinaryOp::Sub, bt, ms)?,

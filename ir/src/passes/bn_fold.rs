@@ -19,6 +19,41 @@ use crate::op::Op;
 use crate::types::Result;
 use crate::{BinaryOp, UnaryOp};
 
+/// The operands of an eval-mode BatchNorm node with running stats:
+/// (gamma, beta, running_mean, running_var).
+pub(crate) fn bn_operands(
+    ops: &[Value],
+    has_weight: bool,
+    has_bias: bool,
+) -> (Option<Value>, Option<Value>, Value, Value) {
+    let mut k = 1;
+    let gamma = has_weight.then(|| {
+        k += 1;
+        ops[k - 1]
+    });
+    let beta = has_bias.then(|| {
+        k += 1;
+        ops[k - 1]
+    });
+    (gamma, beta, ops[k], ops[k + 1])
+}
+
+/// `gamma * rsqrt(running_var + eps)` as new nodes (gamma = 1 if absent).
+pub(crate) fn bn_scale(
+    g: &mut Graph,
+    var: Value,
+    gamma: Option<Value>,
+    eps: f64,
+    scope: &str,
+) -> Result<Value> {
+    let ve = g.add1(Op::Unary(UnaryOp::AddScalar(eps)), &[var], scope)?;
+    let scale = g.add1(Op::Unary(UnaryOp::Rsqrt), &[ve], scope)?;
+    match gamma {
+        Some(gm) => g.add1(Op::Binary(BinaryOp::Mul), &[gm, scale], scope),
+        None => Ok(scale),
+    }
+}
+
 pub fn fold_batchnorm(g: &mut Graph) -> Result<bool> {
     let mut changed = false;
     for bn in g.topo_order()? {
@@ -50,25 +85,12 @@ pub fn fold_batchnorm(g: &mut Graph) -> Result<bool> {
         {
             continue;
         }
-        let mut k = 1;
-        let gamma = has_weight.then(|| {
-            k += 1;
-            bn_ops[k - 1]
-        });
-        let beta = has_bias.then(|| {
-            k += 1;
-            bn_ops[k - 1]
-        });
-        let (mean, var) = (bn_ops[k], bn_ops[k + 1]);
+        let (gamma, beta, mean, var) = bn_operands(&bn_ops, has_weight, has_bias);
         let scope = g.node(bn).scope.clone();
         let s = scope.as_str();
         let bin =
             |g: &mut Graph, b: BinaryOp, l: Value, r: Value| g.add1(Op::Binary(b), &[l, r], s);
-        let ve = g.add1(Op::Unary(UnaryOp::AddScalar(eps)), &[var], s)?;
-        let mut scale = g.add1(Op::Unary(UnaryOp::Rsqrt), &[ve], s)?;
-        if let Some(gm) = gamma {
-            scale = bin(g, BinaryOp::Mul, gm, scale)?;
-        }
+        let scale = bn_scale(g, var, gamma, eps, s)?;
         let old_bias = if is_conv {
             prod_ops.get(2).copied()
         } else {
