@@ -85,7 +85,8 @@ fn conv_case(reps: usize, name: &str, xs: [usize; 4], ws: [usize; 4], pad: usize
 /// latency batch (8) and a throughput batch, each on the direct kernel and
 /// on im2col + gemm, to set the rule that picks between them.
 fn zoo_convs(reps: usize) {
-    let cases: [(&str, [usize; 4], [usize; 4], usize, usize); 7] = [
+    type Case = (&'static str, [usize; 4], [usize; 4], usize, usize);
+    let cases: [Case; 7] = [
         ("seed 1->32 5x5", [1, 1, 28, 28], [32, 1, 5, 5], 1, 128),
         ("seed 32->64 3x3", [1, 32, 13, 13], [64, 32, 3, 3], 1, 128),
         ("seed 64->64 3x3", [1, 64, 13, 13], [64, 64, 3, 3], 1, 128),

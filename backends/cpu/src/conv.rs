@@ -907,7 +907,7 @@ fn conv_forward_into<T: Float>(
         unsafe {
             let c = |s: &[T]| std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len());
             let yf = std::slice::from_raw_parts_mut(y.as_mut_ptr() as *mut f32, y.len());
-            let epi_f: Option<&(dyn Fn(usize, &mut [f32]) + Sync)> =
+            let epi_f: Option<ImageEpilogue<'_, f32>> =
                 epi.map(|f| std::mem::transmute::<ImageEpilogue<'_, T>, ImageEpilogue<'_, f32>>(f));
             direct::forward(c(x), c(w), bias.map(c), g, yf, epi_f);
         }

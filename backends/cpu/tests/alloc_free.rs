@@ -109,7 +109,15 @@ fn run_cases() -> Vec<String> {
 
     // conv2d_into on each path: direct, im2col channels-major (Cout < 48),
     // im2col pixel-major, 1x1 (batched matmul), grouped; with an epilogue.
-    let convs: [(&str, [usize; 4], [usize; 4], usize, usize, Option<bool>); 7] = [
+    type ConvCase = (
+        &'static str,
+        [usize; 4],
+        [usize; 4],
+        usize,
+        usize,
+        Option<bool>,
+    );
+    let convs: [ConvCase; 7] = [
         (
             "direct 1->32 5x5",
             [8, 1, 28, 28],
@@ -281,6 +289,5 @@ fn run_cases() -> Vec<String> {
             steady(|| layer_norm_into(&x, k, Some(&lw), Some(&lb), 1e-5, &mut out)),
         );
     }
-    drop(check);
     failures
 }

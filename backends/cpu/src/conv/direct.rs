@@ -131,7 +131,7 @@ pub(super) fn forward(
     bias: Option<&[f32]>,
     g: &Geom,
     y: &mut [f32],
-    epi: Option<&(dyn Fn(usize, &mut [f32]) + Sync)>,
+    epi: Option<super::ImageEpilogue<'_, f32>>,
 ) {
     assert!(applies(g), "conv2d: direct path does not apply");
     let per_image = g.cout * g.howo();
