@@ -117,7 +117,15 @@ fn run_cases() -> Vec<String> {
         usize,
         Option<bool>,
     );
-    let convs: [ConvCase; 7] = [
+    let convs: [ConvCase; 8] = [
+        (
+            "direct n=1 16->40",
+            [1, 16, 20, 20],
+            [40, 16, 3, 3],
+            1,
+            1,
+            None,
+        ),
         (
             "direct 1->32 5x5",
             [8, 1, 28, 28],
