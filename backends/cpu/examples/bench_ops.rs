@@ -82,10 +82,11 @@ fn conv_case(reps: usize, name: &str, xs: [usize; 4], ws: [usize; 4], pad: usize
 }
 
 /// The zoo models' convolutions (seed_cnn, test_net, complex_net) at the
-/// latency batch (8) and a throughput batch, each on the direct kernel and
+/// latency batch (8) and a throughput batch, plus two larger planes, each on the direct kernel and
 /// on im2col + gemm, to set the rule that picks between them.
 fn zoo_convs(reps: usize) {
-    let cases: [(&str, [usize; 4], [usize; 4], usize, usize); 7] = [
+    type Case = (&'static str, [usize; 4], [usize; 4], usize, usize);
+    let cases: [Case; 9] = [
         ("seed 1->32 5x5", [1, 1, 28, 28], [32, 1, 5, 5], 1, 128),
         ("seed 32->64 3x3", [1, 32, 13, 13], [64, 32, 3, 3], 1, 128),
         ("seed 64->64 3x3", [1, 64, 13, 13], [64, 64, 3, 3], 1, 128),
@@ -93,6 +94,8 @@ fn zoo_convs(reps: usize) {
         ("test_net 1->16 3x3", [1, 1, 28, 28], [16, 1, 3, 3], 1, 256),
         ("complex 3->16 3x3", [1, 3, 10, 10], [16, 3, 3, 3], 0, 1024),
         ("complex 16->32 3x3", [1, 16, 8, 8], [32, 16, 3, 3], 0, 1024),
+        ("resnet 64->64 3x3", [1, 64, 56, 56], [64, 64, 3, 3], 1, 2),
+        ("resnet 64->64 3x3", [1, 64, 112, 112], [64, 64, 3, 3], 1, 1),
     ];
     for (name, xs1, ws, pad, big) in cases {
         for n in [8, big] {

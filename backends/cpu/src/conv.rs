@@ -907,7 +907,7 @@ fn conv_forward_into<T: Float>(
         unsafe {
             let c = |s: &[T]| std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len());
             let yf = std::slice::from_raw_parts_mut(y.as_mut_ptr() as *mut f32, y.len());
-            let epi_f: Option<&(dyn Fn(usize, &mut [f32]) + Sync)> =
+            let epi_f: Option<ImageEpilogue<'_, f32>> =
                 epi.map(|f| std::mem::transmute::<ImageEpilogue<'_, T>, ImageEpilogue<'_, f32>>(f));
             direct::forward(c(x), c(w), bias.map(c), g, yf, epi_f);
         }
@@ -1784,6 +1784,12 @@ mod tests {
             ([1, 3, 9, 7], [5, 3, 2, 4], p((1, 1), (1, 2), (1, 1), 1)),
             ([2, 4, 9, 9], [6, 2, 3, 3], p((2, 1), (1, 0), (1, 2), 2)),
             ([3, 8, 5, 5], [4, 8, 1, 1], p((1, 1), (0, 0), (1, 1), 1)),
+            // One image, channel blocks split across threads.
+            (
+                [1, 16, 20, 20],
+                [40, 16, 3, 3],
+                p((1, 1), (1, 1), (1, 1), 1),
+            ),
         ];
         for (ci, &(xs, ws, prm)) in cases.iter().enumerate() {
             let x: Vec<f32> = rand_vec(xs.iter().product(), 11 + ci as u64);

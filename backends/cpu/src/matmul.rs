@@ -346,7 +346,7 @@ pub(crate) fn matmul_impl<T: Float>(
     {
         let nth = if work >= GEMM_PAR_WORK { nthreads } else { 1 };
         let row = lc.row_stride;
-        matmul_via_ct(&mut c[lc.offset..], row, a, la, b, lb, m, k, n, nth);
+        matmul_via_ct(&mut c[lc.offset..], row, a, la, b, lb, m, k, n, nth, None);
         return;
     }
 
@@ -477,7 +477,9 @@ fn with_ct_scratch<T: Float, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R 
 
 /// `C = A @ B` into row-major C (`c[i*ldc + j]`) through a column-major
 /// C^T in scratch: `nth` single-threaded gemms on column slices, then a
-/// tiled transpose (row blocks in parallel when C is large).
+/// tiled transpose by row blocks (a multiple of 4 rows; in parallel when C
+/// is large), each followed by `finish(r0, rows)` if given (rows are then
+/// contiguous: `ldc == n` is required with `finish`).
 #[allow(clippy::too_many_arguments)]
 fn matmul_via_ct<T: Float>(
     c: &mut [T],
@@ -490,7 +492,9 @@ fn matmul_via_ct<T: Float>(
     k: usize,
     n: usize,
     nth: usize,
+    finish: Option<RowEpilogue<'_, T>>,
 ) {
+    assert!(finish.is_none() || ldc == n);
     assert!(m == 0 || n == 0 || (m - 1) * ldc + n <= c.len());
     with_ct_scratch::<T, _>(m * n, |tmp| {
         let pt = SendPtr(tmp.as_mut_ptr());
@@ -532,16 +536,24 @@ fn matmul_via_ct<T: Float>(
             part(0);
         }
         let tmp = &*tmp;
-        let rows = m.div_ceil(nth.max(1)).max(1);
-        if nth > 1 && m * n >= crate::PAR_THRESHOLD && m > rows {
-            c.par_chunks_mut(rows * ldc)
+        let block = |r0: usize, cb: &mut [T]| {
+            let rows = (m - r0).min(cb.len().div_ceil(ldc));
+            transpose(&tmp[r0..], m, cb, ldc, rows, n);
+            if let Some(f) = finish {
+                f(r0, &mut cb[..rows * n]);
+            }
+        };
+        // The transpose is a light pass: parallel only from 4x the
+        // elementwise threshold.
+        let rows = m.div_ceil(nth.max(1)).next_multiple_of(4);
+        let used = (m - 1) * ldc + n;
+        if nth > 1 && m * n >= 4 * crate::PAR_THRESHOLD && m > rows {
+            c[..used]
+                .par_chunks_mut(rows * ldc)
                 .enumerate()
-                .for_each(|(bi, cb)| {
-                    let r0 = bi * rows;
-                    transpose(&tmp[r0..], m, cb, ldc, rows.min(m - r0), n);
-                });
+                .for_each(|(bi, cb)| block(bi * rows, cb));
         } else {
-            transpose(tmp, m, c, ldc, m, n);
+            block(0, &mut c[..used]);
         }
     });
 }
@@ -719,15 +731,30 @@ pub fn matmul_epilogue<T: Float>(
     };
     let threads = rayon::current_num_threads();
     let work = m * n * k;
-    let via_impl =
-        (threads > 1 && (GEMM_PAR_WORK..ROW_SPLIT_WORK).contains(&work) && m < n && n >= 32)
-            || transposed_dst_wins(m, k, n, lb);
-    if via_impl {
+    let finish = |r0: usize, cb: &mut [T]| {
+        if let Some(bias) = bias {
+            for row in cb.chunks_exact_mut(n) {
+                for (v, &bv) in row.iter_mut().zip(bias) {
+                    *v += bv;
+                }
+            }
+        }
+        if let Some(f) = epi {
+            f(r0, cb);
+        }
+    };
+    if transposed_dst_wins(m, k, n, lb) {
+        // Computed as C^T (see `transposed_dst_wins`); bias and epilogue
+        // run on each row block right after it is transposed into C.
+        let nth = if work >= GEMM_PAR_WORK { threads } else { 1 };
+        matmul_via_ct(c, n, a, la, b, lb, m, k, n, nth, Some(&finish));
+        return;
+    }
+    if threads > 1 && (GEMM_PAR_WORK..ROW_SPLIT_WORK).contains(&work) && m < n && n >= 32 {
         // Fewer rows than columns: row blocks would each pack all of B,
-        // so the product is split by columns (as `matmul_into` does), or
-        // computed transposed (`transposed_dst_wins`), and the bias and
-        // epilogue run afterwards on row blocks, in parallel when C is
-        // large.
+        // so the product is split by columns (as `matmul_into` does) and
+        // the bias and epilogue run afterwards on row blocks, in parallel
+        // when C is large.
         matmul_impl(
             c,
             MatLayout::contiguous(m, n),
@@ -743,20 +770,8 @@ pub fn matmul_epilogue<T: Float>(
             n,
             true,
         );
-        let finish = |r0: usize, cb: &mut [T]| {
-            if let Some(bias) = bias {
-                for row in cb.chunks_exact_mut(n) {
-                    for (v, &bv) in row.iter_mut().zip(bias) {
-                        *v += bv;
-                    }
-                }
-            }
-            if let Some(f) = epi {
-                f(r0, cb);
-            }
-        };
         let rows = m.div_ceil(threads).next_multiple_of(4);
-        if m * n >= crate::PAR_THRESHOLD && m > rows {
+        if m * n >= 4 * crate::PAR_THRESHOLD && m > rows {
             c.par_chunks_mut(rows * n)
                 .enumerate()
                 .for_each(|(i, cb)| finish(i * rows, cb));

@@ -109,7 +109,23 @@ fn run_cases() -> Vec<String> {
 
     // conv2d_into on each path: direct, im2col channels-major (Cout < 48),
     // im2col pixel-major, 1x1 (batched matmul), grouped; with an epilogue.
-    let convs: [(&str, [usize; 4], [usize; 4], usize, usize, Option<bool>); 7] = [
+    type ConvCase = (
+        &'static str,
+        [usize; 4],
+        [usize; 4],
+        usize,
+        usize,
+        Option<bool>,
+    );
+    let convs: [ConvCase; 8] = [
+        (
+            "direct n=1 16->40",
+            [1, 16, 20, 20],
+            [40, 16, 3, 3],
+            1,
+            1,
+            None,
+        ),
         (
             "direct 1->32 5x5",
             [8, 1, 28, 28],
@@ -281,6 +297,5 @@ fn run_cases() -> Vec<String> {
             steady(|| layer_norm_into(&x, k, Some(&lw), Some(&lb), 1e-5, &mut out)),
         );
     }
-    drop(check);
     failures
 }

@@ -150,7 +150,8 @@ fn max_pool2d_impl(
         )?;
         return Ok((v.to_dtype(d)?, i));
     }
-    let values_only = !want_indices && !(crate::autograd::is_grad_enabled() && x.requires_grad());
+    let records_grad = crate::autograd::is_grad_enabled() && x.requires_grad();
+    let values_only = !want_indices && !records_grad;
     let (x4, unbatched) = as_4d("max_pool2d", x)?;
     let s = x4.shape();
     let xs = [s[0], s[1], s[2], s[3]];

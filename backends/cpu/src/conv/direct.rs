@@ -131,7 +131,7 @@ pub(super) fn forward(
     bias: Option<&[f32]>,
     g: &Geom,
     y: &mut [f32],
-    epi: Option<&(dyn Fn(usize, &mut [f32]) + Sync)>,
+    epi: Option<super::ImageEpilogue<'_, f32>>,
 ) {
     assert!(applies(g), "conv2d: direct path does not apply");
     let per_image = g.cout * g.howo();
@@ -145,13 +145,35 @@ pub(super) fn forward(
     let isa = isa().expect("checked by applies");
     let xlen = g.c * g.hw();
     let image = |n: usize, yi: &mut [f32], s: &mut Scratch<f32>| {
-        image_forward(&x[n * xlen..][..xlen], &wp, bias, g, &pd, isa, yi, s);
+        image_forward(&x[n * xlen..][..xlen], &wp, bias, g, &pd, isa, 0, yi, s);
         if let Some(f) = epi {
             f(n, yi);
         }
     };
     let threads = rayon::current_num_threads();
-    if threads > 1 && g.n > 1 && g.macs_per_image() * g.n >= super::PAR_MACS {
+    let parallel = threads > 1 && g.macs_per_image() * g.n >= super::PAR_MACS;
+    let blocks = g.cout.div_ceil(CO);
+    if parallel && g.n < threads && blocks > 1 {
+        // Fewer images than threads: each image's channel blocks are also
+        // split (each part pads its own copy of the image); the epilogue
+        // runs once the image's parts are joined. n=1 64->64 3x3 on
+        // 112x112 (bench_ops --zoo-conv): one thread per image left the
+        // second core idle.
+        let parts = (threads / g.n).clamp(1, blocks);
+        let bpp = blocks.div_ceil(parts);
+        let howo = g.howo();
+        y.par_chunks_mut(per_image).enumerate().for_each(|(n, yi)| {
+            yi.par_chunks_mut(bpp * CO * howo)
+                .enumerate()
+                .for_each_init(Cached::take, |s, (pi, ys)| {
+                    let xi = &x[n * xlen..][..xlen];
+                    image_forward(xi, &wp, bias, g, &pd, isa, pi * bpp, ys, s.s());
+                });
+            if let Some(f) = epi {
+                f(n, yi);
+            }
+        });
+    } else if parallel && g.n > 1 {
         y.par_chunks_mut(per_image)
             .enumerate()
             .for_each_init(Cached::take, |s, (n, yi)| image(n, yi, s.s()));
@@ -169,8 +191,9 @@ pub(super) fn forward(
     });
 }
 
-/// One image: pad, then per block of CO output channels, all pixel blocks
-/// into a tile, then the tile's valid columns (plus bias) into `y`.
+/// One image (or the channel blocks from `b0` on that `y` covers): pad,
+/// then per block of CO output channels, all pixel blocks into a tile,
+/// then the tile's valid columns (plus bias) into `y`.
 #[allow(clippy::too_many_arguments)]
 fn image_forward(
     x: &[f32],
@@ -179,6 +202,7 @@ fn image_forward(
     g: &Geom,
     pd: &Pad,
     isa: Isa,
+    b0: usize,
     y: &mut [f32],
     s: &mut Scratch<f32>,
 ) {
@@ -203,7 +227,9 @@ fn image_forward(
     }
     let offs = &offs[..taps];
     let howo = g.howo();
-    for b in 0..g.cout.div_ceil(CO) {
+    // `y` holds output channels [b0*CO, b0*CO + y.len()/howo).
+    let b1 = (b0 * CO + y.len() / howo).div_ceil(CO);
+    for b in b0..b1 {
         let wb = &wp[b * g.c * taps * CO..][..g.c * taps * CO];
         match isa {
             Isa::Avx512 => {
@@ -259,7 +285,7 @@ fn image_forward(
             let co = b * CO + c;
             let bv = bias.map_or(0.0, |bb| bb[co]);
             let trow = &tile[c * tstride..];
-            let yrow = &mut y[co * howo..][..howo];
+            let yrow = &mut y[(co - b0 * CO) * howo..][..howo];
             for (oh, yr) in yrow.chunks_exact_mut(g.wo).enumerate() {
                 for (d, &v) in yr.iter_mut().zip(&trow[oh * pd.wp..][..g.wo]) {
                     *d = v + bv;
