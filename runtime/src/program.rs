@@ -1834,39 +1834,6 @@ fn with_leaf_slices<R>(ts: &[Tensor], ptrs: &mut Vec<(usize, usize)>, f: &mut Le
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn memory_plan_reuses_dead_buffers() {
-        // b0 written at 0, read at 1; b1 written at 1, read at 2; b2 at 2..3.
-        let lens = [100, 100, 100];
-        let first = [0, 1, 2];
-        let last = [1, 2, 3];
-        let (offs, top) = plan_memory(&lens, &first, &last);
-        // b0 and b1 overlap in time; b2 may take b0's place.
-        assert_ne!(offs[0], offs[1]);
-        assert_eq!(offs[2], offs[0]);
-        assert_eq!(top, 2 * 112);
-    }
-
-    #[test]
-    fn memory_plan_never_overlaps_live_buffers() {
-        let lens = [10, 50, 20, 70, 5, 40];
-        let first = [0, 0, 1, 2, 3, 3];
-        let last = [2, 1, 4, 3, 5, 5];
-        let (offs, _) = plan_memory(&lens, &first, &last);
-        for a in 0..lens.len() {
-            for b in a + 1..lens.len() {
-                let live = first[a] <= last[b] && first[b] <= last[a];
-                let overlap = offs[a] < offs[b] + lens[b] && offs[b] < offs[a] + lens[a];
-                assert!(!(live && overlap), "buffers {a} and {b} overlap while live");
-            }
-        }
-    }
-}
-
 /// A bare graph lowered to a compiled program (`Program`), run with user
 /// inputs by index and parameters/buffers from a binding function: the
 /// executor of compiled training's forward and backward graphs.
@@ -1998,5 +1965,38 @@ impl GraphExec {
             bind,
             &no_call,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_plan_reuses_dead_buffers() {
+        // b0 written at 0, read at 1; b1 written at 1, read at 2; b2 at 2..3.
+        let lens = [100, 100, 100];
+        let first = [0, 1, 2];
+        let last = [1, 2, 3];
+        let (offs, top) = plan_memory(&lens, &first, &last);
+        // b0 and b1 overlap in time; b2 may take b0's place.
+        assert_ne!(offs[0], offs[1]);
+        assert_eq!(offs[2], offs[0]);
+        assert_eq!(top, 2 * 112);
+    }
+
+    #[test]
+    fn memory_plan_never_overlaps_live_buffers() {
+        let lens = [10, 50, 20, 70, 5, 40];
+        let first = [0, 0, 1, 2, 3, 3];
+        let last = [2, 1, 4, 3, 5, 5];
+        let (offs, _) = plan_memory(&lens, &first, &last);
+        for a in 0..lens.len() {
+            for b in a + 1..lens.len() {
+                let live = first[a] <= last[b] && first[b] <= last[a];
+                let overlap = offs[a] < offs[b] + lens[b] && offs[b] < offs[a] + lens[a];
+                assert!(!(live && overlap), "buffers {a} and {b} overlap while live");
+            }
+        }
     }
 }
