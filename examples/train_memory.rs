@@ -96,10 +96,14 @@ fn main() -> kiln::Result<()> {
         let v = step.model().variant(std::slice::from_ref(&x)).unwrap();
         let (fa, ba) = v.arena_bytes();
         eprintln!(
-            "{name}: forward arena {:.1} MiB, backward arena {:.1} MiB, {} saved values",
+            "{name}: forward arena {:.1} MiB, backward arena {:.1} MiB, {} saved values, fallback nodes {:?}",
             mib(fa),
             mib(ba),
-            v.num_saved()
+            v.num_saved(),
+            v.fallbacks()
+                .iter()
+                .map(|f| f.split(':').next().unwrap_or(""))
+                .collect::<Vec<_>>()
         );
         println!(
             "| {name} | {shape:?} | {:.1} | {:.1} |",

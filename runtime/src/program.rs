@@ -37,6 +37,9 @@ enum Base {
     /// Graph output buffer `k`: allocated per call and returned as the
     /// output tensor (no copy out of the arena).
     Out(usize),
+    /// The (contiguous f32) tensor a fallback node produced for dynamic
+    /// value `k`, read in place until its last reader ran.
+    Dyn(usize),
 }
 
 /// A strided view of a base (offsets and strides in elements).
@@ -215,11 +218,6 @@ enum Step {
         path: String,
         arg: Arg,
     },
-    /// Copies a fallback node's f32 output into the arena.
-    Import {
-        value: Value,
-        out: Span,
-    },
 }
 
 // Test-only fault injection: after the step with this 1-based index, the
@@ -241,10 +239,62 @@ impl Step {
             | Step::AvgPool { out, .. }
             | Step::Softmax { out, .. }
             | Step::LayerNorm { out, .. }
-            | Step::Gather { out, .. }
-            | Step::Import { out, .. } => Some(*out),
+            | Step::Gather { out, .. } => Some(*out),
             Step::Fallback { .. } | Step::Call { .. } => None,
         }
+    }
+
+    /// The `Base::Dyn` slots the step reads.
+    fn dyn_reads(&self) -> Vec<usize> {
+        let mut bases: Vec<Base> = Vec::new();
+        let jit = |j: &Jit, bases: &mut Vec<Base>| bases.extend(j.ins.iter().map(|s| s.base));
+        match self {
+            Step::Jit(j) => jit(j, &mut bases),
+            Step::Gemm {
+                a, b, bias, epi, ..
+            } => {
+                bases.extend([a.base, b.base]);
+                if let Some(Bias::Row(s) | Bias::Full(s)) = bias {
+                    bases.push(s.base);
+                }
+                if let Some(j) = epi {
+                    jit(j, &mut bases);
+                }
+            }
+            Step::Conv {
+                x, w, bias, epi, ..
+            } => {
+                bases.extend([x.base, w.base]);
+                bases.extend(bias.iter().map(|s| s.base));
+                if let Some(j) = epi {
+                    jit(j, &mut bases);
+                }
+            }
+            Step::MaxPool { x, .. } | Step::AvgPool { x, .. } | Step::Softmax { x, .. } => {
+                bases.push(x.base)
+            }
+            Step::LayerNorm { x, w, b, .. } => {
+                bases.push(x.base);
+                bases.extend(w.iter().chain(b.iter()).map(|s| s.base));
+            }
+            Step::Gather { src, .. } => bases.push(src.base),
+            Step::Fallback { args, .. } => bases.extend(args.iter().filter_map(|a| match a {
+                Arg::View(l) => Some(l.base),
+                _ => None,
+            })),
+            Step::Call { arg, .. } => {
+                if let Arg::View(l) = arg {
+                    bases.push(l.base);
+                }
+            }
+        }
+        bases
+            .into_iter()
+            .filter_map(|b| match b {
+                Base::Dyn(k) => Some(k),
+                _ => None,
+            })
+            .collect()
     }
 
     fn name(&self) -> &'static str {
@@ -259,7 +309,6 @@ impl Step {
             Step::Gather { .. } => "gather",
             Step::Fallback { .. } => "fallback",
             Step::Call { .. } => "module_call",
-            Step::Import { .. } => "import",
         }
     }
 }
@@ -284,6 +333,8 @@ enum OutSrc {
 
 /// A lowered graph (see the module docs).
 pub(crate) struct Program {
+    /// The `Base::Dyn` slot of each fallback value read in place.
+    dyn_of: HashMap<Value, usize>,
     /// Tensor-held values to drop after each step (their last reader).
     frees: Vec<Vec<Value>>,
     /// Shapes of the output buffers written in place (`Base::Out`).
@@ -326,6 +377,8 @@ struct Builder<'g> {
     out_shapes: Vec<Vec<usize>>,
     /// The last step reading each tensor-held value (freed after it).
     tensor_last: HashMap<Value, usize>,
+    /// The value of each `Base::Dyn` slot.
+    dyn_values: Vec<Value>,
 }
 
 fn bufs_of(spans: &[Span]) -> Vec<usize> {
@@ -333,7 +386,7 @@ fn bufs_of(spans: &[Span]) -> Vec<usize> {
         .iter()
         .filter_map(|s| match s.base {
             Base::Buf(b) => Some(b),
-            Base::Leaf(_) | Base::Out(_) => None,
+            Base::Leaf(_) | Base::Out(_) | Base::Dyn(_) => None,
         })
         .collect()
 }
@@ -381,18 +434,11 @@ impl<'g> Builder<'g> {
         if !self.is_f32(v) || !self.tensors.contains(&v) {
             return None;
         }
+        // Read in place from the fallback's tensor (made contiguous when
+        // it is produced); kept alive until its last reader.
         let shape = self.g.value_type(v).shape.clone();
-        let b = self.new_buf(kiln_ir::numel(&shape));
-        let loc = Loc::contiguous(Base::Buf(b), 0, &shape);
-        self.tensor_last.insert(v, self.steps.len());
-        self.push(
-            Step::Import {
-                value: v,
-                out: loc.span(),
-            },
-            vec![],
-            vec![b],
-        );
+        self.dyn_values.push(v);
+        let loc = Loc::contiguous(Base::Dyn(self.dyn_values.len() - 1), 0, &shape);
         self.set_loc(v, loc.clone(), false);
         Some(loc)
     }
@@ -1168,6 +1214,7 @@ impl Program {
             epilogue_mode: false,
             out_shapes: Vec::new(),
             tensor_last: HashMap::new(),
+            dyn_values: Vec::new(),
         };
         let mut leaves = Vec::new();
         let mut leaf_nodes = Vec::new();
@@ -1199,6 +1246,10 @@ impl Program {
                 let loc = b.locs.get(&v).cloned().ok_or_else(|| {
                     Error::Input(format!("compiled program: output {v:?} was not computed"))
                 })?;
+                if let Base::Dyn(k) = loc.base {
+                    // Read at the very end: never freed before.
+                    b.tensor_last.insert(b.dyn_values[k], usize::MAX);
+                }
                 match loc.base {
                     Base::Out(k) if loc.off == 0 && loc.is_contiguous() => OutSrc::Out(k),
                     Base::Buf(x) => {
@@ -1235,6 +1286,14 @@ impl Program {
         for (o, l) in buf_offsets.iter().zip(&b.buf_lens) {
             assert!(o + l <= arena_len, "memory plan: buffer outside the arena");
         }
+        // A fallback value read in place lives until its last reader.
+        for (si, st) in b.steps.iter().enumerate() {
+            for k in st.dyn_reads() {
+                let v = b.dyn_values[k];
+                let e = b.tensor_last.entry(v).or_insert(si);
+                *e = (*e).max(si);
+            }
+        }
         let mut frees = vec![Vec::new(); b.steps.len()];
         for (v, &st) in &b.tensor_last {
             let returned = outputs
@@ -1244,7 +1303,14 @@ impl Program {
                 frees[st].push(*v);
             }
         }
+        let dyn_of = b
+            .dyn_values
+            .iter()
+            .enumerate()
+            .map(|(k, v)| (*v, k))
+            .collect();
         Ok(Program {
+            dyn_of,
             frees,
             out_shapes: std::mem::take(&mut b.out_shapes),
             avail,
@@ -1262,6 +1328,26 @@ impl Program {
 
     pub(crate) fn leaves(&self) -> &[LeafSrc] {
         &self.leaves
+    }
+
+    /// A fallback result that later steps read in place: made contiguous
+    /// and its address recorded in the call's `Base::Dyn` table. The
+    /// tensor stays in the call's map (alive, unchanged) until its last
+    /// reader ran.
+    fn register_dyn(&self, ctx: &Ctx, v: Value, t: Tensor) -> Result<Tensor> {
+        let Some(&k) = self.dyn_of.get(&v) else {
+            return Ok(t);
+        };
+        let t = if t.is_contiguous() {
+            t
+        } else {
+            t.contiguous()?
+        };
+        let (p, n) = t
+            .with_f32_contiguous(|s| (s.as_ptr() as usize, s.len()))
+            .ok_or_else(|| Error::Input(format!("value {v:?} read in place is not f32")))?;
+        ctx.dyns[k].set((p, n));
+        Ok(t)
     }
 
     /// Fresh output buffers (the call's only allocations besides what
@@ -1330,6 +1416,8 @@ impl Program {
         assert!(arena.len() >= self.arena_len, "arena too small");
         ptrs.clear();
         let (out_bufs, outs) = self.alloc_outputs();
+        let dyns: Vec<std::cell::Cell<(usize, usize)>> =
+            (0..self.dyn_of.len()).map(|_| Default::default()).collect();
         with_leaf_slices(leaves, ptrs, &mut |ptrs| {
             let ctx = Ctx {
                 leaves: ptrs,
@@ -1338,6 +1426,7 @@ impl Program {
                 lens: &self.buf_lens,
                 outs: &outs,
                 out_bufs: &out_bufs,
+                dyns: &dyns,
             };
             self.exec(g, &ctx, leaves, user_inputs, bind, call, None)
         })
@@ -1359,6 +1448,8 @@ impl Program {
         let mut ptrs = Vec::new();
         let mut seen = HashMap::new();
         let (out_bufs, outs) = self.alloc_outputs();
+        let dyns: Vec<std::cell::Cell<(usize, usize)>> =
+            (0..self.dyn_of.len()).map(|_| Default::default()).collect();
         let outs = with_leaf_slices(leaves, &mut ptrs, &mut |ptrs| {
             let ctx = Ctx {
                 leaves: ptrs,
@@ -1367,6 +1458,7 @@ impl Program {
                 lens: &self.buf_lens,
                 outs: &outs,
                 out_bufs: &out_bufs,
+                dyns: &dyns,
             };
             self.exec(g, &ctx, leaves, user_inputs, bind, call, Some(&mut seen))
         })?;
@@ -1567,14 +1659,6 @@ impl Program {
                     Step::Gather { src, out } => {
                         gather_into(ctx, src, ctx.slice_mut(out));
                     }
-                    Step::Import { value, out } => {
-                        let t = &tensors[value];
-                        let t = t.contiguous()?;
-                        t.with_f32_contiguous(|s| ctx.slice_mut(out).copy_from_slice(s))
-                            .ok_or_else(|| {
-                                Error::Input(format!("import of a non-f32 value {value:?}"))
-                            })?;
-                    }
                     Step::Call { node, path, arg } => {
                         let x = match arg {
                             Arg::Tensor(v) => tensors[v].clone(),
@@ -1592,7 +1676,9 @@ impl Program {
                                 node: describe_node(g, &self.pos, *node),
                                 source: Box::new(e),
                             })?;
-                        tensors.insert(Value::new(*node, 0), y);
+                        let v = Value::new(*node, 0);
+                        let y = self.register_dyn(ctx, v, y)?;
+                        tensors.insert(v, y);
                     }
                     Step::Fallback { node, args } => {
                         let args: Vec<Tensor> = args
@@ -1615,7 +1701,9 @@ impl Program {
                                 source: Box::new(e),
                             })?;
                         for (k, t) in outs.into_iter().enumerate() {
-                            tensors.insert(Value::new(*node, k), t);
+                            let v = Value::new(*node, k);
+                            let t = self.register_dyn(ctx, v, t)?;
+                            tensors.insert(v, t);
                         }
                     }
                 }
@@ -1723,6 +1811,8 @@ struct Ctx<'a> {
     outs: &'a [(usize, usize)],
     /// The output buffers, taken out as the returned tensors at the end.
     out_bufs: &'a std::cell::RefCell<Vec<Option<Vec<f32>>>>,
+    /// (address, length) of each `Base::Dyn` tensor, set when produced.
+    dyns: &'a [std::cell::Cell<(usize, usize)>],
 }
 
 impl Ctx<'_> {
@@ -1730,6 +1820,7 @@ impl Ctx<'_> {
         match base {
             Base::Leaf(i) => self.leaves[i].0 as *mut f32,
             Base::Out(k) => self.outs[k].0 as *mut f32,
+            Base::Dyn(k) => self.dyns[k].get().0 as *mut f32,
             // SAFETY: offsets are inside the arena (`plan_memory`).
             Base::Buf(b) => unsafe { self.arena.add(self.offs[b]) },
         }
@@ -1740,6 +1831,7 @@ impl Ctx<'_> {
             Base::Leaf(i) => self.leaves[i].1,
             Base::Buf(b) => self.lens[b],
             Base::Out(k) => self.outs[k].1,
+            Base::Dyn(k) => self.dyns[k].get().1,
         };
         assert!(
             s.off + s.len <= cap,
