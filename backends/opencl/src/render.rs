@@ -857,9 +857,9 @@ impl<'a> Lowering<'a> {
             // are consecutive in memory, one load splat when they are the
             // same element, else a gather of four scalar loads.
             let (run, bcast) = inner_runs(shape, &strides);
-            let e = if run % 4 == 0 {
+            let e = if run.is_multiple_of(4) {
                 format!("vload4(0, {a} + {idx})")
-            } else if bcast % 4 == 0 {
+            } else if bcast.is_multiple_of(4) {
                 format!("(float4)({a}[{idx}])")
             } else {
                 let g: Vec<String> = (0..4)
@@ -1134,7 +1134,7 @@ impl<'a> Lowering<'a> {
     fn vectorizable(&self, s: &Segment) -> Result<bool, OclError> {
         let g = self.g;
         let n = numel(&s.shape);
-        if s.head.is_some() || n < 4 || n % 4 != 0 {
+        if s.head.is_some() || n < 4 || !n.is_multiple_of(4) {
             return Ok(false);
         }
         for &m in &s.epi {
@@ -1160,7 +1160,7 @@ impl<'a> Lowering<'a> {
                 let st = broadcast_strides(&s.shape, &t.shape, &l.strides);
                 // An expanded view (a stride 0) is a broadcast operand.
                 let full = s.shape.iter().zip(&st).all(|(&d, &x)| d == 1 || x != 0);
-                if full && (!is_contiguous(&s.shape, &st) || l.offset % 4 != 0) {
+                if full && (!is_contiguous(&s.shape, &st) || !l.offset.is_multiple_of(4)) {
                     return Ok(false);
                 }
             }
