@@ -39,7 +39,8 @@
 //!   scalar: the GEMM's register block stores columns `wx` apart, not 4
 //!   consecutive ones. `Caps::vector_pointwise` (device: set
 //!   `KILN_OPENCL_SCALAR=1` to turn it off) selects the scalar variant
-//!   everywhere, for comparisons. Measured on PoCL (see `pointwise`);
+//!   everywhere, for comparisons. Kept because it is not slower on PoCL
+//!   and 3x faster on pointwise chains (numbers at `Lowering::pointwise`);
 //! * GEMM (matmul, addmm, conv2d as implicit GEMM, batched over matmul batch
 //!   dims or conv groups): a `TM x TN` output tile per work group, `TK`-deep
 //!   slices of A and B staged in local memory, an `RT x RT` register block
@@ -50,14 +51,21 @@
 //!   work group per output row, tree reduction in local memory;
 //! * pooling (max/avg 2-D, PyTorch's padding, dilation, ceil_mode and
 //!   divisor rules): one work item per output element, epilogue fused;
-//! * work-group sizes: GEMM tiles from `CL_DEVICE_MAX_WORK_GROUP_SIZE`;
-//!   reductions the row length rounded to a power of two, at most 256;
-//!   kernels with one work item per element (pointwise, pooling, copies)
-//!   per [`item_work_group`]: a power of two, at most 256 and the device
-//!   limit, at most the items per compute unit (every unit gets a group)
-//!   but at least 64 where there are that many items;
 //! * copies: materialization of a view that cannot alias, cat, stack,
 //!   index_select (constant index, bounds checked at compile time).
+//!
+//! Work-group sizes, per kernel and device: GEMM tiles from
+//! `CL_DEVICE_MAX_WORK_GROUP_SIZE` (16x16 items with 4x4 blocks from 256,
+//! 8x8 from 64, else 4x4 with 2x2); reductions the row length rounded up to
+//! a power of two, at most 256 and the device limit; kernels with one work
+//! item per element or per `float4` (pointwise, pooling, copies) per
+//! [`item_work_group`]: a power of two, at most 256 and the device limit,
+//! at most the items per compute unit (`CL_DEVICE_MAX_COMPUTE_UNITS`, so
+//! every unit gets a group) but at least 64 where there are that many.
+//! `CL_DEVICE_PREFERRED_VECTOR_WIDTH_FLOAT` is not used to pick the
+//! pointwise variant (PoCL on AVX-512 reports 16; GPUs often report 1
+//! while still favouring 16-byte accesses); the float4 variant has only
+//! been measured on PoCL.
 //!
 //! Ops without a device kernel (f64/f16/bf16 values, conv_transpose2d,
 //! arg/max/min with indices, training dropout with 0 < p < 1, index_select
@@ -679,8 +687,8 @@ fn wg_pow2(max: usize, want: usize) -> usize {
 /// `float4`) over `items` work items: the largest power of two that is at
 /// most 256 and the device's `CL_DEVICE_MAX_WORK_GROUP_SIZE`, and at most
 /// `items / compute units` so that every compute unit gets a work group,
-/// but not below 64 (two warps / one wavefront, one AVX-512 packet of 16
-/// lanes times 4 on PoCL) unless there are fewer items than that.
+/// but not below 64 (two warps, one wavefront) unless there are fewer
+/// items than that.
 pub fn item_work_group(caps: &Caps, items: usize) -> usize {
     let per_cu = items.div_ceil(caps.compute_units.max(1));
     wg_pow2(caps.max_work_group, 256.min(per_cu.max(64)).min(items))
@@ -1103,6 +1111,26 @@ impl<'a> Lowering<'a> {
         Ok(r)
     }
 
+    /// A pointwise chain with no head: the `float4` variant when
+    /// [`Self::vectorizable`], else the scalar one (see the module docs).
+    ///
+    /// `kiln bench --backend opencl --min-time 2`, PoCL 3.1 (LLVM 15) on 2 shared
+    /// Skylake-AVX512 cores (preferred float vector width 16, 2 compute
+    /// units), median ms, two interleaved rounds in one session; "before" is
+    /// the scalar-only renderer, "scalar" this one with
+    /// `KILN_OPENCL_SCALAR=1` (new work-group rule, no float4):
+    ///
+    /// | model, shape                        | before        | float4        | scalar        |
+    /// |-------------------------------------|---------------|---------------|---------------|
+    /// | pointwise_chain [64, 1024]          | 3.19 / 3.20   | 0.91 / 0.62   | 3.08 / 3.02   |
+    /// | pointwise_chain [4096, 1024]        | 212.2 / 201.8 | 66.4 / 65.3   | 218.4 / 200.7 |
+    /// | simple_net [64, 784]                | 4.05 / 3.91   | 4.15 / 4.00   | 4.18 / 4.05   |
+    /// | simple_net [4096, 784]              | 268.6 / 259.2 | 262.5 / 259.6 | 259.7 / 255.9 |
+    /// | transformer_block [2, 16, 256]      | 15.9 / 15.5   | 15.7 / 15.4   | 16.0 / 14.3   |
+    /// | transformer_block [8, 128, 256]     | 291.7 / 284.3 | 275.3 / 278.5 | 298.1 / 280.5 |
+    ///
+    /// simple_net is two GEMMs with fused epilogues (no pointwise kernel);
+    /// transformer_block's time is in its GEMMs and row reductions.
     fn pointwise(&mut self, s: &Segment, ops: String) -> Result<(), OclError> {
         let n = numel(&s.shape);
         let mut kt = KernelText::new();
