@@ -3,7 +3,8 @@
 //! broadcasting and mixed dtypes, GEMM (addmm with a transposed weight,
 //! batched matmul with broadcast), conv2d as implicit GEMM (groups, stride,
 //! padding, dilation) with fused epilogue, pooling, reductions, views and
-//! copies, and an op without a device kernel running on the host.
+//! copies, an op without a device kernel running on the host, and the
+//! `float4` pointwise path (vload4/vstore4) against the scalar one.
 #![cfg(feature = "opencl")]
 
 use kiln_frontend::Tensor;
@@ -57,7 +58,12 @@ impl B {
 
     /// Runs the graph on the interpreter and on OpenCL; every output must
     /// agree (relative 1e-4); returns the OpenCL fallbacks.
-    fn check(mut self, what: &str) -> Vec<String> {
+    fn check(self, what: &str) -> Vec<String> {
+        self.check_source(what).0
+    }
+
+    /// `check`, also returning the program's OpenCL C source.
+    fn check_source(mut self, what: &str) -> (Vec<String>, String) {
         for v in self.outs.clone() {
             self.g.add_output(v, OutputKind::User).unwrap();
         }
@@ -90,7 +96,7 @@ impl B {
                 dev.source()
             );
         }
-        dev.fallbacks()
+        (dev.fallbacks(), dev.source())
     }
 }
 
@@ -360,4 +366,139 @@ fn ops_without_device_kernel_run_on_the_host_explicitly() {
     let f = b.check("host fallback");
     assert_eq!(f.len(), 1);
     assert!(f[0].contains("argmax"), "{f:?}");
+}
+
+/// Occurrences of `what` in a program's source.
+fn count(src: &str, what: &str) -> usize {
+    src.matches(what).count()
+}
+
+#[test]
+fn contiguous_f32_pointwise_kernels_use_float4() {
+    let mut b = B::default();
+    // Contiguous [6, 32] operands; a bias over the last dim (vload4 of a
+    // broadcast row), a per-row scale (splat), a scalar.
+    let x = b.randn(&[6, 32]);
+    let y = b.randn(&[6, 32]);
+    let bias = b.param("bias", Tensor::randn(&[32], DType::F32));
+    let sc = b.param("sc", Tensor::randn(&[6, 1], DType::F32));
+    let one = b.param("one", Tensor::randn(&[1], DType::F32));
+    let t = b.bin(BinaryOp::Mul, x, sc);
+    let t = b.bin(BinaryOp::Add, t, bias);
+    let t = b.bin(BinaryOp::Sub, t, one);
+    let g = b.un(UnaryOp::GeluErf, t);
+    let gt = b.un(UnaryOp::GeluTanh, y);
+    let m = b.bin(BinaryOp::Maximum, g, gt);
+    let mn = b.bin(BinaryOp::Minimum, m, y);
+    let r = b.un(UnaryOp::Relu, mn);
+    let l = b.un(UnaryOp::LeakyRelu(0.2), t);
+    let c = b.un(UnaryOp::Clamp(Some(-0.5), Some(0.25)), l);
+    let st = b.un(UnaryOp::Step, y);
+    let sg = b.un(UnaryOp::Sigmoid, x);
+    let th = b.un(UnaryOp::Tanh, sg);
+    let ab = b.un(UnaryOp::Abs, y);
+    let ab = b.un(UnaryOp::AddScalar(1.0), ab);
+    let lg = b.un(UnaryOp::Log, ab);
+    let sq = b.un(UnaryOp::Sqrt, ab);
+    let p = b.un(UnaryOp::PowScalar(1.5), ab);
+    let rp = b.un(UnaryOp::RPowScalar(2.0), c);
+    let rd = b.un(UnaryOp::RDivScalar(3.0), ab);
+    let pw = b.bin(BinaryOp::Pow, ab, th);
+    let e = b.un(UnaryOp::Erf, r);
+    let mut acc = b.bin(BinaryOp::Add, e, st);
+    for v in [lg, sq, p, rp, rd, pw] {
+        acc = b.bin(BinaryOp::Add, acc, v);
+    }
+    let d = b.bin(BinaryOp::Div, acc, ab);
+    b.out(d);
+    b.out(c);
+    // Eval BatchNorm: per-channel operands over [2, 4, 3, 4] (splat).
+    let xb = b.randn(&[2, 4, 3, 4]);
+    let w = b.param("w", Tensor::randn(&[4], DType::F32));
+    let be = b.param("be", Tensor::randn(&[4], DType::F32));
+    let rm = b.param("rm", Tensor::randn(&[4], DType::F32));
+    let rv = b.param(
+        "rv",
+        Tensor::from_vec(vec![0.5f32, 1.0, 2.0, 0.1], &[4]).unwrap(),
+    );
+    let bn = b.op(
+        Op::BatchNorm {
+            training: false,
+            momentum: 0.1,
+            eps: 1e-5,
+            has_weight: true,
+            has_bias: true,
+            has_running_stats: true,
+        },
+        &[xb, w, be, rm, rv],
+    );
+    let bn = b.un(UnaryOp::Relu, bn);
+    b.out(bn);
+    // [4, 8, 5]: 160 elements, operands broadcast over an inner size of 5
+    // (gathers of four scalar loads).
+    let z = b.randn(&[4, 8, 5]);
+    let s8 = b.param("s8", Tensor::randn(&[8, 1], DType::F32));
+    let c5 = b.param("c5", Tensor::randn(&[5], DType::F32));
+    let u = b.bin(BinaryOp::Mul, z, s8);
+    let u = b.bin(BinaryOp::Add, u, c5);
+    let u = b.un(UnaryOp::Exp, u);
+    b.out(u);
+    let (fallbacks, src) = b.check_source("float4 pointwise");
+    assert!(fallbacks.is_empty());
+    // Every kernel is a float4 one (the planner may split the chains).
+    let kernels = count(&src, "int i = q * 4;");
+    assert!(kernels >= 3, "{src}");
+    assert!(count(&src, "vload4(") >= 4, "{src}");
+    assert!(count(&src, "vstore4(") >= kernels, "{src}");
+    assert!(src.contains("(float4)(a"), "splat or gather loads:\n{src}");
+    assert!(!src.contains("int i = get_global_id(0);"), "{src}");
+}
+
+#[test]
+fn pointwise_kernels_outside_the_float4_rules_stay_scalar() {
+    let mut b = B::default();
+    // 21 elements (not a multiple of 4), with a broadcast row.
+    let x = b.randn(&[3, 7]);
+    let r = b.param("r", Tensor::randn(&[7], DType::F32));
+    let t = b.bin(BinaryOp::Mul, x, r);
+    let t = b.un(UnaryOp::Tanh, t);
+    b.out(t);
+    // A transposed operand read in full.
+    let a = b.randn(&[8, 4]);
+    let at = b.op(Op::Permute { dims: vec![1, 0] }, &[a]);
+    let c = b.randn(&[4, 8]);
+    let s = b.bin(BinaryOp::Add, at, c);
+    let s = b.un(UnaryOp::Sigmoid, s);
+    b.out(s);
+    // A contiguous operand at offset 1 (a slice).
+    let v = b.randn(&[18]);
+    let sl = b.op(
+        Op::Slice {
+            dim: 0,
+            start: 1,
+            end: 17,
+            step: 1,
+        },
+        &[v],
+    );
+    let w = b.randn(&[16]);
+    let m = b.bin(BinaryOp::Mul, sl, w);
+    let m = b.un(UnaryOp::Neg, m);
+    b.out(m);
+    // A bool value (comparison) and an i64 chain.
+    let q = b.randn(&[4, 4]);
+    let k = b.randn(&[4, 4]);
+    let gt = b.bin(BinaryOp::Gt, q, k);
+    let wh = b.op(Op::Where, &[gt, q, k]);
+    b.out(wh);
+    let n = b.input(Tensor::from_vec(vec![3i64, -2, 7, 1], &[4]).unwrap());
+    let n1 = b.un(UnaryOp::AddScalar(1.0), n);
+    b.out(n1);
+    let (fallbacks, src) = b.check_source("scalar pointwise");
+    assert!(fallbacks.is_empty());
+    assert!(
+        !src.contains("vload4(") && !src.contains("vstore4("),
+        "{src}"
+    );
+    assert_eq!(count(&src, "int i = get_global_id(0);"), 5, "{src}");
 }

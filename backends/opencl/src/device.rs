@@ -176,6 +176,8 @@ impl Context {
         Caps {
             max_work_group: self.info.max_work_group,
             local_mem: self.info.local_mem as usize,
+            compute_units: self.info.compute_units.max(1) as usize,
+            vector_pointwise: std::env::var("KILN_OPENCL_SCALAR").map_or(true, |v| v.trim() != "1"),
         }
     }
 

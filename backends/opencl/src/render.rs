@@ -15,11 +15,32 @@
 //! broadcasting, so transposed weights feed the GEMM directly.
 //!
 //! Kernels:
-//! * pointwise: one work item per element, scalar loads and stores through
-//!   each operand's layout (f32, i64 and bool values; exp, tanh, erf,
-//!   sigmoid, gelu through OpenCL's built-ins); vectorization is left to
-//!   the OpenCL compiler (PoCL packs work items into SIMD lanes), there are
-//!   no explicit `vload4`/`float4` accesses;
+//! * pointwise (a chain with no head): two variants.
+//!   - `float4`: when the output has a multiple of 4 elements (at least 4),
+//!     every value of the chain is f32, no op is `sign`/`where` (or a
+//!     comparison, whose value is bool), and every operand read in full (as
+//!     many distinct elements as the output) is contiguous at an offset that
+//!     is a multiple of 4: one work item per 4 consecutive elements
+//!     `i .. i + 3`, `float4` arithmetic (vector `?:` and built-ins, float4
+//!     versions of the sigmoid/gelu helpers), `vstore4` of every
+//!     materialized value. Operand loads: `vload4` when the 4 elements are
+//!     consecutive in memory (a contiguous operand, or a broadcast operand
+//!     whose innermost stride-1 run is a multiple of 4, e.g. a bias over
+//!     the last dim), one scalar load splat to `float4` when they are the
+//!     same element (a broadcast operand whose innermost stride-0 run is a
+//!     multiple of 4, e.g. a per-row scale or a per-channel BatchNorm
+//!     parameter over H*W % 4 == 0), else a gather of 4 scalar loads with
+//!     per-element index math;
+//!   - scalar, for every other chain: one work item per element, scalar
+//!     loads and stores through each operand's layout (f32, i64 and bool
+//!     values; exp, tanh, erf, sigmoid, gelu through OpenCL's built-ins).
+//!
+//!   Pointwise epilogues fused after a head (GEMM, reduction, pooling) stay
+//!   scalar: the GEMM's register block stores columns `wx` apart, not 4
+//!   consecutive ones. `Caps::vector_pointwise` (device: set
+//!   `KILN_OPENCL_SCALAR=1` to turn it off) selects the scalar variant
+//!   everywhere, for comparisons. Kept because it is not slower on PoCL
+//!   and 3x faster on pointwise chains (numbers at `Lowering::pointwise`);
 //! * GEMM (matmul, addmm, conv2d as implicit GEMM, batched over matmul batch
 //!   dims or conv groups): a `TM x TN` output tile per work group, `TK`-deep
 //!   slices of A and B staged in local memory, an `RT x RT` register block
@@ -32,6 +53,19 @@
 //!   divisor rules): one work item per output element, epilogue fused;
 //! * copies: materialization of a view that cannot alias, cat, stack,
 //!   index_select (constant index, bounds checked at compile time).
+//!
+//! Work-group sizes, per kernel and device: GEMM tiles from
+//! `CL_DEVICE_MAX_WORK_GROUP_SIZE` (16x16 items with 4x4 blocks from 256,
+//! 8x8 from 64, else 4x4 with 2x2); reductions the row length rounded up to
+//! a power of two, at most 256 and the device limit; kernels with one work
+//! item per element or per `float4` (pointwise, pooling, copies) per
+//! [`item_work_group`]: a power of two, at most 256 and the device limit,
+//! at most the items per compute unit (`CL_DEVICE_MAX_COMPUTE_UNITS`, so
+//! every unit gets a group) but at least 64 where there are that many.
+//! `CL_DEVICE_PREFERRED_VECTOR_WIDTH_FLOAT` is not used to pick the
+//! pointwise variant (PoCL on AVX-512 reports 16; GPUs often report 1
+//! while still favouring 16-byte accesses); the float4 variant has only
+//! been measured on PoCL.
 //!
 //! Ops without a device kernel (f64/f16/bf16 values, conv_transpose2d,
 //! arg/max/min with indices, training dropout with 0 < p < 1, index_select
@@ -60,6 +94,12 @@ pub struct Caps {
     pub max_work_group: usize,
     /// `CL_DEVICE_LOCAL_MEM_SIZE` in bytes.
     pub local_mem: usize,
+    /// `CL_DEVICE_MAX_COMPUTE_UNITS` (work-group size of one-item-per-element
+    /// kernels, see [`item_work_group`]).
+    pub compute_units: usize,
+    /// Whether pointwise kernels may take the `float4` path (see the module
+    /// docs); on by default, off to compare against the scalar kernels.
+    pub vector_pointwise: bool,
 }
 
 impl Default for Caps {
@@ -67,6 +107,8 @@ impl Default for Caps {
         Caps {
             max_work_group: 256,
             local_mem: 32 * 1024,
+            compute_units: 1,
+            vector_pointwise: true,
         }
     }
 }
@@ -285,6 +327,28 @@ fn broadcast_strides(shape: &[usize], vshape: &[usize], vstrides: &[usize]) -> V
             }
         })
         .collect()
+}
+
+/// For a value read through `strides` over `shape` (row-major): the number
+/// of trailing elements that are consecutive in memory (stride-1 run), and
+/// the number of trailing elements that are the same element (stride 0).
+fn inner_runs(shape: &[usize], strides: &[usize]) -> (usize, usize) {
+    let dims = || (0..shape.len()).rev().filter(|&d| shape[d] != 1);
+    let mut run = 1;
+    for d in dims() {
+        if strides[d] != run {
+            break;
+        }
+        run *= shape[d];
+    }
+    let mut same = 1;
+    for d in dims() {
+        if strides[d] != 0 {
+            break;
+        }
+        same *= shape[d];
+    }
+    (run, same)
 }
 
 /// A segment: an optional head followed by pointwise nodes over `shape`.
@@ -535,7 +599,10 @@ pub fn lower(g: &Graph, caps: &Caps) -> Result<Program, OclError> {
 const PRELUDE: &str = "// kiln OpenCL program\n\
 inline float kiln_sigmoid(float x) { return 1.0f / (1.0f + exp(-x)); }\n\
 inline float kiln_gelu(float x) { return 0.5f * x * (1.0f + erf(x * 0.70710678118654752f)); }\n\
-inline float kiln_gelu_tanh(float x) { return 0.5f * x * (1.0f + tanh(0.79788456080286536f * (x + 0.044715f * x * x * x))); }\n";
+inline float kiln_gelu_tanh(float x) { return 0.5f * x * (1.0f + tanh(0.79788456080286536f * (x + 0.044715f * x * x * x))); }\n\
+inline float4 kiln_sigmoid4(float4 x) { return 1.0f / (1.0f + exp(-x)); }\n\
+inline float4 kiln_gelu4(float4 x) { return 0.5f * x * (1.0f + erf(x * 0.70710678118654752f)); }\n\
+inline float4 kiln_gelu_tanh4(float4 x) { return 0.5f * x * (1.0f + tanh(0.79788456080286536f * (x + 0.044715f * x * x * x))); }\n";
 
 struct Lowering<'a> {
     g: &'a Graph,
@@ -558,6 +625,8 @@ struct KernelText {
     /// Loads already emitted in the current scope: (buf, index) -> register.
     loads: HashMap<(usize, String), String>,
     tmp: usize,
+    /// `float4` mode: every register holds the 4 elements `i .. i + 3`.
+    vec: bool,
 }
 
 impl KernelText {
@@ -568,6 +637,7 @@ impl KernelText {
             regs: HashMap::new(),
             loads: HashMap::new(),
             tmp: 0,
+            vec: false,
         }
     }
 
@@ -611,6 +681,17 @@ fn wg_pow2(max: usize, want: usize) -> usize {
         w *= 2;
     }
     w
+}
+
+/// Work-group size of a kernel with one work item per element (or per
+/// `float4`) over `items` work items: the largest power of two that is at
+/// most 256 and the device's `CL_DEVICE_MAX_WORK_GROUP_SIZE`, and at most
+/// `items / compute units` so that every compute unit gets a work group,
+/// but not below 64 (two warps, one wavefront) unless there are fewer
+/// items than that.
+pub fn item_work_group(caps: &Caps, items: usize) -> usize {
+    let per_cu = items.div_ceil(caps.compute_units.max(1));
+    wg_pow2(caps.max_work_group, 256.min(per_cu.max(64)).min(items))
 }
 
 impl<'a> Lowering<'a> {
@@ -779,7 +860,28 @@ impl<'a> Lowering<'a> {
         }
         let a = kt.arg(l.buf, ct, false);
         let r = kt.fresh("t");
-        let _ = writeln!(kt.body, "    {ct} {r} = {a}[{idx}];");
+        if kt.vec {
+            // Elements i .. i + 3 (i a multiple of 4): one vload4 when they
+            // are consecutive in memory, one load splat when they are the
+            // same element, else a gather of four scalar loads.
+            let (run, bcast) = inner_runs(shape, &strides);
+            let e = if run.is_multiple_of(4) {
+                format!("vload4(0, {a} + {idx})")
+            } else if bcast.is_multiple_of(4) {
+                format!("(float4)({a}[{idx}])")
+            } else {
+                let g: Vec<String> = (0..4)
+                    .map(|k| {
+                        let iv = format!("({ivar} + {k})");
+                        format!("{a}[{}]", index_expr(shape, &strides, l.offset, &iv))
+                    })
+                    .collect();
+                format!("(float4)({})", g.join(", "))
+            };
+            let _ = writeln!(kt.body, "    float4 {r} = {e};");
+        } else {
+            let _ = writeln!(kt.body, "    {ct} {r} = {a}[{idx}];");
+        }
         kt.loads.insert((l.buf, idx), r.clone());
         Ok(r)
     }
@@ -813,7 +915,11 @@ impl<'a> Lowering<'a> {
             let l = self.layout(v)?.clone();
             let ct = ctype(self.ty(v).dtype).map_err(|e| OclError::new("kernel", e))?;
             let a = kt.arg(l.buf, ct, true);
-            let _ = writeln!(kt.body, "    {a}[{ivar}] = {r};");
+            if kt.vec {
+                let _ = writeln!(kt.body, "    vstore4({r}, 0, {a} + {ivar});");
+            } else {
+                let _ = writeln!(kt.body, "    {a}[{ivar}] = {r};");
+            }
         }
         Ok(())
     }
@@ -830,6 +936,18 @@ impl<'a> Lowering<'a> {
         let node = g.node(n);
         let out = node.outputs[0].dtype;
         let oct = ctype(out).map_err(|e| OclError::new(node.op.name(), e))?;
+        let oct = if kt.vec { "float4" } else { oct };
+        // Vector mode: literals as float4 (a vector `?:` needs vector arms)
+        // and the float4 versions of the prelude's helpers.
+        let vec = kt.vec;
+        let lit = |v: f64, d: DType| -> String {
+            if vec {
+                format!("(float4)({})", lit(v, d))
+            } else {
+                lit(v, d)
+            }
+        };
+        let sfx = if vec { "4" } else { "" };
         let operands = g.operands(n);
         let mut x = Vec::new();
         for (k, v) in operands.iter().enumerate() {
@@ -862,10 +980,10 @@ impl<'a> Lowering<'a> {
                     UnaryOp::Sin => format!("sin({a})"),
                     UnaryOp::Cos => format!("cos({a})"),
                     UnaryOp::Tanh => format!("tanh({a})"),
-                    UnaryOp::Sigmoid => format!("kiln_sigmoid({a})"),
+                    UnaryOp::Sigmoid => format!("kiln_sigmoid{sfx}({a})"),
                     UnaryOp::Erf => format!("erf({a})"),
-                    UnaryOp::GeluErf => format!("kiln_gelu({a})"),
-                    UnaryOp::GeluTanh => format!("kiln_gelu_tanh({a})"),
+                    UnaryOp::GeluErf => format!("kiln_gelu{sfx}({a})"),
+                    UnaryOp::GeluTanh => format!("kiln_gelu_tanh{sfx}({a})"),
                     UnaryOp::Relu => format!("({a} < 0 ? {} : {a})", l(0.0)),
                     UnaryOp::LeakyRelu(s) => format!("({a} > 0 ? {a} : {a} * {})", l(s)),
                     UnaryOp::Clamp(lo, hi) => {
@@ -993,18 +1111,89 @@ impl<'a> Lowering<'a> {
         Ok(r)
     }
 
+    /// A pointwise chain with no head: the `float4` variant when
+    /// [`Self::vectorizable`], else the scalar one (see the module docs).
+    ///
+    /// `kiln bench --backend opencl --min-time 2`, PoCL 3.1 (LLVM 15) on 2 shared
+    /// Skylake-AVX512 cores (preferred float vector width 16, 2 compute
+    /// units), median ms, two interleaved rounds in one session; "before" is
+    /// the scalar-only renderer, "scalar" this one with
+    /// `KILN_OPENCL_SCALAR=1` (new work-group rule, no float4):
+    ///
+    /// | model, shape                        | before        | float4        | scalar        |
+    /// |-------------------------------------|---------------|---------------|---------------|
+    /// | pointwise_chain [64, 1024]          | 3.19 / 3.20   | 0.91 / 0.62   | 3.08 / 3.02   |
+    /// | pointwise_chain [4096, 1024]        | 212.2 / 201.8 | 66.4 / 65.3   | 218.4 / 200.7 |
+    /// | simple_net [64, 784]                | 4.05 / 3.91   | 4.15 / 4.00   | 4.18 / 4.05   |
+    /// | simple_net [4096, 784]              | 268.6 / 259.2 | 262.5 / 259.6 | 259.7 / 255.9 |
+    /// | transformer_block [2, 16, 256]      | 15.9 / 15.5   | 15.7 / 15.4   | 16.0 / 14.3   |
+    /// | transformer_block [8, 128, 256]     | 291.7 / 284.3 | 275.3 / 278.5 | 298.1 / 280.5 |
+    ///
+    /// simple_net is two GEMMs with fused epilogues (no pointwise kernel);
+    /// transformer_block's time is in its GEMMs and row reductions.
     fn pointwise(&mut self, s: &Segment, ops: String) -> Result<(), OclError> {
         let n = numel(&s.shape);
         let mut kt = KernelText::new();
-        kt.body.push_str("    int i = get_global_id(0);\n");
-        let _ = writeln!(kt.body, "    if (i >= {n}) return;");
+        kt.vec = self.caps.vector_pointwise && self.vectorizable(s)?;
+        let items = if kt.vec { n / 4 } else { n };
+        if kt.vec {
+            let _ = writeln!(
+                kt.body,
+                "    int q = get_global_id(0);\n    if (q >= {items}) return;\n    int i = q * 4;"
+            );
+        } else {
+            kt.body.push_str("    int i = get_global_id(0);\n");
+            let _ = writeln!(kt.body, "    if (i >= {n}) return;");
+        }
         self.epilogue(&mut kt, s, "i", None)?;
         if !kt.args.iter().any(|a| a.2) || n == 0 {
             return Ok(());
         }
-        let wg = wg_pow2(self.caps.max_work_group, 256.min(n));
-        self.push_kernel(kt, "", vec![n], vec![wg], ops);
+        let wg = item_work_group(&self.caps, items);
+        self.push_kernel(kt, "", vec![items], vec![wg], ops);
         Ok(())
+    }
+
+    /// Whether pointwise segment `s` takes the `float4` path: at least 4
+    /// elements, a multiple of 4; every value (operands and results) f32;
+    /// every operand read in full (as many distinct elements as the
+    /// output) contiguous at an offset that is a multiple of 4; no op whose vector
+    /// form differs (sign; comparisons and where, which hold bool values).
+    fn vectorizable(&self, s: &Segment) -> Result<bool, OclError> {
+        let g = self.g;
+        let n = numel(&s.shape);
+        if s.head.is_some() || n < 4 || !n.is_multiple_of(4) {
+            return Ok(false);
+        }
+        for &m in &s.epi {
+            let node = g.node(m);
+            if node.outputs.iter().any(|t| t.dtype != DType::F32) {
+                return Ok(false);
+            }
+            match &node.op {
+                Op::Unary(UnaryOp::Sign) | Op::Where => return Ok(false),
+                Op::Unary(_) | Op::Binary(_) | Op::Cast(_) | Op::Dropout { .. } => {}
+                Op::BatchNorm { .. } => {}
+                _ => return Ok(false),
+            }
+            for v in g.operands(m) {
+                let t = self.ty(v);
+                if t.dtype != DType::F32 {
+                    return Ok(false);
+                }
+                if s.epi.contains(&v.node) || t.numel() != n {
+                    continue;
+                }
+                let l = self.layout(v)?;
+                let st = broadcast_strides(&s.shape, &t.shape, &l.strides);
+                // An expanded view (a stride 0) is a broadcast operand.
+                let full = s.shape.iter().zip(&st).all(|(&d, &x)| d == 1 || x != 0);
+                if full && (!is_contiguous(&s.shape, &st) || !l.offset.is_multiple_of(4)) {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// Tiled GEMM: matmul (batched), addmm, conv2d as implicit GEMM.
@@ -1284,7 +1473,7 @@ impl<'a> Lowering<'a> {
             _ => unreachable!("pool is called for pooling ops only"),
         }
         self.epilogue(&mut kt, s, "i", Some((Value::new(h, 0), "hv".into())))?;
-        let wg = wg_pow2(self.caps.max_work_group, 256.min(total));
+        let wg = item_work_group(&self.caps, total);
         self.push_kernel(kt, "", vec![total], vec![wg], ops);
         Ok(())
     }
@@ -1602,7 +1791,7 @@ impl<'a> Lowering<'a> {
             "    int i = get_global_id(0);\n    if (i < {n}) {dst}[i] = {src}[{idx}];\n"
         );
         if n > 0 {
-            let wg = wg_pow2(self.caps.max_work_group, 256.min(n));
+            let wg = item_work_group(&self.caps, n);
             self.push_kernel(kt, "", vec![n], vec![wg], node.op.name().into());
         }
         Ok(())
@@ -1646,7 +1835,7 @@ impl<'a> Lowering<'a> {
                     kt.body,
                     "    int i = get_global_id(0);\n    if (i < {n}) {dst}[{di}] = {src}[{si}];\n"
                 );
-                let wg = wg_pow2(self.caps.max_work_group, 256.min(n));
+                let wg = item_work_group(&self.caps, n);
                 self.push_kernel(kt, "", vec![n], vec![wg], ops.clone());
             }
             at += shape[dim];
@@ -1687,7 +1876,7 @@ impl<'a> Lowering<'a> {
             is = li.strides.first().copied().unwrap_or(1),
             sd = l.strides[dim],
         );
-        let wg = wg_pow2(self.caps.max_work_group, 256.min(n));
+        let wg = item_work_group(&self.caps, n);
         self.push_kernel(kt, "", vec![n], vec![wg], ops);
         Ok(())
     }
@@ -1712,6 +1901,65 @@ mod tests {
             broadcast_strides(&[4, 2, 3], &[2, 1], &[1, 1]),
             vec![0, 1, 0]
         );
+    }
+
+    #[test]
+    fn inner_runs_and_work_groups() {
+        // Contiguous; a row broadcast over [6, 32]; a column over [4, 8, 5].
+        assert_eq!(inner_runs(&[6, 32], &[32, 1]), (192, 1));
+        assert_eq!(inner_runs(&[6, 32], &[0, 1]), (32, 1));
+        assert_eq!(inner_runs(&[6, 32], &[1, 0]), (1, 32));
+        assert_eq!(inner_runs(&[4, 8, 5], &[0, 1, 0]), (1, 5));
+        assert_eq!(inner_runs(&[4, 1, 5], &[5, 0, 1]), (20, 1));
+        let cpu = Caps {
+            max_work_group: 4096,
+            compute_units: 2,
+            ..Caps::default()
+        };
+        assert_eq!(item_work_group(&cpu, 1 << 20), 256);
+        assert_eq!(item_work_group(&cpu, 200), 64);
+        assert_eq!(item_work_group(&cpu, 20), 16);
+        let gpu = Caps {
+            max_work_group: 1024,
+            compute_units: 132,
+            ..Caps::default()
+        };
+        assert_eq!(item_work_group(&gpu, 132 * 128), 128);
+        assert_eq!(item_work_group(&gpu, 1000), 64);
+        let small = Caps {
+            max_work_group: 32,
+            ..Caps::default()
+        };
+        assert_eq!(item_work_group(&small, 1 << 20), 32);
+    }
+
+    fn chain(shape: &[usize], caps: &Caps) -> String {
+        let mut g = Graph::new();
+        let ty = TensorType::new(shape, DType::F32);
+        let x = g.add_input(InputKind::User(0), ty.clone(), "").unwrap();
+        let y = g.add_input(InputKind::User(1), ty, "").unwrap();
+        let t = g.add1(Op::Binary(BinaryOp::Mul), &[x, y], "").unwrap();
+        let t = g.add1(Op::Unary(UnaryOp::Sigmoid), &[t], "").unwrap();
+        g.add_output(t, kiln_ir::OutputKind::User).unwrap();
+        lower(&g, caps).unwrap().source
+    }
+
+    #[test]
+    fn float4_pointwise_rendering() {
+        let src = chain(&[8, 16], &Caps::default());
+        assert!(src.contains("int i = q * 4;"), "{src}");
+        assert!(src.contains("float4 t1 = vload4(0, a0 + i);"), "{src}");
+        assert!(src.contains("kiln_sigmoid4("), "{src}");
+        assert!(src.contains("vstore4("), "{src}");
+        // Not a multiple of 4, or the vector path off: scalar.
+        for (shape, vec) in [(&[3usize, 5][..], true), (&[8, 16][..], false)] {
+            let caps = Caps {
+                vector_pointwise: vec,
+                ..Caps::default()
+            };
+            let src = chain(shape, &caps);
+            assert!(!src.contains("vload4") && src.contains("float t1 = a0[i];"));
+        }
     }
 
     #[test]
