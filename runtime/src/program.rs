@@ -176,6 +176,24 @@ enum Step {
         /// Pointwise epilogue applied to each image as it is done.
         epi: Option<Jit>,
     },
+    /// Gradient of conv2d w.r.t. its input (compiled training).
+    ConvBwdInput {
+        g: Span,
+        w: Span,
+        ws: [usize; 4],
+        xs: [usize; 4],
+        p: Conv2dParams,
+        out: Span,
+    },
+    /// Gradient of conv2d w.r.t. its weight (compiled training).
+    ConvBwdWeight {
+        x: Span,
+        xs: [usize; 4],
+        g: Span,
+        ws: [usize; 4],
+        p: Conv2dParams,
+        out: Span,
+    },
     MaxPool {
         x: Span,
         xs: [usize; 4],
@@ -235,6 +253,8 @@ impl Step {
             Step::Jit(j) => j.outs.first().copied(),
             Step::Gemm { out, .. }
             | Step::Conv { out, .. }
+            | Step::ConvBwdInput { out, .. }
+            | Step::ConvBwdWeight { out, .. }
             | Step::MaxPool { out, .. }
             | Step::AvgPool { out, .. }
             | Step::Softmax { out, .. }
@@ -273,6 +293,8 @@ impl Step {
             Step::MaxPool { x, .. } | Step::AvgPool { x, .. } | Step::Softmax { x, .. } => {
                 bases.push(x.base)
             }
+            Step::ConvBwdInput { g, w, .. } => bases.extend([g.base, w.base]),
+            Step::ConvBwdWeight { x, g, .. } => bases.extend([x.base, g.base]),
             Step::LayerNorm { x, w, b, .. } => {
                 bases.push(x.base);
                 bases.extend(w.iter().chain(b.iter()).map(|s| s.base));
@@ -302,6 +324,8 @@ impl Step {
             Step::Jit(_) => "jit",
             Step::Gemm { .. } => "gemm",
             Step::Conv { .. } => "conv2d",
+            Step::ConvBwdInput { .. } => "conv2d_backward_input",
+            Step::ConvBwdWeight { .. } => "conv2d_backward_weight",
             Step::MaxPool { .. } => "max_pool2d",
             Step::AvgPool { .. } => "avg_pool2d",
             Step::Softmax { .. } => "softmax",
@@ -918,6 +942,66 @@ impl<'g> Builder<'g> {
                         epi: None,
                     },
                     reads,
+                    bufs_of(&[out]),
+                );
+            }
+            Op::Conv2dBackwardInput {
+                stride,
+                padding,
+                dilation,
+                groups,
+                input_size,
+            } => {
+                let g = self.contiguous(ops[0]).ok_or("no home")?;
+                let w = self.contiguous(ops[1]).ok_or("no home")?;
+                let ws = four(&self.g.value_type(ops[1]).shape).ok_or("weight not 4-D")?;
+                let xs4 = [xs[0], ws[1] * groups, input_size[0], input_size[1]];
+                let out = self.output(out_v);
+                self.push(
+                    Step::ConvBwdInput {
+                        g,
+                        w,
+                        ws,
+                        xs: xs4,
+                        p: Conv2dParams {
+                            stride: pair(*stride),
+                            padding: pair(*padding),
+                            dilation: pair(*dilation),
+                            groups: *groups,
+                        },
+                        out,
+                    },
+                    bufs_of(&[g, w]),
+                    bufs_of(&[out]),
+                );
+            }
+            Op::Conv2dBackwardWeight {
+                stride,
+                padding,
+                dilation,
+                groups,
+                kernel,
+            } => {
+                let g = self.contiguous(ops[0]).ok_or("no home")?;
+                let x = self.contiguous(ops[1]).ok_or("no home")?;
+                let x_shape = four(&self.g.value_type(ops[1]).shape).ok_or("input not 4-D")?;
+                let ws = [xs[1], x_shape[1] / groups, kernel[0], kernel[1]];
+                let out = self.output(out_v);
+                self.push(
+                    Step::ConvBwdWeight {
+                        x,
+                        xs: x_shape,
+                        g,
+                        ws,
+                        p: Conv2dParams {
+                            stride: pair(*stride),
+                            padding: pair(*padding),
+                            dilation: pair(*dilation),
+                            groups: *groups,
+                        },
+                        out,
+                    },
+                    bufs_of(&[g, x]),
                     bufs_of(&[out]),
                 );
             }
@@ -1624,6 +1708,42 @@ impl Program {
                             epi.as_ref()
                                 .map(|_| &f as kiln_cpu::conv::ImageEpilogue<f32>),
                         );
+                    }
+                    Step::ConvBwdInput {
+                        g,
+                        w,
+                        ws,
+                        xs,
+                        p,
+                        out,
+                    } => {
+                        let y = kiln_cpu::conv::conv2d_backward_input(
+                            ctx.slice(g),
+                            ctx.slice(w),
+                            *ws,
+                            *xs,
+                            p,
+                        );
+                        ctx.slice_mut(out).copy_from_slice(&y);
+                        kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(y));
+                    }
+                    Step::ConvBwdWeight {
+                        x,
+                        xs,
+                        g,
+                        ws,
+                        p,
+                        out,
+                    } => {
+                        let y = kiln_cpu::conv::conv2d_backward_weight(
+                            ctx.slice(x),
+                            *xs,
+                            ctx.slice(g),
+                            *ws,
+                            p,
+                        );
+                        ctx.slice_mut(out).copy_from_slice(&y);
+                        kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(y));
                     }
                     Step::MaxPool { x, xs, p, out } => {
                         kiln_cpu::pool::max_pool2d_into(ctx.slice(x), *xs, p, ctx.slice_mut(out));

@@ -48,6 +48,15 @@ fn bytes_of(s: &CpuStorage) -> usize {
     s.capacity() * s.dtype().size()
 }
 
+/// `n` zeros (default values), in a reused buffer when one fits: a
+/// kernel that accumulates into its output (pooling and conv backward)
+/// pays a memset instead of faulting in fresh pages at every call.
+pub fn alloc_zeroed<T: Element>(n: usize) -> Vec<T> {
+    let mut v = alloc_uninit::<T>(n);
+    v.fill(T::default());
+    v
+}
+
 /// A Vec of `n` elements whose contents are unspecified (stale values of a
 /// reused buffer, or defaults): the caller must overwrite every element.
 pub fn alloc_uninit<T: Element>(n: usize) -> Vec<T> {

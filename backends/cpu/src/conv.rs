@@ -1015,7 +1015,7 @@ fn conv_backward_input<T: Float>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
     );
     assert_eq!(w.len(), g.w_len(), "conv2d_backward_input: weight length");
     let (cg, coutg, kg, howo, groups) = (g.cg(), g.coutg(), g.kg(), g.howo(), g.p.groups);
-    let mut dx = vec![T::zero(); g.x_len()];
+    let mut dx = crate::buffers::alloc_zeroed::<T>(g.x_len());
     if dx.is_empty() {
         return dx;
     }
@@ -1104,7 +1104,7 @@ fn conv_backward_weight<T: Float>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
         "conv2d_backward_weight: grad_output length"
     );
     let (cg, coutg, kg, howo, groups) = (g.cg(), g.coutg(), g.kg(), g.howo(), g.p.groups);
-    let mut dw = vec![T::zero(); g.w_len()];
+    let mut dw = crate::buffers::alloc_zeroed::<T>(g.w_len());
     if dw.is_empty() || g.n == 0 || howo == 0 {
         return dw;
     }

@@ -315,7 +315,7 @@ pub fn max_pool2d_backward<T: Float>(
         indices.len(),
         "max_pool2d_backward: indices length"
     );
-    let mut gi = vec![T::zero(); planes * h * w];
+    let mut gi = crate::buffers::alloc_zeroed::<T>(planes * h * w);
     if planes == 0 {
         return gi;
     }
