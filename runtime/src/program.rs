@@ -419,6 +419,20 @@ fn pair(v: [usize; 2]) -> (usize, usize) {
     (v[0], v[1])
 }
 
+fn conv_params(
+    stride: [usize; 2],
+    padding: [usize; 2],
+    dilation: [usize; 2],
+    groups: usize,
+) -> Conv2dParams {
+    Conv2dParams {
+        stride: pair(stride),
+        padding: pair(padding),
+        dilation: pair(dilation),
+        groups,
+    }
+}
+
 fn four(s: &[usize]) -> Option<[usize; 4]> {
     s.try_into().ok()
 }
@@ -932,12 +946,7 @@ impl<'g> Builder<'g> {
                         w,
                         ws,
                         bias,
-                        p: Conv2dParams {
-                            stride: pair(*stride),
-                            padding: pair(*padding),
-                            dilation: pair(*dilation),
-                            groups: *groups,
-                        },
+                        p: conv_params(*stride, *padding, *dilation, *groups),
                         out,
                         epi: None,
                     },
@@ -963,12 +972,7 @@ impl<'g> Builder<'g> {
                         w,
                         ws,
                         xs: xs4,
-                        p: Conv2dParams {
-                            stride: pair(*stride),
-                            padding: pair(*padding),
-                            dilation: pair(*dilation),
-                            groups: *groups,
-                        },
+                        p: conv_params(*stride, *padding, *dilation, *groups),
                         out,
                     },
                     bufs_of(&[g, w]),
@@ -993,12 +997,7 @@ impl<'g> Builder<'g> {
                         xs: x_shape,
                         g,
                         ws,
-                        p: Conv2dParams {
-                            stride: pair(*stride),
-                            padding: pair(*padding),
-                            dilation: pair(*dilation),
-                            groups: *groups,
-                        },
+                        p: conv_params(*stride, *padding, *dilation, *groups),
                         out,
                     },
                     bufs_of(&[g, x]),
