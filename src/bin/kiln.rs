@@ -285,15 +285,13 @@ fn bench_train(large: bool, models: Vec<String>, min_time: f64) -> Result<(), St
     Ok(())
 }
 
-fn verify(
-    dir: &std::path::Path,
-    models: Option<Vec<String>>,
-    verbose: bool,
-    compiled: bool,
-) -> ExitCode {
+/// The zoo models `kiln verify` checks: `--models` (every name must be a
+/// zoo model) or every model whose fixtures are in `dir`; a usage error
+/// (exit 2) when the directory is missing or holds none.
+fn verify_names(dir: &Path, models: Option<Vec<String>>) -> Result<Vec<String>, ExitCode> {
     if !dir.is_dir() {
         eprintln!("kiln verify: {} is not a directory", dir.display());
-        return ExitCode::from(2);
+        return Err(ExitCode::from(2));
     }
     let names: Vec<String> = match models {
         Some(m) => {
@@ -306,7 +304,7 @@ fn verify(
                     "kiln verify: unknown model(s) {unknown:?}; the zoo has {}",
                     kiln::zoo::names().join(", ")
                 );
-                return ExitCode::from(2);
+                return Err(ExitCode::from(2));
             }
             m
         }
@@ -320,8 +318,16 @@ fn verify(
             "kiln verify: no zoo fixtures (NAME.json) in {}",
             dir.display()
         );
-        return ExitCode::from(2);
+        return Err(ExitCode::from(2));
     }
+    Ok(names)
+}
+
+fn verify(dir: &Path, models: Option<Vec<String>>, verbose: bool, compiled: bool) -> ExitCode {
+    let names = match verify_names(dir, models) {
+        Ok(n) => n,
+        Err(code) => return code,
+    };
     let mut failed = 0;
     for name in &names {
         match kiln::verify::verify_model_with(dir, name, compiled) {
@@ -475,20 +481,10 @@ mod opencl {
         verbose: bool,
         device: Option<usize>,
     ) -> ExitCode {
-        let names: Vec<String> = match models {
-            Some(m) => m,
-            None => kiln::verify::available(dir)
-                .into_iter()
-                .map(String::from)
-                .collect(),
+        let names = match super::verify_names(dir, models) {
+            Ok(n) => n,
+            Err(code) => return code,
         };
-        if names.is_empty() {
-            eprintln!(
-                "kiln verify: no zoo fixtures (NAME.json) in {}",
-                dir.display()
-            );
-            return ExitCode::from(2);
-        }
         let mut failed = 0;
         for name in &names {
             match kiln::opencl::verify_opencl(dir, name, device) {
