@@ -345,12 +345,7 @@ pub(crate) fn exec_node(
             dilation,
             groups,
         } => {
-            let p = Conv2dParams {
-                stride: pair(*stride),
-                padding: pair(*padding),
-                dilation: pair(*dilation),
-                groups: *groups,
-            };
+            let p = Conv2dParams::from_arrays(*stride, *padding, *dilation, *groups);
             one(conv::conv2d(&a[0], &a[1], a.get(2), p)?)
         }
         Op::ConvTranspose2d {
@@ -360,12 +355,7 @@ pub(crate) fn exec_node(
             dilation,
             groups,
         } => {
-            let p = Conv2dParams {
-                stride: pair(*stride),
-                padding: pair(*padding),
-                dilation: pair(*dilation),
-                groups: *groups,
-            };
+            let p = Conv2dParams::from_arrays(*stride, *padding, *dilation, *groups);
             one(conv::conv_transpose2d(
                 &a[0],
                 &a[1],
@@ -491,12 +481,7 @@ pub(crate) fn exec_node(
             groups,
             input_size,
         } => {
-            let p = Conv2dParams {
-                stride: pair(*stride),
-                padding: pair(*padding),
-                dilation: pair(*dilation),
-                groups: *groups,
-            };
+            let p = Conv2dParams::from_arrays(*stride, *padding, *dilation, *groups);
             let (g, w) = (&a[0], &a[1]);
             let xs = [
                 g.shape()[0],
@@ -513,12 +498,7 @@ pub(crate) fn exec_node(
             groups,
             kernel,
         } => {
-            let p = Conv2dParams {
-                stride: pair(*stride),
-                padding: pair(*padding),
-                dilation: pair(*dilation),
-                groups: *groups,
-            };
+            let p = Conv2dParams::from_arrays(*stride, *padding, *dilation, *groups);
             let (g, x) = (&a[0], &a[1]);
             let ws = [g.shape()[1], x.shape()[1] / groups, kernel[0], kernel[1]];
             one(conv::conv2d_backward_weight(g, x, ws, p)?)

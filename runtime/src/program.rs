@@ -419,20 +419,6 @@ fn pair(v: [usize; 2]) -> (usize, usize) {
     (v[0], v[1])
 }
 
-fn conv_params(
-    stride: [usize; 2],
-    padding: [usize; 2],
-    dilation: [usize; 2],
-    groups: usize,
-) -> Conv2dParams {
-    Conv2dParams {
-        stride: pair(stride),
-        padding: pair(padding),
-        dilation: pair(dilation),
-        groups,
-    }
-}
-
 fn four(s: &[usize]) -> Option<[usize; 4]> {
     s.try_into().ok()
 }
@@ -913,6 +899,19 @@ impl<'g> Builder<'g> {
         Ok(())
     }
 
+    /// A step reading `x` (contiguous) and writing a fresh `out_v`.
+    fn map_step(
+        &mut self,
+        x: Value,
+        out_v: Value,
+        make: impl FnOnce(Span, Span) -> Step,
+    ) -> std::result::Result<(), String> {
+        let x = self.contiguous(x).ok_or("no home")?;
+        let out = self.output(out_v);
+        self.push(make(x, out), bufs_of(&[x]), bufs_of(&[out]));
+        Ok(())
+    }
+
     /// conv2d, pooling, softmax, layer_norm on kiln-cpu's kernels.
     fn native(&mut self, n: NodeId) -> std::result::Result<(), String> {
         let node = self.g.node(n).clone();
@@ -946,7 +945,7 @@ impl<'g> Builder<'g> {
                         w,
                         ws,
                         bias,
-                        p: conv_params(*stride, *padding, *dilation, *groups),
+                        p: Conv2dParams::from_arrays(*stride, *padding, *dilation, *groups),
                         out,
                         epi: None,
                     },
@@ -972,7 +971,7 @@ impl<'g> Builder<'g> {
                         w,
                         ws,
                         xs: xs4,
-                        p: conv_params(*stride, *padding, *dilation, *groups),
+                        p: Conv2dParams::from_arrays(*stride, *padding, *dilation, *groups),
                         out,
                     },
                     bufs_of(&[g, w]),
@@ -997,7 +996,7 @@ impl<'g> Builder<'g> {
                         xs: x_shape,
                         g,
                         ws,
-                        p: conv_params(*stride, *padding, *dilation, *groups),
+                        p: Conv2dParams::from_arrays(*stride, *padding, *dilation, *groups),
                         out,
                     },
                     bufs_of(&[g, x]),
@@ -1012,24 +1011,14 @@ impl<'g> Builder<'g> {
                 ceil_mode,
             } => {
                 let xs4 = four(&xs).ok_or("input not 4-D")?;
-                let x = self.contiguous(ops[0]).ok_or("no home")?;
-                let out = self.output(out_v);
-                self.push(
-                    Step::MaxPool {
-                        x,
-                        xs: xs4,
-                        p: MaxPool2dParams {
-                            kernel: pair(*kernel),
-                            stride: pair(*stride),
-                            padding: pair(*padding),
-                            dilation: pair(*dilation),
-                            ceil_mode: *ceil_mode,
-                        },
-                        out,
-                    },
-                    bufs_of(&[x]),
-                    bufs_of(&[out]),
-                );
+                let p = MaxPool2dParams {
+                    kernel: pair(*kernel),
+                    stride: pair(*stride),
+                    padding: pair(*padding),
+                    dilation: pair(*dilation),
+                    ceil_mode: *ceil_mode,
+                };
+                self.map_step(ops[0], out_v, |x, out| Step::MaxPool { x, xs: xs4, p, out })?;
             }
             Op::AvgPool2d {
                 kernel,
@@ -1040,42 +1029,22 @@ impl<'g> Builder<'g> {
                 divisor_override,
             } => {
                 let xs4 = four(&xs).ok_or("input not 4-D")?;
-                let x = self.contiguous(ops[0]).ok_or("no home")?;
-                let out = self.output(out_v);
-                self.push(
-                    Step::AvgPool {
-                        x,
-                        xs: xs4,
-                        p: AvgPool2dParams {
-                            kernel: pair(*kernel),
-                            stride: pair(*stride),
-                            padding: pair(*padding),
-                            ceil_mode: *ceil_mode,
-                            count_include_pad: *count_include_pad,
-                            divisor_override: *divisor_override,
-                        },
-                        out,
-                    },
-                    bufs_of(&[x]),
-                    bufs_of(&[out]),
-                );
+                let p = AvgPool2dParams {
+                    kernel: pair(*kernel),
+                    stride: pair(*stride),
+                    padding: pair(*padding),
+                    ceil_mode: *ceil_mode,
+                    count_include_pad: *count_include_pad,
+                    divisor_override: *divisor_override,
+                };
+                self.map_step(ops[0], out_v, |x, out| Step::AvgPool { x, xs: xs4, p, out })?;
             }
             Op::Softmax { dim } | Op::LogSoftmax { dim } => {
                 if *dim + 1 != xs.len() {
                     return Err("softmax over a dim other than the last".into());
                 }
-                let x = self.contiguous(ops[0]).ok_or("no home")?;
-                let out = self.output(out_v);
-                self.push(
-                    Step::Softmax {
-                        x,
-                        k: xs[*dim],
-                        log: matches!(node.op, Op::LogSoftmax { .. }),
-                        out,
-                    },
-                    bufs_of(&[x]),
-                    bufs_of(&[out]),
-                );
+                let (k, log) = (xs[*dim], matches!(node.op, Op::LogSoftmax { .. }));
+                self.map_step(ops[0], out_v, |x, out| Step::Softmax { x, k, log, out })?;
             }
             Op::LayerNorm {
                 normalized_shape,

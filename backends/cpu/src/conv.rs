@@ -61,6 +61,23 @@ pub struct Conv2dParams {
     pub groups: usize,
 }
 
+impl Conv2dParams {
+    /// From the `[h, w]` arrays the graph IR stores.
+    pub fn from_arrays(
+        stride: [usize; 2],
+        padding: [usize; 2],
+        dilation: [usize; 2],
+        groups: usize,
+    ) -> Conv2dParams {
+        Conv2dParams {
+            stride: (stride[0], stride[1]),
+            padding: (padding[0], padding[1]),
+            dilation: (dilation[0], dilation[1]),
+            groups,
+        }
+    }
+}
+
 impl Default for Conv2dParams {
     fn default() -> Self {
         Conv2dParams {
