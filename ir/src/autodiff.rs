@@ -1192,6 +1192,29 @@ impl Ctx<'_> {
 }
 
 /// Type inference of the backward ops (called by `op::infer`).
+/// The conv2d of `x` and `w` with these (stride, padding, dilation,
+/// groups) must produce `g`'s type: a conv backward op's grad_out.
+fn check_conv_grad_out(
+    op: &Op,
+    ops: &[TensorType],
+    (stride, padding, dilation, groups): ([usize; 2], [usize; 2], [usize; 2], usize),
+    x: &TensorType,
+    w: &TensorType,
+    g: &TensorType,
+) -> Result<()> {
+    let conv = Op::Conv2d {
+        stride,
+        padding,
+        dilation,
+        groups,
+    };
+    let fwd = infer(&conv, &[x.clone(), w.clone()])?;
+    if fwd[0] != *g {
+        return Err(err(op, ops, format!("grad_out must be {}", fwd[0])));
+    }
+    Ok(())
+}
+
 pub(crate) fn infer_backward_op(op: &Op, ops: &[TensorType]) -> Result<Vec<TensorType>> {
     let same = |a: &TensorType, b: &TensorType, what: &str| -> Result<()> {
         if a.dtype != b.dtype {
@@ -1221,18 +1244,7 @@ pub(crate) fn infer_backward_op(op: &Op, ops: &[TensorType]) -> Result<Vec<Tenso
                 ],
                 dtype: g.dtype,
             };
-            let fwd = infer(
-                &Op::Conv2d {
-                    stride: *stride,
-                    padding: *padding,
-                    dilation: *dilation,
-                    groups: *groups,
-                },
-                &[x.clone(), w.clone()],
-            )?;
-            if fwd[0] != *g {
-                return Err(err(op, ops, format!("grad_out must be {}", fwd[0])));
-            }
+            check_conv_grad_out(op, ops, (*stride, *padding, *dilation, *groups), &x, &w, g)?;
             Ok(vec![x])
         }
         Op::Conv2dBackwardWeight {
@@ -1251,18 +1263,7 @@ pub(crate) fn infer_backward_op(op: &Op, ops: &[TensorType]) -> Result<Vec<Tenso
                 shape: vec![g.shape[1], x.shape[1] / groups, kernel[0], kernel[1]],
                 dtype: g.dtype,
             };
-            let fwd = infer(
-                &Op::Conv2d {
-                    stride: *stride,
-                    padding: *padding,
-                    dilation: *dilation,
-                    groups: *groups,
-                },
-                &[x.clone(), w.clone()],
-            )?;
-            if fwd[0] != *g {
-                return Err(err(op, ops, format!("grad_out must be {}", fwd[0])));
-            }
+            check_conv_grad_out(op, ops, (*stride, *padding, *dilation, *groups), &x, &w, g)?;
             Ok(vec![w])
         }
         Op::MaxPool2dWithIndices {
