@@ -6,7 +6,7 @@
 //! limit is respected (calls past it run eagerly, correctly).
 
 mod common;
-use common::{model, rel};
+use common::{model, rel, scenarios};
 use kiln::nn::prelude::*;
 use kiln::{jit, DType, Tensor};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -58,65 +58,12 @@ fn hooks_registered_before_compile_run_live_and_replace_values() {
 
 #[test]
 fn hooks_registered_after_compile_recompile_once_and_removal_restores() {
-    let (m, x) = model("seed_cnn");
-    m.eval();
-    let c = jit::compile(&m, &[x.clone()]).unwrap();
-    same(&c, &m, &x);
-    let conv = m.get_submodule("net.4").unwrap().arc().unwrap();
-    let seen = Arc::new(AtomicUsize::new(0));
-    let s2 = seen.clone();
-    let mut h = conv.register_forward_hook(move |_, _, y| {
-        s2.fetch_add(1, Ordering::SeqCst);
-        Ok(Some(y.neg()?))
-    });
-    same(&c, &m, &x);
-    assert_eq!(c.variant_count(), 2, "one recompilation for the new hook");
-    // Eager call, the trace of the new variant (it runs the forward once,
-    // as torch.jit.trace does), the compiled call.
-    assert_eq!(seen.load(Ordering::SeqCst), 3);
-    same(&c, &m, &x);
-    assert_eq!(c.variant_count(), 2, "cached");
-    assert_eq!(seen.load(Ordering::SeqCst), 5);
-    h.remove();
-    same(&c, &m, &x);
-    assert_eq!(c.variant_count(), 2, "the hook-free variant is reused");
-    assert_eq!(seen.load(Ordering::SeqCst), 5, "removed hooks do not run");
-    // A pre-hook replacing the input of a hooked submodule.
-    let bn = m.get_submodule("net.3").unwrap().arc().unwrap();
-    let _p = bn.register_forward_pre_hook(|_, x| Ok(Some(x.mul_scalar(0.5)?)));
-    same(&c, &m, &x);
-    assert_eq!(c.variant_count(), 3);
+    scenarios::hooks_after_compile(&|m, x| Box::new(jit::compile(m, &[x.clone()]).unwrap()));
 }
 
 #[test]
 fn guards_each_cause_exactly_one_recompilation() {
-    let (m, x) = model("simple_net");
-    m.eval();
-    let c = jit::compile(&m, &[x.clone()]).unwrap();
-    assert_eq!(c.variant_count(), 1);
-    // A new batch size.
-    let x2 = Tensor::randn(&[5, 784], DType::F32);
-    same(&c, &m, &x2);
-    assert_eq!(c.variant_count(), 2);
-    // eval -> train.
-    m.train(true);
-    same(&c, &m, &x);
-    assert_eq!(c.variant_count(), 3);
-    m.eval();
-    same(&c, &m, &x);
-    assert_eq!(c.variant_count(), 3);
-    // A child replaced (ReLU -> LeakyReLU), as in the design notes.
-    m.set_submodule("relu", Arc::new(LeakyReLU::new(0.2)))
-        .unwrap();
-    same(&c, &m, &x);
-    assert_eq!(c.variant_count(), 4);
-    same(&c, &m, &x);
-    assert_eq!(c.variant_count(), 4);
-    // A new hook anywhere in the tree.
-    let l1 = m.get_submodule("layer1").unwrap().arc().unwrap();
-    let _h = l1.register_forward_pre_hook(|_, _| Ok(None));
-    same(&c, &m, &x);
-    assert_eq!(c.variant_count(), 5);
+    scenarios::guards(&|m, x| Box::new(jit::compile(m, &[x.clone()]).unwrap()));
 }
 
 #[test]

@@ -6,12 +6,25 @@
 #![cfg(feature = "opencl")]
 
 mod common;
+use common::scenarios::{self, Compiled};
 use common::{fixtures, model, rel};
 use kiln::nn::prelude::*;
 use kiln::runtime::opencl::{compile_opencl, OpenClModule};
-use kiln::{zoo, DType, Tensor};
+use kiln::{zoo, Tensor};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+impl Compiled for OpenClModule {
+    fn forward1(&self, x: &Tensor) -> Tensor {
+        self.forward(&[x.clone()]).unwrap().remove(0)
+    }
+    fn variants(&self) -> usize {
+        self.variant_count()
+    }
+    fn tolerance(&self) -> f64 {
+        1e-4
+    }
+}
 
 /// One eager call and one OpenCL call of `m` on `x`: equal within 1e-4.
 fn same(c: &OpenClModule, m: &Arc<dyn Module>, x: &Tensor) {
@@ -175,69 +188,16 @@ fn hooks_registered_before_compile_run_live_and_replace_values() {
 
 #[test]
 fn hooks_registered_after_compile_recompile_once_and_removal_restores() {
-    let (m, x) = model("seed_cnn");
-    m.eval();
-    let c = compile_opencl(&m, &[x.clone()], None).unwrap();
-    same(&c, &m, &x);
-    assert!(c.first().module_calls().is_empty());
-    let conv = m.get_submodule("net.4").unwrap().arc().unwrap();
-    let seen = Arc::new(AtomicUsize::new(0));
-    let s2 = seen.clone();
-    let mut h = conv.register_forward_hook(move |_, _, y| {
-        s2.fetch_add(1, Ordering::SeqCst);
-        Ok(Some(y.neg()?))
+    scenarios::hooks_after_compile(&|m, x| {
+        Box::new(compile_opencl(m, &[x.clone()], None).unwrap())
     });
-    same(&c, &m, &x);
-    assert_eq!(c.variant_count(), 2, "one recompilation for the new hook");
-    // Eager call, the trace of the new variant, the OpenCL call.
-    assert_eq!(seen.load(Ordering::SeqCst), 3);
-    same(&c, &m, &x);
-    assert_eq!(c.variant_count(), 2, "cached");
-    assert_eq!(seen.load(Ordering::SeqCst), 5);
-    h.remove();
-    same(&c, &m, &x);
-    assert_eq!(c.variant_count(), 2, "the hook-free variant is reused");
-    assert_eq!(seen.load(Ordering::SeqCst), 5, "removed hooks do not run");
-    // A pre-hook replacing the input of a hooked submodule.
-    let bn = m.get_submodule("net.3").unwrap().arc().unwrap();
-    let _p = bn.register_forward_pre_hook(|_, x| Ok(Some(x.mul_scalar(0.5)?)));
-    same(&c, &m, &x);
-    assert_eq!(c.variant_count(), 3);
 }
 
 #[test]
 fn guards_each_cause_exactly_one_recompilation() {
-    let (m, x) = model("simple_net");
-    m.eval();
-    let c = compile_opencl(&m, &[x.clone()], None).unwrap();
-    assert_eq!(c.variant_count(), 1);
-    let x2 = Tensor::randn(&[5, 784], DType::F32);
-    same(&c, &m, &x2);
-    assert_eq!(c.variant_count(), 2);
-    m.train(true);
-    same(&c, &m, &x);
-    assert_eq!(c.variant_count(), 3);
-    m.eval();
-    same(&c, &m, &x);
-    assert_eq!(c.variant_count(), 3);
-    // A child replaced (ReLU -> LeakyReLU).
-    m.set_submodule("relu", Arc::new(LeakyReLU::new(0.2)))
-        .unwrap();
-    same(&c, &m, &x);
-    assert_eq!(c.variant_count(), 4);
-    same(&c, &m, &x);
-    assert_eq!(c.variant_count(), 4);
-    // A new hook anywhere in the tree.
-    let l1 = m.get_submodule("layer1").unwrap().arc().unwrap();
-    let _h = l1.register_forward_pre_hook(|_, _| Ok(None));
-    same(&c, &m, &x);
-    assert_eq!(c.variant_count(), 5);
+    scenarios::guards(&|m, x| Box::new(compile_opencl(m, &[x.clone()], None).unwrap()));
 }
 
-/// A hooked submodule in training mode (custom_stack's MyBatchNorm1d
-/// reassigns its buffers): the hook runs on the host between device
-/// segments, the buffer updates are written back, and compiling left the
-/// buffers' values and tensor objects as they were.
 #[test]
 fn training_hooks_across_segments_and_buffers_restored_by_name() {
     let (a, x) = model("custom_stack");

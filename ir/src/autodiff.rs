@@ -1244,7 +1244,7 @@ pub(crate) fn infer_backward_op(op: &Op, ops: &[TensorType]) -> Result<Vec<Tenso
                 ],
                 dtype: g.dtype,
             };
-            check_conv_grad_out(op, ops, (*stride, *padding, *dilation, *groups), &x, &w, g)?;
+            check_conv_grad_out(op, ops, (*stride, *padding, *dilation, *groups), &x, w, g)?;
             Ok(vec![x])
         }
         Op::Conv2dBackwardWeight {
@@ -1263,7 +1263,7 @@ pub(crate) fn infer_backward_op(op: &Op, ops: &[TensorType]) -> Result<Vec<Tenso
                 shape: vec![g.shape[1], x.shape[1] / groups, kernel[0], kernel[1]],
                 dtype: g.dtype,
             };
-            check_conv_grad_out(op, ops, (*stride, *padding, *dilation, *groups), &x, &w, g)?;
+            check_conv_grad_out(op, ops, (*stride, *padding, *dilation, *groups), x, &w, g)?;
             Ok(vec![w])
         }
         Op::MaxPool2dWithIndices {

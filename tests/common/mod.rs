@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod scenarios;
+
 use kiln::nn::prelude::*;
 use kiln::nn::StateDict;
 use kiln::{zoo, Tensor};
