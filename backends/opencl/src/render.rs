@@ -1532,6 +1532,14 @@ impl<'a> Lowering<'a> {
                 half = wg / 2
             );
         };
+        // The row's mean and sum of squared deviations (var, layer_norm,
+        // training batch_norm), as two work-group reductions.
+        let mean_and_ss = |kt: &mut KernelText| {
+            kt.body.push_str("    float mean, ss;\n");
+            reduce(kt, "0.0f", "a += x;", "a + b", "mean");
+            let _ = writeln!(kt.body, "    mean = mean / {len}.0f;");
+            reduce(kt, "0.0f", "a += (x - mean) * (x - mean);", "a + b", "ss");
+        };
         let hv = Value::new(h, 0);
         match node.op.clone() {
             Op::Reduce { op, .. } => {
@@ -1564,16 +1572,7 @@ impl<'a> Lowering<'a> {
                 kt.body.push_str("    }\n");
             }
             Op::Var { correction, .. } => {
-                kt.body.push_str("    float mean, ss;\n");
-                reduce(&mut kt, "0.0f", "a += x;", "a + b", "mean");
-                let _ = writeln!(kt.body, "    mean = mean / {len}.0f;");
-                reduce(
-                    &mut kt,
-                    "0.0f",
-                    "a += (x - mean) * (x - mean);",
-                    "a + b",
-                    "ss",
-                );
+                mean_and_ss(&mut kt);
                 let dof = (len as f64 - correction).max(0.0);
                 let _ = writeln!(
                     kt.body,
@@ -1606,16 +1605,7 @@ impl<'a> Lowering<'a> {
                 has_bias,
                 ..
             } => {
-                kt.body.push_str("    float mean, ss;\n");
-                reduce(&mut kt, "0.0f", "a += x;", "a + b", "mean");
-                let _ = writeln!(kt.body, "    mean = mean / {len}.0f;");
-                reduce(
-                    &mut kt,
-                    "0.0f",
-                    "a += (x - mean) * (x - mean);",
-                    "a + b",
-                    "ss",
-                );
+                mean_and_ss(&mut kt);
                 let _ = writeln!(
                     kt.body,
                     "    float rstd = rsqrt(ss / {len}.0f + {});",
@@ -1647,16 +1637,7 @@ impl<'a> Lowering<'a> {
                 has_running_stats,
                 ..
             } => {
-                kt.body.push_str("    float mean, ss;\n");
-                reduce(&mut kt, "0.0f", "a += x;", "a + b", "mean");
-                let _ = writeln!(kt.body, "    mean = mean / {len}.0f;");
-                reduce(
-                    &mut kt,
-                    "0.0f",
-                    "a += (x - mean) * (x - mean);",
-                    "a + b",
-                    "ss",
-                );
+                mean_and_ss(&mut kt);
                 let _ = writeln!(
                     kt.body,
                     "    float var = ss / {len}.0f, rstd = rsqrt(var + {});",
