@@ -279,6 +279,22 @@ pub enum OpClass {
     Copy,
 }
 
+/// stride, padding, dilation, groups as printer attributes.
+fn conv_attrs(
+    stride: [usize; 2],
+    padding: [usize; 2],
+    dilation: [usize; 2],
+    groups: usize,
+) -> Vec<(&'static str, String)> {
+    let l = |v: [usize; 2]| format!("[{},{}]", v[0], v[1]);
+    vec![
+        ("stride", l(stride)),
+        ("padding", l(padding)),
+        ("dilation", l(dilation)),
+        ("groups", groups.to_string()),
+    ]
+}
+
 impl Op {
     /// aten-like op name, used by the printer and in errors.
     pub fn name(&self) -> &'static str {
@@ -477,12 +493,7 @@ impl Op {
                 padding,
                 dilation,
                 groups,
-            } => vec![
-                ("stride", l(stride)),
-                ("padding", l(padding)),
-                ("dilation", l(dilation)),
-                ("groups", groups.to_string()),
-            ],
+            } => conv_attrs(*stride, *padding, *dilation, *groups),
             Op::ConvTranspose2d {
                 stride,
                 padding,
@@ -497,6 +508,13 @@ impl Op {
                 ("groups", groups.to_string()),
             ],
             Op::MaxPool2d {
+                kernel,
+                stride,
+                padding,
+                dilation,
+                ceil_mode,
+            }
+            | Op::MaxPool2dWithIndices {
                 kernel,
                 stride,
                 padding,
@@ -576,46 +594,30 @@ impl Op {
             Op::Select { dim, index } => {
                 vec![("dim", dim.to_string()), ("index", index.to_string())]
             }
+            // Backward ops: their forward op's attributes, then their own.
             Op::Conv2dBackwardInput {
                 stride,
                 padding,
                 dilation,
                 groups,
                 input_size,
-            } => vec![
-                ("stride", l(stride)),
-                ("padding", l(padding)),
-                ("dilation", l(dilation)),
-                ("groups", groups.to_string()),
-                ("input_size", l(input_size)),
-            ],
+            } => {
+                let mut v = conv_attrs(*stride, *padding, *dilation, *groups);
+                v.push(("input_size", l(input_size)));
+                v
+            }
             Op::Conv2dBackwardWeight {
                 stride,
                 padding,
                 dilation,
                 groups,
                 kernel,
-            } => vec![
-                ("stride", l(stride)),
-                ("padding", l(padding)),
-                ("dilation", l(dilation)),
-                ("groups", groups.to_string()),
-                ("kernel", l(kernel)),
-            ],
+            } => {
+                let mut v = conv_attrs(*stride, *padding, *dilation, *groups);
+                v.push(("kernel", l(kernel)));
+                v
+            }
             Op::MaxPool2dBackward { input_size } => vec![("input_size", l(input_size))],
-            Op::MaxPool2dWithIndices {
-                kernel,
-                stride,
-                padding,
-                dilation,
-                ceil_mode,
-            } => vec![
-                ("kernel", l(kernel)),
-                ("stride", l(stride)),
-                ("padding", l(padding)),
-                ("dilation", l(dilation)),
-                ("ceil_mode", b(*ceil_mode)),
-            ],
             Op::AvgPool2dBackward {
                 kernel,
                 stride,
@@ -625,16 +627,15 @@ impl Op {
                 divisor_override,
                 input_size,
             } => {
-                let mut v = vec![
-                    ("kernel", l(kernel)),
-                    ("stride", l(stride)),
-                    ("padding", l(padding)),
-                    ("ceil_mode", b(*ceil_mode)),
-                    ("count_include_pad", b(*count_include_pad)),
-                ];
-                if let Some(d) = divisor_override {
-                    v.push(("divisor_override", d.to_string()));
+                let mut v = Op::AvgPool2d {
+                    kernel: *kernel,
+                    stride: *stride,
+                    padding: *padding,
+                    ceil_mode: *ceil_mode,
+                    count_include_pad: *count_include_pad,
+                    divisor_override: *divisor_override,
                 }
+                .attrs();
                 v.push(("input_size", l(input_size)));
                 v
             }
