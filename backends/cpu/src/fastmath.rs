@@ -241,6 +241,87 @@ pub fn map_into(f: FastFn, x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// A tile routine for JIT-compiled code: `f` over `n` f32 read from `src`
+/// and written to `dst` (the two must not overlap), C ABI, on the calling
+/// thread. Cranelift's x86-64 backend emits 128-bit vectors only; its
+/// kernels call these AVX-512 / AVX2 loops on L1-resident tiles for the
+/// transcendental ops instead of inlining them four lanes at a time.
+pub type TileFn = unsafe extern "C" fn(src: *const f32, dst: *mut f32, n: usize);
+
+macro_rules! tile_entries {
+    ($($f:ident => $a512:ident, $a2:ident;)*) => {$(
+        /// # Safety
+        /// AVX-512F present; `src` readable and `dst` writable for `n`
+        /// f32, not overlapping.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        unsafe extern "C" fn $a512(src: *const f32, dst: *mut f32, n: usize) {
+            // SAFETY: the caller's contract.
+            let (x, o) = unsafe {
+                (std::slice::from_raw_parts(src, n), std::slice::from_raw_parts_mut(dst, n))
+            };
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = $f(v);
+            }
+        }
+        /// # Safety
+        /// AVX2 and FMA present; `src` readable and `dst` writable for `n`
+        /// f32, not overlapping.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe extern "C" fn $a2(src: *const f32, dst: *mut f32, n: usize) {
+            // SAFETY: the caller's contract.
+            let (x, o) = unsafe {
+                (std::slice::from_raw_parts(src, n), std::slice::from_raw_parts_mut(dst, n))
+            };
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = $f(v);
+            }
+        }
+    )*};
+}
+
+tile_entries! {
+    exp => exp_tile_avx512, exp_tile_avx2;
+    sigmoid => sigmoid_tile_avx512, sigmoid_tile_avx2;
+    tanh => tanh_tile_avx512, tanh_tile_avx2;
+    erf => erf_tile_avx512, erf_tile_avx2;
+    gelu => gelu_tile_avx512, gelu_tile_avx2;
+    gelu_tanh => gelu_tanh_tile_avx512, gelu_tanh_tile_avx2;
+}
+
+/// The widest tile routine for `f` this CPU runs (AVX-512F, else AVX2 with
+/// FMA), or `None` where neither exists (JIT code then inlines the
+/// polynomial on 4 lanes, which is as fast as a baseline SSE loop).
+pub fn tile_fn(f: FastFn) -> Option<TileFn> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let wide = if std::arch::is_x86_feature_detected!("avx512f") {
+            true
+        } else if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            false
+        } else {
+            return None;
+        };
+        let pick = |a: TileFn, b: TileFn| Some(if wide { a } else { b });
+        match f {
+            FastFn::Exp => pick(exp_tile_avx512, exp_tile_avx2),
+            FastFn::Sigmoid => pick(sigmoid_tile_avx512, sigmoid_tile_avx2),
+            FastFn::Tanh => pick(tanh_tile_avx512, tanh_tile_avx2),
+            FastFn::Erf => pick(erf_tile_avx512, erf_tile_avx2),
+            FastFn::Gelu => pick(gelu_tile_avx512, gelu_tile_avx2),
+            FastFn::GeluTanh => pick(gelu_tanh_tile_avx512, gelu_tanh_tile_avx2),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = f;
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,6 +338,29 @@ mod tests {
         let mut v: Vec<f32> = (-400_000..=400_000).map(|i| i as f32 * 5e-5).collect();
         v.extend([1e-6, -1e-6, 1e-30, 0.0, -0.0, 50.0, -50.0, 88.0, -87.0]);
         v
+    }
+
+    #[test]
+    fn tile_routines_equal_the_scalar_functions() {
+        let x: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.037).collect();
+        let fs = [
+            (FastFn::Exp, exp as fn(f32) -> f32),
+            (FastFn::Sigmoid, sigmoid),
+            (FastFn::Tanh, tanh),
+            (FastFn::Erf, erf),
+            (FastFn::Gelu, gelu),
+            (FastFn::GeluTanh, gelu_tanh),
+        ];
+        for (f, g) in fs {
+            let Some(t) = tile_fn(f) else { return };
+            let mut out = vec![f32::NAN; x.len() + 1];
+            // SAFETY: tile_fn returned a routine this CPU runs; lengths hold.
+            unsafe { t(x.as_ptr(), out.as_mut_ptr(), x.len() - 3) };
+            for (i, (&o, &v)) in out.iter().zip(&x).enumerate().take(x.len() - 3) {
+                assert_eq!(o.to_bits(), g(v).to_bits(), "{f:?}({v}) at {i}");
+            }
+            assert!(out[x.len() - 3].is_nan(), "{f:?} wrote past n");
+        }
     }
 
     #[test]

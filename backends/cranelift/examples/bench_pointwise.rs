@@ -48,6 +48,29 @@ fn time_run(k: &PointwiseKernel, rows: usize, cols: usize, threshold: usize, rep
 }
 
 fn main() {
+    // Tiled (transcendentals as AVX-512/AVX2 tile calls) against all-inline
+    // f32x4 code, one thread, interleaved so load changes hit both alike.
+    {
+        let (rows, cols) = (256, 1024);
+        let g = kiln_ir::sample_graphs::pointwise_chain(rows, cols);
+        let plan = plan_fusion(&g).unwrap();
+        let tiled = PointwiseKernel::compile_tiles(&g, &plan.kernels[0], true).unwrap();
+        let inline = PointwiseKernel::compile_tiles(&g, &plan.kernels[0], false).unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..15 {
+            a.push(time_run(&tiled, rows, cols, usize::MAX, 5));
+            b.push(time_run(&inline, rows, cols, usize::MAX, 5));
+        }
+        let (a, b) = (median(a), median(b));
+        let ns = |ms: f64| ms * 1e6 / (rows * cols) as f64;
+        println!(
+            "pointwise_chain {rows}x{cols}, 1 thread: tiled ({}) {a:.3} ms = {:.2} ns/element, inline {b:.3} ms = {:.2} ns/element, {:.2}x",
+            tiled.tiled(),
+            ns(a),
+            ns(b),
+            b / a
+        );
+    }
     let (rows, cols) = (4096, 1024);
     let compile_ms = median((0..7).map(|_| compile(rows, cols).1).collect());
     let (k, _) = compile(rows, cols);

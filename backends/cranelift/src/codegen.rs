@@ -19,15 +19,16 @@ use crate::{CompileError, InputAccess, KernelInput};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
 use cranelift_codegen::ir::{
-    AbiParam, Block, ConstantData, Endianness, InstBuilder, MemFlagsData, Type, UserFuncName,
-    Value as CV,
+    AbiParam, Block, ConstantData, Endianness, InstBuilder, MemFlagsData, SigRef, StackSlotData,
+    StackSlotKind, Type, UserFuncName, Value as CV,
 };
 use cranelift_codegen::isa::OwnedTargetIsa;
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, Linkage, Module};
-use kiln_ir::{BinaryOp, DType, Graph, Kernel, Op, UnaryOp, Value};
+use kiln_cpu::fastmath::{tile_fn, FastFn, TileFn};
+use kiln_ir::{BinaryOp, DType, Graph, Kernel, NodeId, Op, UnaryOp, Value};
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
@@ -448,9 +449,14 @@ fn unsupported(op: &str, dt: DType) -> CompileError {
 /// Estimated cost per output element, in units of about 0.12 ns of one
 /// core on the measuring machine (relu: 2.2 units = 0.27 ns/element;
 /// pointwise_chain: ~97 units = 11 ns/element; see bench_pointwise.rs).
-pub(crate) fn cost_per_element(graph: &Graph, kernel: &Kernel) -> usize {
+pub(crate) fn cost_per_element(graph: &Graph, kernel: &Kernel, tiled: bool) -> usize {
     let mut c10 = 10 * (kernel.inputs.len() + kernel.outputs.len());
     for &n in &kernel.nodes {
+        if tiled && tile_call(graph, n).is_some() {
+            // A tile call: the AVX2/AVX-512 loop plus a store and a load.
+            c10 += 60;
+            continue;
+        }
         c10 += match &graph.node(n).op {
             Op::Unary(UnaryOp::GeluErf | UnaryOp::GeluTanh) => 300,
             Op::Unary(UnaryOp::Exp | UnaryOp::Sigmoid | UnaryOp::Tanh | UnaryOp::Erf) => 200,
@@ -542,7 +548,8 @@ fn check(graph: &Graph, kernel: &Kernel) -> Result<(), CompileError> {
     Ok(())
 }
 
-/// Emits the loop body for one lane width at flat index `i` (i64).
+/// Emits the loop body for one lane width at flat index `i` (i64): loads
+/// every input, evaluates every node, stores every output.
 fn body(
     em: &mut Em,
     graph: &Graph,
@@ -553,151 +560,17 @@ fn body(
     i: CV,
 ) {
     let mut env: HashMap<Value, V> = HashMap::new();
-    let lanes = if em.vec { 4 } else { 1 };
     for (j, d) in inputs.iter().enumerate() {
-        let base = in_ptrs[j];
-        let fty = em.fty();
-        let load_at = |em: &mut Em, idx: CV, ty: Type| {
-            let off = em.b.ins().imul_imm_u(idx, 4);
-            let addr = em.b.ins().iadd(base, off);
-            em.b.ins().load(ty, flags(), addr, 0)
-        };
-        let splat = |em: &mut Em, s: CV| {
-            if em.vec {
-                em.b.ins().splat(F32X4, s)
-            } else {
-                s
-            }
-        };
-        // (i / inner) % size, with shifts and masks for powers of two.
-        let bidx = |em: &mut Em, i: CV, inner: usize, size: usize| {
-            let q = if inner == 1 {
-                i
-            } else if inner.is_power_of_two() {
-                em.b.ins().ushr_imm_u(i, inner.trailing_zeros() as i64)
-            } else {
-                em.b.ins().udiv_imm_u(i, inner as i64)
-            };
-            if size.is_power_of_two() {
-                em.b.ins().band_imm_u(q, (size - 1) as i64)
-            } else {
-                em.b.ins().urem_imm_u(q, size as i64)
-            }
-        };
-        let v = match d.access {
-            InputAccess::Contiguous => load_at(em, i, fty),
-            InputAccess::Scalar => {
-                let s = em.b.ins().load(F32, flags(), base, 0);
-                splat(em, s)
-            }
-            InputAccess::Broadcast { inner, size } => {
-                if !em.vec {
-                    let idx = bidx(em, i, inner, size);
-                    load_at(em, idx, F32)
-                } else if inner % 4 == 0 {
-                    // i is a multiple of 4: the 4 lanes share one element.
-                    let idx = bidx(em, i, inner, size);
-                    let s = load_at(em, idx, F32);
-                    splat(em, s)
-                } else if inner == 1 && size % 4 == 0 {
-                    // 4 consecutive elements that do not wrap.
-                    let idx = bidx(em, i, 1, size);
-                    load_at(em, idx, F32X4)
-                } else if inner == 1 && size >= 4 {
-                    // A trailing vector whose length is not a multiple of
-                    // 4: lanes idx0 + j, wrapping at most once.
-                    let idx0 = bidx(em, i, 1, size);
-                    let s = load_at(em, idx0, F32);
-                    let mut v = splat(em, s);
-                    for lane in 1..lanes {
-                        let t = em.b.ins().iadd_imm_s(idx0, lane as i64);
-                        let w = em.b.ins().icmp_imm_u(
-                            IntCC::UnsignedGreaterThanOrEqual,
-                            t,
-                            size as i64,
-                        );
-                        let tw = em.b.ins().iadd_imm_s(t, -(size as i64));
-                        let idx = em.b.ins().select(w, tw, t);
-                        let s = load_at(em, idx, F32);
-                        v = em.b.ins().insertlane(v, s, lane as u8);
-                    }
-                    v
-                } else if inner > 4 && inner <= i32::MAX as usize {
-                    // The 4 lanes span at most two consecutive elements
-                    // c0, c1: lane j takes c1 when (i % inner) + j >= inner.
-                    let q = if inner.is_power_of_two() {
-                        em.b.ins().ushr_imm_u(i, inner.trailing_zeros() as i64)
-                    } else {
-                        em.b.ins().udiv_imm_u(i, inner as i64)
-                    };
-                    let qi = em.b.ins().imul_imm_u(q, inner as i64);
-                    let r = em.b.ins().isub(i, qi);
-                    let c0 = bidx(em, q, 1, size);
-                    let c1 = em.b.ins().iadd_imm_s(c0, 1);
-                    let wrap = em.b.ins().icmp_imm_u(IntCC::Equal, c1, size as i64);
-                    let zero = em.b.ins().iconst(I64, 0);
-                    let c1 = em.b.ins().select(wrap, zero, c1);
-                    let s0 = load_at(em, c0, F32);
-                    let s1 = load_at(em, c1, F32);
-                    let v0 = splat(em, s0);
-                    let v1 = splat(em, s1);
-                    let r32 = em.b.ins().ireduce(I32, r);
-                    let rv = em.b.ins().splat(I32X4, r32);
-                    let bytes: Vec<u8> = (0u32..4).flat_map(|j| j.to_le_bytes()).collect();
-                    let lanes_c = em.b.func.dfg.constants.insert(ConstantData::from(bytes));
-                    let lane_ids = em.b.ins().vconst(I32X4, lanes_c);
-                    let pos = em.b.ins().iadd(rv, lane_ids);
-                    let inner_v = em.ic(inner as i32);
-                    let m =
-                        em.b.ins()
-                            .icmp(IntCC::SignedGreaterThanOrEqual, pos, inner_v);
-                    em.sel(m, v1, v0)
-                } else {
-                    let idx = bidx(em, i, inner, size);
-                    let s = load_at(em, idx, F32);
-                    let mut v = splat(em, s);
-                    for lane in 1..lanes {
-                        let il = em.b.ins().iadd_imm_s(i, lane as i64);
-                        let idx = bidx(em, il, inner, size);
-                        let s = load_at(em, idx, F32);
-                        v = em.b.ins().insertlane(v, s, lane as u8);
-                    }
-                    v
-                }
-            }
-        };
+        let v = load_input(em, d, in_ptrs[j], i);
         env.insert(d.value, V::F(v));
     }
     for &n in &kernel.nodes {
-        let node = graph.node(n);
-        let ops: Vec<V> = graph.operands(n).iter().map(|v| env[v]).collect();
-        let f = |v: V| match v {
-            V::F(x) => x,
-            V::M(_) => unreachable!("checked: float operand"),
-        };
-        let r = match &node.op {
-            Op::Unary(u) => V::F(em.unary(*u, f(ops[0])).expect("checked: supported unary")),
-            Op::Binary(b) => em
-                .binary(*b, f(ops[0]), f(ops[1]))
-                .expect("checked: supported binary"),
-            Op::Where => match ops[0] {
-                V::M(m) => V::F(em.sel(m, f(ops[1]), f(ops[2]))),
-                V::F(_) => unreachable!("checked: mask condition"),
-            },
-            Op::Cast(d) => match (ops[0], *d) {
-                (V::F(x), DType::F32) => V::F(x),
-                (V::M(m), DType::Bool) => V::M(m),
-                (V::M(m), _) => {
-                    let one = em.fc(1.0);
-                    let z = em.fc(0.0);
-                    V::F(em.sel(m, one, z))
-                }
-                (V::F(x), _) => V::M(em.cmpc(FloatCC::NotEqual, x, 0.0)),
-            },
-            _ => unreachable!("checked: pointwise op"),
-        };
-        env.insert(Value::new(n, 0), r);
+        eval_node(em, graph, n, &mut env);
     }
+    store_outputs(em, kernel, &env, out_ptrs, i);
+}
+
+fn store_outputs(em: &mut Em, kernel: &Kernel, env: &HashMap<Value, V>, out_ptrs: &[CV], i: CV) {
     for (k, v) in kernel.outputs.iter().enumerate() {
         let x = match env[v] {
             V::F(x) => x,
@@ -707,6 +580,454 @@ fn body(
         let addr = em.b.ins().iadd(out_ptrs[k], off);
         em.b.ins().store(flags(), x, addr, 0);
     }
+}
+
+/// Loads input `d` (at `base`) for the lanes starting at flat index `i`.
+fn load_input(em: &mut Em, d: &KernelInput, base: CV, i: CV) -> CV {
+    let lanes = if em.vec { 4 } else { 1 };
+    let fty = em.fty();
+    let load_at = |em: &mut Em, idx: CV, ty: Type| {
+        let off = em.b.ins().imul_imm_u(idx, 4);
+        let addr = em.b.ins().iadd(base, off);
+        em.b.ins().load(ty, flags(), addr, 0)
+    };
+    let splat = |em: &mut Em, s: CV| {
+        if em.vec {
+            em.b.ins().splat(F32X4, s)
+        } else {
+            s
+        }
+    };
+    // (i / inner) % size, with shifts and masks for powers of two.
+    let bidx = |em: &mut Em, i: CV, inner: usize, size: usize| {
+        let q = if inner == 1 {
+            i
+        } else if inner.is_power_of_two() {
+            em.b.ins().ushr_imm_u(i, inner.trailing_zeros() as i64)
+        } else {
+            em.b.ins().udiv_imm_u(i, inner as i64)
+        };
+        if size.is_power_of_two() {
+            em.b.ins().band_imm_u(q, (size - 1) as i64)
+        } else {
+            em.b.ins().urem_imm_u(q, size as i64)
+        }
+    };
+    let v = match d.access {
+        InputAccess::Contiguous => load_at(em, i, fty),
+        InputAccess::Scalar => {
+            let s = em.b.ins().load(F32, flags(), base, 0);
+            splat(em, s)
+        }
+        InputAccess::Broadcast { inner, size } => {
+            if !em.vec {
+                let idx = bidx(em, i, inner, size);
+                load_at(em, idx, F32)
+            } else if inner % 4 == 0 {
+                // i is a multiple of 4: the 4 lanes share one element.
+                let idx = bidx(em, i, inner, size);
+                let s = load_at(em, idx, F32);
+                splat(em, s)
+            } else if inner == 1 && size % 4 == 0 {
+                // 4 consecutive elements that do not wrap.
+                let idx = bidx(em, i, 1, size);
+                load_at(em, idx, F32X4)
+            } else if inner == 1 && size >= 4 {
+                // A trailing vector whose length is not a multiple of
+                // 4: lanes idx0 + j, wrapping at most once.
+                let idx0 = bidx(em, i, 1, size);
+                let s = load_at(em, idx0, F32);
+                let mut v = splat(em, s);
+                for lane in 1..lanes {
+                    let t = em.b.ins().iadd_imm_s(idx0, lane as i64);
+                    let w =
+                        em.b.ins()
+                            .icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, t, size as i64);
+                    let tw = em.b.ins().iadd_imm_s(t, -(size as i64));
+                    let idx = em.b.ins().select(w, tw, t);
+                    let s = load_at(em, idx, F32);
+                    v = em.b.ins().insertlane(v, s, lane as u8);
+                }
+                v
+            } else if inner > 4 && inner <= i32::MAX as usize {
+                // The 4 lanes span at most two consecutive elements
+                // c0, c1: lane j takes c1 when (i % inner) + j >= inner.
+                let q = if inner.is_power_of_two() {
+                    em.b.ins().ushr_imm_u(i, inner.trailing_zeros() as i64)
+                } else {
+                    em.b.ins().udiv_imm_u(i, inner as i64)
+                };
+                let qi = em.b.ins().imul_imm_u(q, inner as i64);
+                let r = em.b.ins().isub(i, qi);
+                let c0 = bidx(em, q, 1, size);
+                let c1 = em.b.ins().iadd_imm_s(c0, 1);
+                let wrap = em.b.ins().icmp_imm_u(IntCC::Equal, c1, size as i64);
+                let zero = em.b.ins().iconst(I64, 0);
+                let c1 = em.b.ins().select(wrap, zero, c1);
+                let s0 = load_at(em, c0, F32);
+                let s1 = load_at(em, c1, F32);
+                let v0 = splat(em, s0);
+                let v1 = splat(em, s1);
+                let r32 = em.b.ins().ireduce(I32, r);
+                let rv = em.b.ins().splat(I32X4, r32);
+                let bytes: Vec<u8> = (0u32..4).flat_map(|j| j.to_le_bytes()).collect();
+                let lanes_c = em.b.func.dfg.constants.insert(ConstantData::from(bytes));
+                let lane_ids = em.b.ins().vconst(I32X4, lanes_c);
+                let pos = em.b.ins().iadd(rv, lane_ids);
+                let inner_v = em.ic(inner as i32);
+                let m =
+                    em.b.ins()
+                        .icmp(IntCC::SignedGreaterThanOrEqual, pos, inner_v);
+                em.sel(m, v1, v0)
+            } else {
+                let idx = bidx(em, i, inner, size);
+                let s = load_at(em, idx, F32);
+                let mut v = splat(em, s);
+                for lane in 1..lanes {
+                    let il = em.b.ins().iadd_imm_s(i, lane as i64);
+                    let idx = bidx(em, il, inner, size);
+                    let s = load_at(em, idx, F32);
+                    v = em.b.ins().insertlane(v, s, lane as u8);
+                }
+                v
+            }
+        }
+    };
+    v
+}
+
+/// Evaluates node `n` on the values in `env` and records its result there.
+fn eval_node(em: &mut Em, graph: &Graph, n: NodeId, env: &mut HashMap<Value, V>) {
+    let node = graph.node(n);
+    let ops: Vec<V> = graph.operands(n).iter().map(|v| env[v]).collect();
+    let f = |v: V| match v {
+        V::F(x) => x,
+        V::M(_) => unreachable!("checked: float operand"),
+    };
+    let r = match &node.op {
+        Op::Unary(u) => V::F(em.unary(*u, f(ops[0])).expect("checked: supported unary")),
+        Op::Binary(b) => em
+            .binary(*b, f(ops[0]), f(ops[1]))
+            .expect("checked: supported binary"),
+        Op::Where => match ops[0] {
+            V::M(m) => V::F(em.sel(m, f(ops[1]), f(ops[2]))),
+            V::F(_) => unreachable!("checked: mask condition"),
+        },
+        Op::Cast(d) => match (ops[0], *d) {
+            (V::F(x), DType::F32) => V::F(x),
+            (V::M(m), DType::Bool) => V::M(m),
+            (V::M(m), _) => {
+                let one = em.fc(1.0);
+                let z = em.fc(0.0);
+                V::F(em.sel(m, one, z))
+            }
+            (V::F(x), _) => V::M(em.cmpc(FloatCC::NotEqual, x, 0.0)),
+        },
+        _ => unreachable!("checked: pointwise op"),
+    };
+    env.insert(Value::new(n, 0), r);
+}
+
+/// Elements per tile of the tiled loop (one tile buffer is 1 KiB, and a
+/// kernel's buffers stay in L1).
+pub const TILE: usize = 256;
+
+/// Most tile buffers a kernel may use (64 KiB of stack); larger kernels
+/// are emitted without tiles.
+const MAX_TILE_BUFS: usize = 64;
+
+/// The tile routine that runs node `n` in the tiled loop, if `n` is a
+/// transcendental op (f32) and the CPU has AVX2 or AVX-512.
+fn tile_call(graph: &Graph, n: NodeId) -> Option<TileFn> {
+    let f = match graph.node(n).op {
+        Op::Unary(UnaryOp::Exp) => FastFn::Exp,
+        Op::Unary(UnaryOp::Sigmoid) => FastFn::Sigmoid,
+        Op::Unary(UnaryOp::Tanh) => FastFn::Tanh,
+        Op::Unary(UnaryOp::Erf) => FastFn::Erf,
+        Op::Unary(UnaryOp::GeluErf) => FastFn::Gelu,
+        Op::Unary(UnaryOp::GeluTanh) => FastFn::GeluTanh,
+        _ => return None,
+    };
+    tile_fn(f)
+}
+
+/// Where a tile call reads its operand: a tile buffer, or a contiguous
+/// kernel input read in place.
+enum Src {
+    Buf(Value),
+    Input(usize),
+}
+
+/// One step of a tile: an inline f32x4 loop over the tile's elements, or
+/// a call to a tile routine.
+enum Seg {
+    Inline {
+        nodes: Vec<NodeId>,
+        /// Values read from tile buffers (produced by earlier steps).
+        reads: Vec<Value>,
+        /// Values written to tile buffers for later steps.
+        writes: Vec<Value>,
+    },
+    Call {
+        node: NodeId,
+        f: TileFn,
+        src: Src,
+    },
+}
+
+/// The tiled form of a kernel: steps run on each tile of [`TILE`]
+/// elements in turn, values crossing steps held in tile buffers; the last
+/// step is inline and stores every output (so an output that is the same
+/// memory as an input is written only after every step has read the tile).
+pub(crate) struct TilePlan {
+    segs: Vec<Seg>,
+    bufs: HashMap<Value, usize>,
+}
+
+pub(crate) fn plan_tiles(
+    graph: &Graph,
+    kernel: &Kernel,
+    inputs: &[KernelInput],
+) -> Option<TilePlan> {
+    let input_of: HashMap<Value, usize> = inputs
+        .iter()
+        .enumerate()
+        .map(|(j, d)| (d.value, j))
+        .collect();
+    let mut segs = Vec::new();
+    let mut cur = Vec::new();
+    for &n in &kernel.nodes {
+        if let Some(f) = tile_call(graph, n) {
+            segs.push(Seg::Inline {
+                nodes: std::mem::take(&mut cur),
+                reads: vec![],
+                writes: vec![],
+            });
+            let v = graph.operands(n)[0];
+            let src = match input_of.get(&v) {
+                Some(&j) if inputs[j].access == InputAccess::Contiguous => Src::Input(j),
+                _ => Src::Buf(v),
+            };
+            segs.push(Seg::Call { node: n, f, src });
+        } else {
+            cur.push(n);
+        }
+    }
+    if segs.is_empty() {
+        return None;
+    }
+    segs.push(Seg::Inline {
+        nodes: cur,
+        reads: vec![],
+        writes: vec![],
+    });
+    let mut seg_of: HashMap<NodeId, usize> = HashMap::new();
+    for (k, s) in segs.iter().enumerate() {
+        match s {
+            Seg::Inline { nodes, .. } => nodes.iter().for_each(|&n| {
+                seg_of.insert(n, k);
+            }),
+            Seg::Call { node, .. } => {
+                seg_of.insert(*node, k);
+            }
+        }
+    }
+    // Values each step needs from buffers, and who fills those buffers.
+    let mut reads: Vec<Vec<Value>> = vec![vec![]; segs.len()];
+    let mut writes: Vec<Vec<Value>> = vec![vec![]; segs.len()];
+    let mut bufs: HashMap<Value, usize> = HashMap::new();
+    let need = |v: Value,
+                at: usize,
+                reads: &mut Vec<Vec<Value>>,
+                writes: &mut Vec<Vec<Value>>,
+                bufs: &mut HashMap<Value, usize>| {
+        let from = match seg_of.get(&v.node) {
+            Some(&p) if p == at => return,
+            Some(&p) => p,
+            // A kernel input feeding a call: loaded and stored by the inline
+            // step just before the call.
+            None => at - 1,
+        };
+        if !bufs.contains_key(&v) {
+            let b = bufs.len();
+            bufs.insert(v, b);
+            if matches!(segs[from], Seg::Inline { .. }) {
+                writes[from].push(v);
+            }
+        }
+        if matches!(segs[at], Seg::Inline { .. }) && !reads[at].contains(&v) {
+            reads[at].push(v);
+        }
+    };
+    let last = segs.len() - 1;
+    for (k, s) in segs.iter().enumerate() {
+        match s {
+            Seg::Inline { nodes, .. } => {
+                for &n in nodes {
+                    for v in graph.operands(n) {
+                        if !input_of.contains_key(&v) {
+                            need(v, k, &mut reads, &mut writes, &mut bufs);
+                        }
+                    }
+                }
+            }
+            Seg::Call { node, src, .. } => {
+                if let Src::Buf(v) = src {
+                    need(*v, k, &mut reads, &mut writes, &mut bufs);
+                }
+                let r = Value::new(*node, 0);
+                if !bufs.contains_key(&r) {
+                    bufs.insert(r, bufs.len());
+                }
+            }
+        }
+    }
+    for &v in &kernel.outputs {
+        if !input_of.contains_key(&v) {
+            need(v, last, &mut reads, &mut writes, &mut bufs);
+        }
+    }
+    if bufs.len() > MAX_TILE_BUFS {
+        return None;
+    }
+    for (k, s) in segs.iter_mut().enumerate() {
+        if let Seg::Inline {
+            reads: r,
+            writes: w,
+            ..
+        } = s
+        {
+            *r = std::mem::take(&mut reads[k]);
+            *w = std::mem::take(&mut writes[k]);
+        }
+    }
+    Some(TilePlan { segs, bufs })
+}
+
+/// Emits the tiled loop: from block `head(i0)` while `i0 + TILE <= end`,
+/// each tile's steps; then jumps to `rest(i0)` (the f32x4 and scalar loops
+/// for the remainder).
+#[allow(clippy::too_many_arguments)]
+fn emit_tiles(
+    b: &mut FunctionBuilder,
+    plan: &TilePlan,
+    graph: &Graph,
+    kernel: &Kernel,
+    inputs: &[KernelInput],
+    in_ptrs: &[CV],
+    out_ptrs: &[CV],
+    (head, end, rest): (Block, CV, Block),
+    tile_sig: SigRef,
+    ptr: Type,
+    fma: bool,
+) {
+    let slot = b.create_sized_stack_slot(StackSlotData::new(
+        StackSlotKind::ExplicitSlot,
+        (plan.bufs.len().max(1) * TILE * 4) as u32,
+        6,
+    ));
+    let tbody = b.create_block();
+    b.append_block_param(tbody, I64);
+    b.switch_to_block(head);
+    let i0 = b.block_params(head)[0];
+    let it = b.ins().iadd_imm_s(i0, TILE as i64);
+    let c = b.ins().icmp(IntCC::UnsignedLessThanOrEqual, it, end);
+    b.ins().brif(c, tbody, &[i0.into()], rest, &[i0.into()]);
+    b.switch_to_block(tbody);
+    let i0 = b.block_params(tbody)[0];
+    let base = b.ins().stack_addr(ptr, slot, 0);
+    let buf_at = |b: &mut FunctionBuilder, v: &Value| {
+        b.ins().iadd_imm_s(base, (plan.bufs[v] * TILE * 4) as i64)
+    };
+    let last = plan.segs.len() - 1;
+    for (k, seg) in plan.segs.iter().enumerate() {
+        match seg {
+            Seg::Call { node, f, src } => {
+                let sp = match src {
+                    Src::Buf(v) => buf_at(b, v),
+                    Src::Input(j) => {
+                        let off = b.ins().imul_imm_u(i0, 4);
+                        b.ins().iadd(in_ptrs[*j], off)
+                    }
+                };
+                let dp = buf_at(b, &Value::new(*node, 0));
+                let fp = b.ins().iconst(ptr, *f as usize as i64);
+                let n = b.ins().iconst(I64, TILE as i64);
+                b.ins().call_indirect(tile_sig, fp, &[sp, dp, n]);
+            }
+            Seg::Inline {
+                nodes,
+                reads,
+                writes,
+            } => {
+                if nodes.is_empty() && writes.is_empty() && k != last {
+                    continue;
+                }
+                let lh = b.create_block();
+                let lb = b.create_block();
+                let after = b.create_block();
+                b.append_block_param(lh, I64);
+                let z = b.ins().iconst(I64, 0);
+                b.ins().jump(lh, &[z.into()]);
+                b.switch_to_block(lh);
+                let j = b.block_params(lh)[0];
+                let c = b.ins().icmp_imm_u(IntCC::UnsignedLessThan, j, TILE as i64);
+                b.ins().brif(c, lb, &[], after, &[]);
+                b.switch_to_block(lb);
+                let i = b.ins().iadd(i0, j);
+                let joff = b.ins().imul_imm_u(j, 4);
+                let mut env: HashMap<Value, V> = HashMap::new();
+                {
+                    let mut em = Em { b, vec: true, fma };
+                    for v in reads {
+                        let a = buf_at(em.b, v);
+                        let a = em.b.ins().iadd(a, joff);
+                        let x = em.b.ins().load(F32X4, flags(), a, 0);
+                        let x = if graph.value_type(*v).dtype == DType::Bool {
+                            V::M(em.b.ins().bitcast(I32X4, bc_flags(), x))
+                        } else {
+                            V::F(x)
+                        };
+                        env.insert(*v, x);
+                    }
+                    let mut wanted: Vec<Value> = nodes
+                        .iter()
+                        .flat_map(|&n| graph.operands(n))
+                        .chain(writes.iter().copied())
+                        .collect();
+                    if k == last {
+                        wanted.extend(kernel.outputs.iter().copied());
+                    }
+                    for (jx, d) in inputs.iter().enumerate() {
+                        if wanted.contains(&d.value) && !env.contains_key(&d.value) {
+                            let x = load_input(&mut em, d, in_ptrs[jx], i);
+                            env.insert(d.value, V::F(x));
+                        }
+                    }
+                    for &n in nodes {
+                        eval_node(&mut em, graph, n, &mut env);
+                    }
+                    for v in writes {
+                        let x = match env[v] {
+                            V::F(x) => x,
+                            V::M(m) => em.b.ins().bitcast(F32X4, bc_flags(), m),
+                        };
+                        let a = buf_at(em.b, v);
+                        let a = em.b.ins().iadd(a, joff);
+                        em.b.ins().store(flags(), x, a, 0);
+                    }
+                    if k == last {
+                        store_outputs(&mut em, kernel, &env, out_ptrs, i);
+                    }
+                }
+                let j4 = b.ins().iadd_imm_s(j, 4);
+                b.ins().jump(lh, &[j4.into()]);
+                b.switch_to_block(after);
+            }
+        }
+    }
+    let next = b.ins().iadd_imm_s(i0, TILE as i64);
+    b.ins().jump(head, &[next.into()]);
 }
 
 /// The host ISA (detected once per process; detection and flag parsing
@@ -740,7 +1061,8 @@ pub(crate) fn compile(
     kernel: &Kernel,
     inputs: &[KernelInput],
     allow_fma: bool,
-) -> Result<(JITModule, KernelFn), CompileError> {
+    allow_tiles: bool,
+) -> Result<(JITModule, KernelFn, bool), CompileError> {
     check(graph, kernel)?;
     let mut module = isa_and_module()?;
     let ptr = module.target_config().pointer_type();
@@ -749,6 +1071,15 @@ pub(crate) fn compile(
     for t in [ptr, ptr, I64, I64] {
         sig.params.push(AbiParam::new(t));
     }
+    let mut tile_sig = module.make_signature();
+    for t in [ptr, ptr, I64] {
+        tile_sig.params.push(AbiParam::new(t));
+    }
+    let tiles = if allow_tiles {
+        plan_tiles(graph, kernel, inputs)
+    } else {
+        None
+    };
     let id = module
         .declare_function("kernel", Linkage::Local, &sig)
         .map_err(|e| CompileError::new("kernel", format!("declare: {e}")))?;
@@ -777,7 +1108,27 @@ pub(crate) fn compile(
         let out_ptrs: Vec<CV> = (0..kernel.outputs.len())
             .map(|j| b.ins().load(ptr, flags(), outs_arr, (j * 8) as i32))
             .collect();
-        b.ins().jump(vhead, &[start.into()]);
+        if let Some(plan) = &tiles {
+            let thead = b.create_block();
+            b.append_block_param(thead, I64);
+            b.ins().jump(thead, &[start.into()]);
+            let tile_sig = b.import_signature(tile_sig);
+            emit_tiles(
+                &mut b,
+                plan,
+                graph,
+                kernel,
+                inputs,
+                &in_ptrs,
+                &out_ptrs,
+                (thead, end, vhead),
+                tile_sig,
+                ptr,
+                fma,
+            );
+        } else {
+            b.ins().jump(vhead, &[start.into()]);
+        }
 
         let loop_head = |b: &mut FunctionBuilder, head: Block, body: Block, next: Block, w: i64| {
             b.switch_to_block(head);
@@ -850,5 +1201,5 @@ pub(crate) fn compile(
     // SAFETY: the function was declared with this signature (two pointers,
     // two i64) and the default (System V / Windows x64 = "C") call conv.
     let f = unsafe { std::mem::transmute::<*const u8, KernelFn>(code) };
-    Ok((module, f))
+    Ok((module, f, tiles.is_some()))
 }

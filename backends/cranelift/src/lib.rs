@@ -39,6 +39,8 @@
 
 mod codegen;
 
+pub use codegen::TILE;
+
 use codegen::KernelFn;
 use cranelift_jit::JITModule;
 use kiln_ir::{DType, Graph, Kernel, KernelKind, Value};
@@ -148,6 +150,9 @@ pub struct PointwiseKernel {
     shape: Vec<usize>,
     numel: usize,
     par_threshold: usize,
+    /// Runs full tiles of [`TILE`] elements with tile calls for its
+    /// transcendental ops (see `codegen::plan_tiles`).
+    tiled: bool,
     _code: Code,
 }
 
@@ -192,15 +197,29 @@ fn classify(s: &[usize], out: &[usize]) -> Option<InputAccess> {
 impl PointwiseKernel {
     /// Compiles a `Pointwise` kernel of `graph` (from `kiln_ir::plan_fusion`).
     pub fn compile(graph: &Graph, kernel: &Kernel) -> Result<PointwiseKernel, CompileError> {
-        Self::compile_with(graph, kernel, true)
+        Self::compile_with(graph, kernel, true, true)
+    }
+
+    /// `compile`, choosing whether transcendental ops may run as tile calls
+    /// (`tiles = true`, what `compile` does) or all inline on 4 lanes (for
+    /// side-by-side measurements).
+    pub fn compile_tiles(
+        graph: &Graph,
+        kernel: &Kernel,
+        tiles: bool,
+    ) -> Result<PointwiseKernel, CompileError> {
+        Self::compile_with(graph, kernel, true, tiles)
     }
 
     /// `compile`, with fused multiply-add in polynomials only if `allow_fma`
-    /// (and the host has it); tests cover both code paths.
+    /// (and the host has it), and the tiled loop (transcendental ops as
+    /// AVX-512/AVX2 tile calls) only if `allow_tiles` (and the host has one
+    /// of them); tests cover every code path.
     pub(crate) fn compile_with(
         graph: &Graph,
         kernel: &Kernel,
         allow_fma: bool,
+        allow_tiles: bool,
     ) -> Result<PointwiseKernel, CompileError> {
         if kernel.kind != KernelKind::Pointwise {
             return Err(CompileError::new(
@@ -269,14 +288,16 @@ impl PointwiseKernel {
                 ));
             }
         }
-        let (module, func) = codegen::compile(graph, kernel, &inputs, allow_fma)?;
+        let (module, func, tiled) =
+            codegen::compile(graph, kernel, &inputs, allow_fma, allow_tiles)?;
         Ok(PointwiseKernel {
             func,
             inputs,
             outputs: kernel.outputs.clone(),
             shape,
             numel,
-            par_threshold: PAR_WORK.div_ceil(codegen::cost_per_element(graph, kernel)),
+            par_threshold: PAR_WORK.div_ceil(codegen::cost_per_element(graph, kernel, tiled)),
+            tiled,
             _code: Code(Some(module)),
         })
     }
@@ -295,6 +316,12 @@ impl PointwiseKernel {
     /// Element count from which `run` splits the work across threads.
     pub fn par_threshold(&self) -> usize {
         self.par_threshold
+    }
+
+    /// Whether the kernel runs its transcendental ops as AVX-512/AVX2 tile
+    /// calls on tiles of [`TILE`] elements (else all inline, f32x4).
+    pub fn tiled(&self) -> bool {
+        self.tiled
     }
 
     /// The output (index space) shape.
@@ -404,7 +431,9 @@ impl PointwiseKernel {
         // broadcast loads need; chunks write disjoint output ranges.
         if n >= threshold && rayon::current_num_threads() > 1 {
             let parts = rayon::current_num_threads() * 4;
-            let chunk = n.div_ceil(parts).div_ceil(64) * 64;
+            // Whole tiles per chunk where the kernel is tiled.
+            let q = if self.tiled { TILE } else { 64 };
+            let chunk = n.div_ceil(parts).div_ceil(q) * q;
             (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
                 let s = c * chunk;
                 let e = (s + chunk).min(n);

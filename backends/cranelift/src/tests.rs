@@ -49,9 +49,18 @@ fn compile_only(g: &Graph) -> Result<PointwiseKernel, CompileError> {
 }
 
 fn compile_fma(g: &Graph, fma: bool) -> Result<PointwiseKernel, CompileError> {
+    compile_opts(g, fma, true)
+}
+
+fn compile_opts(g: &Graph, fma: bool, tiles: bool) -> Result<PointwiseKernel, CompileError> {
     let plan = plan_fusion(g).unwrap();
     assert_eq!(plan.kernels.len(), 1, "{:?}", plan.kernel_ops(g));
-    PointwiseKernel::compile_with(g, &plan.kernels[0], fma)
+    PointwiseKernel::compile_with(g, &plan.kernels[0], fma, tiles)
+}
+
+/// Whether this CPU has the tile routines (AVX2+FMA or AVX-512F).
+fn host_tiles() -> bool {
+    kiln_cpu::fastmath::tile_fn(kiln_cpu::fastmath::FastFn::Exp).is_some()
 }
 
 /// Runs the graph's one kernel with the JIT and with the f64 reference.
@@ -60,7 +69,16 @@ fn run_both(g: &Graph, data: &HashMap<InputKind, Vec<f32>>) -> (Vec<f32>, Vec<f6
 }
 
 fn run_both_fma(g: &Graph, data: &HashMap<InputKind, Vec<f32>>, fma: bool) -> (Vec<f32>, Vec<f64>) {
-    let k = compile_fma(g, fma).unwrap();
+    run_both_opts(g, data, fma, true)
+}
+
+fn run_both_opts(
+    g: &Graph,
+    data: &HashMap<InputKind, Vec<f32>>,
+    fma: bool,
+    tiles: bool,
+) -> (Vec<f32>, Vec<f64>) {
+    let k = compile_opts(g, fma, tiles).unwrap();
     let ins: Vec<&[f32]> = k
         .inputs()
         .iter()
@@ -177,12 +195,15 @@ fn every_unary_op_matches_reference_over_wide_range() {
     // transcendentals (parallel path), below for the cheap ops.
     let n = 100_003;
     let xs = grid(n);
-    for (u, fma) in UNARY.iter().flat_map(|&u| [(u, true), (u, false)]) {
+    // Every op inline (f32x4 polynomials) with and without FMA, and with
+    // the transcendentals as tile calls.
+    let modes = [(true, false), (false, false), (true, true)];
+    for (u, (fma, tiles)) in UNARY.iter().flat_map(|&u| modes.map(|m| (u, m))) {
         let g = unary_graph(u, n);
         let data = HashMap::from([(InputKind::User(0), xs.clone())]);
-        let (jit, r) = run_both_fma(&g, &data, fma);
+        let (jit, r) = run_both_opts(&g, &data, fma, tiles);
         check_close(
-            &format!("{u:?} fma={fma}"),
+            &format!("{u:?} fma={fma} tiles={tiles}"),
             &jit,
             &r,
             &|i| xs[i] as f64,
@@ -220,7 +241,9 @@ fn parallel_threshold_follows_cost() {
     let chain = compile_only(&pointwise_chain(2, 4)).unwrap();
     // A light kernel needs far more elements than the transcendental chain.
     assert!(relu.par_threshold() > 100_000, "{}", relu.par_threshold());
-    assert!(chain.par_threshold() < 20_000, "{}", chain.par_threshold());
+    // ~33 cost units per element tiled (3.7 ns measured), ~97 inline.
+    let limit = if chain.tiled() { 40_000 } else { 20_000 };
+    assert!(chain.par_threshold() < limit, "{}", chain.par_threshold());
 }
 
 #[test]
@@ -404,12 +427,14 @@ use kiln_ir::sample_graphs::pointwise_chain;
 
 #[test]
 fn pointwise_chain_matches_reference() {
-    for (rows, cols, fma) in [
-        (3, 5, true),
-        (4, 16, true),
-        (17, 33, true),
-        (256, 1000, true),
-        (256, 1000, false),
+    for (rows, cols, fma, tiles) in [
+        (3, 5, true, true),
+        (4, 16, true, true),
+        (17, 33, true, true),
+        (17, 33, true, false),
+        (256, 1000, true, true),
+        (256, 1000, true, false),
+        (256, 1000, false, false),
     ] {
         let g = pointwise_chain(rows, cols);
         let n = rows * cols;
@@ -421,14 +446,14 @@ fn pointwise_chain_matches_reference() {
             (InputKind::Param("scale".into()), scale.clone()),
             (InputKind::Buffer("shift".into()), shift.clone()),
         ]);
-        let (jit, r) = run_both_fma(&g, &data, fma);
+        let (jit, r) = run_both_opts(&g, &data, fma, tiles);
         // Per-op bounds summed along the chain, each stage's derivative is
         // at most ~1.5 in magnitude (gelu*sigmoid + tanh/2, exp(-|y|) +
         // relu/2, y/sqrt(y^2+1)): gelu's 2e-7*max(1,|y1|) plus ~a dozen
         // 3.5-ulp terms of values <= max(1, |y1|) -> 3e-6 * max(1, |y1|).
         let y1 = |i: usize| xs[i] as f64 * scale[i % cols] as f64 + shift[i % cols] as f64;
         check_close(
-            &format!("chain {rows}x{cols} fma={fma}"),
+            &format!("chain {rows}x{cols} fma={fma} tiles={tiles}"),
             &jit,
             &r,
             &y1,
@@ -440,6 +465,86 @@ fn pointwise_chain_matches_reference() {
                 }
             },
         );
+    }
+}
+
+/// A kernel whose tiled form has every kind of step boundary: a call on a
+/// kernel input, a mask computed before a call and used after it, a call
+/// result that is both an output and read later, an input read again after
+/// the calls, and (run in place) an output over that input's memory.
+#[test]
+fn tiled_kernel_boundaries_and_in_place() {
+    let (rows, cols) = (13, 67); // 871 elements: 3 tiles and a tail of 103
+    let n = rows * cols;
+    let mut g = Graph::new();
+    let x = g
+        .add_input(InputKind::User(0), ty(&[rows, cols]), "")
+        .unwrap();
+    let b = g.add_input(InputKind::User(1), ty(&[cols]), "").unwrap();
+    let e0 = g.add1(Op::Unary(UnaryOp::Exp), &[x], "t").unwrap();
+    let y = g.add1(Op::Binary(BinaryOp::Mul), &[e0, b], "t").unwrap();
+    let m = g.add1(Op::Binary(BinaryOp::Gt), &[y, x], "t").unwrap();
+    let t = g.add1(Op::Unary(UnaryOp::Tanh), &[y], "t").unwrap();
+    let w = g.add1(Op::Where, &[m, t, y], "t").unwrap();
+    let s = g.add1(Op::Unary(UnaryOp::Sigmoid), &[w], "t").unwrap();
+    let z = g.add1(Op::Binary(BinaryOp::Sub), &[s, x], "t").unwrap();
+    g.add_output(s, OutputKind::User).unwrap();
+    g.add_output(z, OutputKind::User).unwrap();
+    let plan = plan_fusion(&g).unwrap();
+    assert_eq!(plan.kernels.len(), 1, "{:?}", plan.kernel_ops(&g));
+    let xs: Vec<f32> = (0..n)
+        .map(|i| ((i * 37) % 211) as f32 * 0.05 - 5.0)
+        .collect();
+    let bs: Vec<f32> = (0..cols).map(|c| (c % 9) as f32 * 0.25 - 1.0).collect();
+    let r = eval_graph(&g, &|kind| match kind {
+        InputKind::User(0) => Some(xs.iter().map(|&v| v as f64).collect()),
+        InputKind::User(1) => Some(bs.iter().map(|&v| v as f64).collect()),
+        _ => None,
+    })
+    .unwrap();
+    for tiles in [true, false] {
+        let k = PointwiseKernel::compile_with(&g, &plan.kernels[0], true, tiles).unwrap();
+        assert_eq!(k.tiled(), tiles && host_tiles());
+        let by_value = |v: Value| g.outputs().iter().position(|o| o.value == v).unwrap();
+        let jx = k.inputs().iter().position(|d| d.value == x).unwrap();
+        let jb = 1 - jx;
+        for in_place in [false, true] {
+            let mut xbuf = xs.clone();
+            let mut other = vec![f32::NAN; n];
+            // Output slot 1 (z) over x's memory when in place.
+            let zslot = k.outputs().iter().position(|&v| v == z).unwrap();
+            let sslot = 1 - zslot;
+            let mut ins = [std::ptr::null::<f32>(); 2];
+            ins[jx] = xbuf.as_ptr();
+            ins[jb] = bs.as_ptr();
+            let mut zbuf = vec![f32::NAN; n];
+            let mut outs = [std::ptr::null_mut::<f32>(); 2];
+            outs[sslot] = other.as_mut_ptr();
+            outs[zslot] = if in_place {
+                xbuf.as_mut_ptr()
+            } else {
+                zbuf.as_mut_ptr()
+            };
+            for threshold in [usize::MAX, 1] {
+                if threshold == 1 && in_place {
+                    continue;
+                }
+                // SAFETY: every pointer covers its operand; z may be x
+                // (a Contiguous input), which run_ptrs allows.
+                unsafe { k.run_ptrs(&ins, &outs, threshold) };
+                let zout = if in_place { &xbuf } else { &zbuf };
+                for (slot, out) in [(sslot, &other), (zslot, zout)] {
+                    let gi = by_value(k.outputs()[slot]);
+                    check_close(
+                        &format!("tiles={tiles} in_place={in_place} output {slot}"),
+                        out,
+                        &r[gi].data,
+                        &|i| xs[i] as f64,
+                        &tol_of((8.0, 1e-6, 0.0)),
+                    );
+                }
+            }
+        }
     }
 }
 
