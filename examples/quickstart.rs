@@ -15,6 +15,8 @@ fn ms(f: &mut dyn FnMut() -> kiln::Result<()>) -> kiln::Result<f64> {
 }
 
 fn main() -> kiln::Result<()> {
+    // One worker per core, this thread being one of them (torch.set_num_threads).
+    kiln::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))?;
     kiln::manual_seed(0);
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     println!(

@@ -26,3 +26,28 @@ pub use kiln_runtime as runtime;
 /// Tracing: `kiln::jit::trace(&model, &[x])` gives a `TracedModule` bound to
 /// the live model; `check_trace` compares it with eager on other inputs.
 pub use kiln_runtime::jit;
+
+/// Sets the number of threads kiln's kernels use (like
+/// `torch.set_num_threads`): builds rayon's global pool with `n` threads,
+/// the calling thread being one of them, so a forward called from it runs
+/// its parallel loops with `n - 1` helpers and never waits for a wake-up
+/// handoff to another thread (the default pool would add `n` threads beside
+/// the caller). Call it once, at the start, on the thread that runs the
+/// model; it fails if the pool was already built (by an earlier call or an
+/// earlier parallel kernel).
+pub fn set_num_threads(n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::Op {
+            op: "set_num_threads".into(),
+            msg: "the thread count must be at least 1".into(),
+        });
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .use_current_thread()
+        .build_global()
+        .map_err(|e| Error::Op {
+            op: "set_num_threads".into(),
+            msg: format!("{n} threads: {e}"),
+        })
+}

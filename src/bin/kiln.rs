@@ -264,10 +264,7 @@ fn bench(
     min_time: f64,
 ) -> Result<(), String> {
     if let Some(n) = threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .map_err(|e| format!("--threads {n}: {e}"))?;
+        kiln::set_num_threads(n).map_err(|e| format!("--threads {n}: {e}"))?;
     }
     let rows = kiln::bench::bench(&models, large, backend, min_time).map_err(|e| e.to_string())?;
     print!("{}", kiln::bench::format_table(&rows));
