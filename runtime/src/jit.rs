@@ -112,3 +112,7 @@ pub use crate::compiled::{
 pub use crate::training::{
     compile_for_training, compile_training, CompiledTrainModule, LossFn, TrainStep,
 };
+
+/// Compiled training with the graphs on an OpenCL device (feature `opencl`).
+#[cfg(feature = "opencl")]
+pub use crate::training::compile_for_training_opencl;

@@ -465,49 +465,9 @@ impl ClVariant {
         }
         self.bind_state(&dg, g)?;
         let bind = |k: &InputKind| self.traced.bind(k);
-        for (i, step) in dg.program().steps.iter().enumerate() {
-            match step {
-                Step::Launch(_) => dg.launch(i).map_err(ocl)?,
-                Step::Call { node, path } => {
-                    // A hooked submodule: operand down, the live module's
-                    // call (hooks + forward, as eager), result up.
-                    let n = *node;
-                    let v = g.operands(n)[0];
-                    let x = from_bytes(&dg.read(g, v).map_err(ocl)?, g.value_type(v))?;
-                    let y = self
-                        .call_submodule(path, &x)
-                        .and_then(|y| {
-                            check_types(std::slice::from_ref(&y), &g.node(n).outputs).map(|_| y)
-                        })
-                        .map_err(|e| Error::Exec {
-                            node: describe_node(g, &self.pos, n),
-                            source: Box::new(e),
-                        })?;
-                    let l = &dg.program().layouts[&Value::new(n, 0)];
-                    dg.write(l.buf, &to_bytes(&y)?).map_err(ocl)?;
-                }
-                Step::Host { node, .. } => {
-                    // Explicit CPU fallback: operands down, results up.
-                    let n = *node;
-                    let args = g
-                        .operands(n)
-                        .iter()
-                        .map(|&v| from_bytes(&dg.read(g, v).map_err(ocl)?, g.value_type(v)))
-                        .collect::<Result<Vec<_>>>()?;
-                    let want = &g.node(n).outputs;
-                    let outs = exec_node(&g.node(n).op, &args, inputs, &bind)
-                        .and_then(|o| check_types(&o, want).map(|_| o))
-                        .map_err(|e| Error::Exec {
-                            node: describe_node(g, &self.pos, n),
-                            source: Box::new(e),
-                        })?;
-                    for (k, t) in outs.iter().enumerate() {
-                        let l = &dg.program().layouts[&Value::new(n, k)];
-                        dg.write(l.buf, &to_bytes(t)?).map_err(ocl)?;
-                    }
-                }
-            }
-        }
+        run_steps(&dg, g, &self.pos, inputs, &bind, &|path, x| {
+            self.call_submodule(path, x)
+        })?;
         dg.finish().map_err(ocl)?;
         let mut user = Vec::new();
         let mut updates = Vec::new();
@@ -545,5 +505,132 @@ impl ClVariant {
             }
         }
         Ok(user)
+    }
+}
+
+/// Runs a device program's steps in order: kernel launches, hooked
+/// submodule calls (`call`: operand down, the live call, result up) and
+/// explicit CPU fallbacks (operands down, the eager kernel, results up).
+fn run_steps(
+    dg: &DeviceGraph,
+    g: &Graph,
+    pos: &HashMap<NodeId, usize>,
+    inputs: &[Tensor],
+    bind: &dyn Fn(&InputKind) -> Result<Tensor>,
+    call: &dyn Fn(&str, &Tensor) -> Result<Tensor>,
+) -> Result<()> {
+    for (i, step) in dg.program().steps.iter().enumerate() {
+        match step {
+            Step::Launch(_) => dg.launch(i).map_err(ocl)?,
+            Step::Call { node, path } => {
+                // A hooked submodule: operand down, the live module's
+                // call (hooks + forward, as eager), result up.
+                let n = *node;
+                let v = g.operands(n)[0];
+                let x = from_bytes(&dg.read(g, v).map_err(ocl)?, g.value_type(v))?;
+                let y = call(path, &x)
+                    .and_then(|y| {
+                        check_types(std::slice::from_ref(&y), &g.node(n).outputs).map(|_| y)
+                    })
+                    .map_err(|e| Error::Exec {
+                        node: describe_node(g, pos, n),
+                        source: Box::new(e),
+                    })?;
+                let l = &dg.program().layouts[&Value::new(n, 0)];
+                dg.write(l.buf, &to_bytes(&y)?).map_err(ocl)?;
+            }
+            Step::Host { node, .. } => {
+                // Explicit CPU fallback: operands down, results up.
+                let n = *node;
+                let args = g
+                    .operands(n)
+                    .iter()
+                    .map(|&v| from_bytes(&dg.read(g, v).map_err(ocl)?, g.value_type(v)))
+                    .collect::<Result<Vec<_>>>()?;
+                let want = &g.node(n).outputs;
+                let outs = exec_node(&g.node(n).op, &args, inputs, bind)
+                    .and_then(|o| check_types(&o, want).map(|_| o))
+                    .map_err(|e| Error::Exec {
+                        node: describe_node(g, pos, n),
+                        source: Box::new(e),
+                    })?;
+                for (k, t) in outs.iter().enumerate() {
+                    let l = &dg.program().layouts[&Value::new(n, k)];
+                    dg.write(l.buf, &to_bytes(t)?).map_err(ocl)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A bare graph compiled for an OpenCL device: compiled training's forward
+/// and backward graphs (`training::compile_for_training_opencl`). Each call
+/// uploads its inputs and the parameters and buffers `bind` gives, runs the
+/// program and downloads every output (in graph order).
+pub(crate) struct ClGraphExec {
+    graph: Graph,
+    pos: HashMap<NodeId, usize>,
+    dg: Mutex<DeviceGraph>,
+}
+
+impl ClGraphExec {
+    /// Runs the compile pipeline on `graph` and renders it for `ctx`'s
+    /// device.
+    pub(crate) fn new(ctx: &Arc<Context>, mut graph: Graph) -> Result<ClGraphExec> {
+        kiln_ir::passes::PassManager::compile_pipeline().run(&mut graph)?;
+        let order = graph.topo_order()?;
+        let pos = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+        let dg = DeviceGraph::compile(ctx, &graph).map_err(ocl)?;
+        Ok(ClGraphExec {
+            graph,
+            pos,
+            dg: Mutex::new(dg),
+        })
+    }
+
+    /// Nodes run on the CPU (`op: reason`).
+    pub(crate) fn fallbacks(&self) -> Vec<String> {
+        self.dg.lock().program().fallbacks()
+    }
+
+    pub(crate) fn run(
+        &self,
+        inputs: &[Tensor],
+        bind: &dyn Fn(&InputKind) -> Result<Tensor>,
+    ) -> Result<Vec<Tensor>> {
+        let g = &self.graph;
+        let dg = self.dg.lock();
+        for &n in g.inputs() {
+            let kiln_ir::Op::Input { kind, ty } = &g.node(n).op else {
+                continue;
+            };
+            let Some(buf) = dg.program().input_buf(g, kind) else {
+                continue;
+            };
+            let t = match kind {
+                InputKind::User(i) => inputs.get(*i).cloned().ok_or_else(|| {
+                    Error::Input(format!("the graph reads input {i}, {} given", inputs.len()))
+                })?,
+                k => bind(k)?,
+            };
+            if tensor_type(&t) != *ty {
+                return Err(Error::Input(format!(
+                    "{kind:?}: compiled for {ty}, got {}",
+                    tensor_type(&t)
+                )));
+            }
+            dg.write(buf, &to_bytes(&t)?).map_err(ocl)?;
+        }
+        run_steps(&dg, g, &self.pos, inputs, bind, &|path, _| {
+            Err(Error::Binding(format!(
+                "module_call `{path}`: compiled training cuts graphs at hooked submodules"
+            )))
+        })?;
+        dg.finish().map_err(ocl)?;
+        g.outputs()
+            .iter()
+            .map(|o| from_bytes(&dg.read(g, o.value).map_err(ocl)?, g.value_type(o.value)))
+            .collect()
     }
 }

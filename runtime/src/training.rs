@@ -43,16 +43,67 @@ use kiln_ir::{Graph, InputKind, Op, OutputKind, TensorType};
 use parking_lot::Mutex;
 use std::sync::Arc;
 
-/// Runs one graph: the compiled CPU program (JIT pointwise kernels, gemm/
-/// conv kernels, one arena; the backward ops without a native lowering on
-/// the interpreter's kernels). The single place compiled training executes
-/// graphs.
+/// Where compiled training runs its graphs.
+#[derive(Clone)]
+enum Target {
+    /// The compiled CPU program.
+    Cpu,
+    /// An OpenCL device (`compile_for_training_opencl`).
+    #[cfg(feature = "opencl")]
+    OpenCl(Arc<kiln_opencl::Context>),
+}
+
+/// One compiled graph (a forward or a backward) of compiled training.
+enum Exec {
+    /// The compiled CPU program (JIT pointwise kernels, gemm/conv kernels,
+    /// one arena; backward ops without a native lowering on the
+    /// interpreter's kernels).
+    Cpu(GraphExec),
+    /// The graph rendered for an OpenCL device (ops without a device kernel
+    /// run on the CPU, named by `fallbacks`).
+    #[cfg(feature = "opencl")]
+    OpenCl(crate::opencl::ClGraphExec),
+}
+
+impl Exec {
+    fn new(g: Graph, target: &Target) -> Result<Exec> {
+        Ok(match target {
+            Target::Cpu => Exec::Cpu(GraphExec::new(g, false)?),
+            #[cfg(feature = "opencl")]
+            Target::OpenCl(ctx) => Exec::OpenCl(crate::opencl::ClGraphExec::new(ctx, g)?),
+        })
+    }
+
+    /// f32 elements of the arena (0 on a device: its buffers are the
+    /// device program's).
+    fn arena_len(&self) -> usize {
+        match self {
+            Exec::Cpu(e) => e.arena_len(),
+            #[cfg(feature = "opencl")]
+            Exec::OpenCl(_) => 0,
+        }
+    }
+
+    fn fallbacks(&self) -> Vec<String> {
+        match self {
+            Exec::Cpu(e) => e.fallbacks().to_vec(),
+            #[cfg(feature = "opencl")]
+            Exec::OpenCl(e) => e.fallbacks(),
+        }
+    }
+}
+
+/// Runs one graph. The single place compiled training executes graphs.
 fn run(
-    exec: &GraphExec,
+    exec: &Exec,
     inputs: &[Tensor],
     bindings: &dyn Fn(&InputKind) -> Result<Tensor>,
 ) -> Result<Vec<Tensor>> {
-    no_grad(|| exec.run(inputs, bindings))
+    no_grad(|| match exec {
+        Exec::Cpu(e) => e.run(inputs, bindings),
+        #[cfg(feature = "opencl")]
+        Exec::OpenCl(e) => e.run(inputs, bindings),
+    })
 }
 
 /// What selects a compiled variant.
@@ -101,8 +152,8 @@ impl TrainVariant {
     /// Nodes of the forward and backward programs that run on the
     /// interpreter's kernels (`op: reason`), forward first.
     pub fn fallbacks(&self) -> Vec<String> {
-        let mut v = self.f.fwd_exec.fallbacks().to_vec();
-        v.extend(self.f.bwd_exec.fallbacks().iter().cloned());
+        let mut v = self.f.fwd_exec.fallbacks();
+        v.extend(self.f.bwd_exec.fallbacks());
         v
     }
 
@@ -132,6 +183,7 @@ impl TrainVariant {
 pub struct CompiledTrainModule {
     module: Arc<dyn Module>,
     variants: Mutex<Vec<Arc<TrainVariant>>>,
+    target: Target,
 }
 
 /// The most variants a `CompiledTrainModule` keeps.
@@ -146,8 +198,31 @@ pub fn compile_for_training(
     let cm = CompiledTrainModule {
         module: module.clone(),
         variants: Mutex::new(Vec::new()),
+        target: Target::Cpu,
     };
     cm.variant(inputs)?;
+    Ok(cm)
+}
+
+/// `compile_for_training` with the forward and backward graphs on OpenCL
+/// device `device` (None: `KILN_OPENCL_DEVICE`, else 0). Parameters and
+/// buffers are uploaded every call (an eager optimizer updates them on the
+/// host between steps), gradients and buffer updates come back to the live
+/// module; backward ops without a device kernel run on the CPU
+/// (`TrainVariant::fallbacks` names them).
+#[cfg(feature = "opencl")]
+pub fn compile_for_training_opencl(
+    module: &Arc<dyn Module>,
+    inputs: &[Tensor],
+    device: Option<usize>,
+) -> Result<CompiledTrainModule> {
+    let ctx = kiln_opencl::context(device).map_err(|e| Error::Input(e.to_string()))?;
+    let cm = CompiledTrainModule {
+        module: module.clone(),
+        variants: Mutex::new(Vec::new()),
+        target: Target::OpenCl(ctx),
+    };
+    kiln_frontend::device::host_access(|| cm.variant(inputs))?;
     Ok(cm)
 }
 
@@ -232,7 +307,7 @@ impl CompiledTrainModule {
             .iter()
             .any(|&n| matches!(traced.graph().node(n).op, Op::ModuleCall { .. }))
         {
-            let seg = Segmented::build(traced.graph(), &key)?;
+            let seg = Segmented::build(traced.graph(), &key, &self.target)?;
             let (fwd_graph, joint, fwd_exec, bwd_exec) = seg.first_fn()?;
             return Ok(TrainVariant {
                 key,
@@ -249,12 +324,15 @@ impl CompiledTrainModule {
         }
         let trainable = &key.trainable;
         let req = &key.input_requires_grad;
-        let (fwd_graph, joint, fwd_exec, bwd_exec) =
-            diff_parts(traced.graph(), &|k: &InputKind| match k {
+        let (fwd_graph, joint, fwd_exec, bwd_exec) = diff_parts(
+            traced.graph(),
+            &|k: &InputKind| match k {
                 InputKind::Param(n) => trainable.contains(n),
                 InputKind::User(i) => req.get(*i).copied().unwrap_or(false),
                 InputKind::Buffer(_) => false,
-            })?;
+            },
+            &self.target,
+        )?;
         let forward = TracedModule::new(fwd_graph.clone(), module.clone())?;
         Ok(TrainVariant {
             key,
@@ -400,8 +478,8 @@ impl TrainStep {
 struct DiffFn {
     fwd_graph: Graph,
     joint: JointGraphs,
-    fwd_exec: GraphExec,
-    bwd_exec: GraphExec,
+    fwd_exec: Exec,
+    bwd_exec: Exec,
 }
 
 /// Differentiates `g` and compiles both graphs: (forward graph, joint,
@@ -409,14 +487,15 @@ struct DiffFn {
 fn diff_parts(
     g: &Graph,
     wants: &dyn Fn(&InputKind) -> bool,
-) -> Result<(Graph, JointGraphs, GraphExec, GraphExec)> {
+    target: &Target,
+) -> Result<(Graph, JointGraphs, Exec, Exec)> {
     let mut joint = differentiate(g, wants)?;
     let pm = PassManager::standard();
     let mut fwd = std::mem::take(&mut joint.forward);
     pm.run(&mut fwd)?;
     pm.run(&mut joint.backward)?;
-    let fwd_exec = GraphExec::new(fwd.clone(), false)?;
-    let bwd_exec = GraphExec::new(joint.backward.clone(), false)?;
+    let fwd_exec = Exec::new(fwd.clone(), target)?;
+    let bwd_exec = Exec::new(joint.backward.clone(), target)?;
     Ok((fwd, joint, fwd_exec, bwd_exec))
 }
 
@@ -528,6 +607,7 @@ pub(crate) struct Segmented {
     /// variant's accessors).
     first: Option<(Graph, Vec<bool>)>,
     trainable: Vec<String>,
+    target: Target,
 }
 
 fn seg_wants<'a>(trainable: &'a [String], mask: &'a [bool]) -> impl Fn(&InputKind) -> bool + 'a {
@@ -539,7 +619,7 @@ fn seg_wants<'a>(trainable: &'a [String], mask: &'a [bool]) -> impl Fn(&InputKin
 }
 
 impl Segmented {
-    fn build(g: &Graph, key: &Key) -> Result<Segmented> {
+    fn build(g: &Graph, key: &Key, target: &Target) -> Result<Segmented> {
         use kiln_ir::{OpClass, Value};
         use std::collections::{HashMap, HashSet};
         let order = g.topo_order()?;
@@ -670,7 +750,7 @@ impl Segmented {
                         }
                     }
                     let wants = seg_wants(&key.trainable, &mask);
-                    let (fwd_graph, joint, fwd_exec, bwd_exec) = diff_parts(&sg, &wants)?;
+                    let (fwd_graph, joint, fwd_exec, bwd_exec) = diff_parts(&sg, &wants, target)?;
                     if first.is_none() {
                         first = Some((sg, mask.clone()));
                     }
@@ -699,15 +779,16 @@ impl Segmented {
             outputs,
             first,
             trainable: key.trainable.clone(),
+            target: target.clone(),
         })
     }
 
     /// The first compiled segment's parts (for the variant's accessors).
-    fn first_fn(&self) -> Result<(Graph, JointGraphs, GraphExec, GraphExec)> {
+    fn first_fn(&self) -> Result<(Graph, JointGraphs, Exec, Exec)> {
         let (g, mask) = self.first.as_ref().ok_or_else(|| {
             Error::Input("compiled training: the graph has no compiled segment".into())
         })?;
-        diff_parts(g, &seg_wants(&self.trainable, mask))
+        diff_parts(g, &seg_wants(&self.trainable, mask), &self.target)
     }
 
     /// Runs the pieces in order; returns the user outputs and writes buffer

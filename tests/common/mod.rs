@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod scenarios;
+pub mod training;
 
 use kiln::nn::prelude::*;
 use kiln::nn::StateDict;

@@ -459,8 +459,40 @@ fn check_node(g: &Graph, n: NodeId) -> Option<String> {
         {
             Some(unsupported(g, n, "with operands of mixed dtypes"))
         }
+        // Training's backward ops (kiln_ir::autodiff), the pooling that saves
+        // its argmax, dropout masks: explicit host steps.
+        op if op.class() != OpClass::Pointwise && !heads_a_kernel(op) => {
+            Some(unsupported(g, n, "has no device kernel"))
+        }
         _ => None,
     }
+}
+
+/// Ops that `Renderer::segment` renders at the head of a kernel.
+fn heads_a_kernel(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::MatMul
+            | Op::Addmm
+            | Op::Conv2d { .. }
+            | Op::MaxPool2d { .. }
+            | Op::AvgPool2d { .. }
+            | Op::Reduce { .. }
+            | Op::Var { .. }
+            | Op::Softmax { .. }
+            | Op::LogSoftmax { .. }
+            | Op::LayerNorm { .. }
+            | Op::BatchNorm { .. }
+            | Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::Expand { .. }
+            | Op::Slice { .. }
+            | Op::Select { .. }
+            | Op::Contiguous
+            | Op::Cat { .. }
+            | Op::Stack { .. }
+            | Op::IndexSelect { .. }
+    )
 }
 
 fn index_dim(op: &Op) -> usize {

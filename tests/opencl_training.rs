@@ -1,0 +1,65 @@
+//! Compiled training on OpenCL (feature `opencl`, PoCL in CI):
+//! `compile_for_training_opencl` runs the forward and the IR-derived
+//! backward graphs on the device; for every zoo model the gradients equal
+//! the fixture's (and eager kiln's), and three SGD and three Adam steps
+//! (eager optimizer on the host, compiled forward and backward on the
+//! device) give the fixture's losses, parameters and buffers.
+#![cfg(feature = "opencl")]
+
+mod common;
+
+use common::training;
+use kiln::jit::{compile_for_training_opencl, CompiledTrainModule};
+use kiln::nn::prelude::*;
+use kiln::Tensor;
+use std::sync::Arc;
+
+fn opencl(m: &Arc<dyn Module>, x: &Tensor) -> CompiledTrainModule {
+    compile_for_training_opencl(m, std::slice::from_ref(x), None).unwrap()
+}
+
+macro_rules! zoo_tests {
+    ($($name:ident),*) => {
+        mod grads {
+            $( #[test] fn $name() { super::training::grads(stringify!($name), &super::opencl); } )*
+        }
+        mod steps {
+            $( #[test] fn $name() { super::training::steps(stringify!($name), &super::opencl, false); } )*
+        }
+    };
+}
+
+zoo_tests!(
+    simple_net,
+    net_with_dropout,
+    seed_cnn,
+    test_net,
+    custom_stack,
+    complex_net,
+    transformer_block,
+    pointwise_chain
+);
+
+#[test]
+fn the_backward_runs_on_the_device_and_names_its_host_ops() {
+    let (m, x) = common::model("seed_cnn");
+    m.train(true);
+    let cm = opencl(&m, &x);
+    let v = cm.variant(std::slice::from_ref(&x)).unwrap();
+    // Every fallback names its op; the forward's conv/pool/batch norm and
+    // the backward's reductions run as device kernels.
+    let fb = v.fallbacks();
+    println!("seed_cnn on OpenCL, host ops: {fb:?}");
+    assert!(!fb.is_empty());
+    assert!(
+        fb.iter()
+            .all(|f| f.starts_with("opencl backend: op ") && f.ends_with("has no device kernel")),
+        "{fb:?}"
+    );
+    for on_device in ["op conv2d ", "op batch_norm ", "op sum ", "op mul "] {
+        assert!(!fb.iter().any(|f| f.contains(on_device)), "{fb:?}");
+    }
+    let y = cm.call(&x).unwrap();
+    y.sum().unwrap().backward().unwrap();
+    assert!(m.parameters().iter().all(|p| p.grad().is_some()));
+}
