@@ -27,7 +27,7 @@ use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, Linkage, Module};
-use kiln_cpu::fastmath::{tile_fn, FastFn, TileFn};
+use kiln_cpu::fastmath::{sqrt_tile_fn, tile_fn, FastFn, TileFn};
 use kiln_ir::{BinaryOp, DType, Graph, Kernel, NodeId, Op, UnaryOp, Value};
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -737,7 +737,7 @@ pub const TILE: usize = 256;
 const MAX_TILE_BUFS: usize = 64;
 
 /// The tile routine that runs node `n` in the tiled loop, if `n` is a
-/// transcendental op (f32) and the CPU has AVX2 or AVX-512.
+/// transcendental op or sqrt (f32) and the CPU has AVX2 or AVX-512.
 fn tile_call(graph: &Graph, n: NodeId) -> Option<TileFn> {
     let f = match graph.node(n).op {
         Op::Unary(UnaryOp::Exp) => FastFn::Exp,
@@ -746,6 +746,8 @@ fn tile_call(graph: &Graph, n: NodeId) -> Option<TileFn> {
         Op::Unary(UnaryOp::Erf) => FastFn::Erf,
         Op::Unary(UnaryOp::GeluErf) => FastFn::Gelu,
         Op::Unary(UnaryOp::GeluTanh) => FastFn::GeluTanh,
+        // Exactly rounded either way; 16 lanes per instruction in the tile.
+        Op::Unary(UnaryOp::Sqrt) => return sqrt_tile_fn(),
         _ => return None,
     };
     tile_fn(f)
