@@ -965,17 +965,15 @@ fn emit_tiles(
                 if nodes.is_empty() && writes.is_empty() && k != last {
                     continue;
                 }
-                let lh = b.create_block();
+                // A bottom-tested loop (a tile is never empty): one branch
+                // per 4 elements.
                 let lb = b.create_block();
                 let after = b.create_block();
-                b.append_block_param(lh, I64);
+                b.append_block_param(lb, I64);
                 let z = b.ins().iconst(I64, 0);
-                b.ins().jump(lh, &[z.into()]);
-                b.switch_to_block(lh);
-                let j = b.block_params(lh)[0];
-                let c = b.ins().icmp_imm_u(IntCC::UnsignedLessThan, j, TILE as i64);
-                b.ins().brif(c, lb, &[], after, &[]);
+                b.ins().jump(lb, &[z.into()]);
                 b.switch_to_block(lb);
+                let j = b.block_params(lb)[0];
                 let i = b.ins().iadd(i0, j);
                 let joff = b.ins().imul_imm_u(j, 4);
                 let mut env: HashMap<Value, V> = HashMap::new();
@@ -1023,7 +1021,8 @@ fn emit_tiles(
                     }
                 }
                 let j4 = b.ins().iadd_imm_s(j, 4);
-                b.ins().jump(lh, &[j4.into()]);
+                let c = b.ins().icmp_imm_u(IntCC::UnsignedLessThan, j4, TILE as i64);
+                b.ins().brif(c, lb, &[j4.into()], after, &[]);
                 b.switch_to_block(after);
             }
         }
