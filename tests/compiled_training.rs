@@ -9,7 +9,6 @@
 
 mod common;
 
-use common::training;
 use common::{model, rel};
 use kiln::jit::{compile_for_training, CompiledTrainModule};
 use kiln::nn::prelude::*;
@@ -21,27 +20,7 @@ fn cpu(m: &Arc<dyn Module>, x: &Tensor) -> CompiledTrainModule {
     compile_for_training(m, std::slice::from_ref(x)).unwrap()
 }
 
-macro_rules! zoo_tests {
-    ($($name:ident),*) => {
-        mod grads {
-            $( #[test] fn $name() { super::training::grads(stringify!($name), &super::cpu); } )*
-        }
-        mod steps {
-            $( #[test] fn $name() { super::training::steps(stringify!($name), &super::cpu, true); } )*
-        }
-    };
-}
-
-zoo_tests!(
-    simple_net,
-    net_with_dropout,
-    seed_cnn,
-    test_net,
-    custom_stack,
-    complex_net,
-    transformer_block,
-    pointwise_chain
-);
+common::training::zoo_training_tests!(crate::cpu, true);
 
 #[test]
 fn frozen_layer_gets_no_gradient_and_unfreezing_recompiles() {

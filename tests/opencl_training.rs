@@ -8,7 +8,6 @@
 
 mod common;
 
-use common::training;
 use kiln::jit::{compile_for_training_opencl, CompiledTrainModule};
 use kiln::nn::prelude::*;
 use kiln::Tensor;
@@ -18,27 +17,7 @@ fn opencl(m: &Arc<dyn Module>, x: &Tensor) -> CompiledTrainModule {
     compile_for_training_opencl(m, std::slice::from_ref(x), None).unwrap()
 }
 
-macro_rules! zoo_tests {
-    ($($name:ident),*) => {
-        mod grads {
-            $( #[test] fn $name() { super::training::grads(stringify!($name), &super::opencl); } )*
-        }
-        mod steps {
-            $( #[test] fn $name() { super::training::steps(stringify!($name), &super::opencl, false); } )*
-        }
-    };
-}
-
-zoo_tests!(
-    simple_net,
-    net_with_dropout,
-    seed_cnn,
-    test_net,
-    custom_stack,
-    complex_net,
-    transformer_block,
-    pointwise_chain
-);
+common::training::zoo_training_tests!(crate::opencl, false);
 
 #[test]
 fn the_backward_runs_on_the_device_and_names_its_host_ops() {

@@ -173,3 +173,26 @@ pub fn steps(name: &str, compile: CompileTrain, bundled: bool) {
         }
     }
 }
+
+/// One `grads::<model>` and one `steps::<model>` test per zoo model for the
+/// compile function `$compile` (a path from the crate root); `$bundled`:
+/// also check `compile_training`'s one-call step.
+#[allow(unused_macros)]
+macro_rules! zoo_training_tests {
+    ($compile:path, $bundled:expr) => {
+        $crate::common::training::zoo_training_tests!(@models $compile, $bundled; simple_net, net_with_dropout, seed_cnn,
+            test_net, custom_stack, complex_net, transformer_block, pointwise_chain);
+    };
+    (@models $compile:path, $bundled:expr; $($name:ident),*) => {
+        mod grads {
+            $( #[test] fn $name() { $crate::common::training::grads(stringify!($name), &$compile); } )*
+        }
+        mod steps {
+            $( #[test] fn $name() {
+                $crate::common::training::steps(stringify!($name), &$compile, $bundled);
+            } )*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use zoo_training_tests;
