@@ -12,6 +12,7 @@ mod bn_fold;
 mod const_fold;
 mod cse;
 mod dce;
+mod linear_nd;
 mod views;
 
 pub use algebra::simplify_algebra;
@@ -20,6 +21,7 @@ pub use bn_fold::fold_batchnorm;
 pub use const_fold::{constant_fold, FOLD_MAX_ELEMENTS};
 pub use cse::cse;
 pub use dce::dce;
+pub use linear_nd::unflatten_linear;
 pub use views::simplify_views;
 
 pub type PassFn = fn(&mut Graph) -> Result<bool>;
@@ -68,10 +70,13 @@ impl PassManager {
 
     /// The pipeline of the compiled backends: `standard`, then eval-mode
     /// BatchNorms that did not fold become a per-channel multiply-add
-    /// (`decompose_batchnorm_eval`), cleaned up by CSE and DCE.
+    /// (`decompose_batchnorm_eval`) and linear layers on inputs of rank > 2
+    /// a batched matmul plus bias (`unflatten_linear`: what follows fuses
+    /// into the gemm's epilogue), cleaned up by CSE and DCE.
     pub fn compile_pipeline() -> PassManager {
         let mut pm = PassManager::standard();
         pm.add("decompose_batchnorm_eval", decompose_batchnorm_eval)
+            .add("unflatten_linear", unflatten_linear)
             .add("cse", cse)
             .add("dce", dce);
         pm
