@@ -191,7 +191,7 @@ fn main() -> ExitCode {
                 Backend::Opencl => kiln::bench::Backend::Eager,
             };
             if train {
-                bench_train(large, models.unwrap_or_default(), min_time)
+                bench_train(large, threads, models.unwrap_or_default(), min_time)
             } else if backend == Backend::Opencl {
                 opencl::bench(large, models.unwrap_or_default(), min_time, device)
             } else {
@@ -275,7 +275,15 @@ fn bench(
     Ok(())
 }
 
-fn bench_train(large: bool, models: Vec<String>, min_time: f64) -> Result<(), String> {
+fn bench_train(
+    large: bool,
+    threads: Option<usize>,
+    models: Vec<String>,
+    min_time: f64,
+) -> Result<(), String> {
+    if let Some(n) = threads {
+        kiln::set_num_threads(n).map_err(|e| format!("--threads {n}: {e}"))?;
+    }
     let rows =
         kiln::bench_train::bench_train(&models, large, min_time).map_err(|e| e.to_string())?;
     print!("{}", kiln::bench_train::format_train_table(&rows));
