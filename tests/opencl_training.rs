@@ -3,7 +3,9 @@
 //! backward graphs on the device; for every zoo model the gradients equal
 //! the fixture's (and eager kiln's), and three SGD and three Adam steps
 //! (eager optimizer on the host, compiled forward and backward on the
-//! device) give the fixture's losses, parameters and buffers.
+//! device) give the fixture's losses, parameters and buffers; backward and
+//! forward hooks on submodules run as in eager mode (graph cut at hooked
+//! modules, the segments on the device).
 #![cfg(feature = "opencl")]
 
 mod common;
@@ -41,4 +43,14 @@ fn the_backward_runs_on_the_device_and_names_its_host_ops() {
     let y = cm.call(&x).unwrap();
     y.sum().unwrap().backward().unwrap();
     assert!(m.parameters().iter().all(|p| p.grad().is_some()));
+}
+
+#[test]
+fn backward_hooks_on_opencl_equal_eager() {
+    common::training_hooks::backward_hooks_in_compiled_training_equal_eager(&opencl);
+}
+
+#[test]
+fn hooks_registered_after_compilation_on_opencl_recompile_and_run() {
+    common::training_hooks::hooks_registered_after_compilation_recompile_and_run(&opencl);
 }

@@ -6,6 +6,7 @@
 
 pub mod scenarios;
 pub mod training;
+pub mod training_hooks;
 
 use kiln::nn::prelude::*;
 use kiln::nn::StateDict;
