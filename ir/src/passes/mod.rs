@@ -12,6 +12,7 @@ mod bn_fold;
 mod const_fold;
 mod cse;
 mod dce;
+mod div_broadcast;
 mod linear_nd;
 mod views;
 
@@ -21,6 +22,7 @@ pub use bn_fold::fold_batchnorm;
 pub use const_fold::{constant_fold, FOLD_MAX_ELEMENTS};
 pub use cse::cse;
 pub use dce::dce;
+pub use div_broadcast::reciprocal_of_broadcast_divisor;
 pub use linear_nd::unflatten_linear;
 pub use views::simplify_views;
 
@@ -72,11 +74,17 @@ impl PassManager {
     /// BatchNorms that did not fold become a per-channel multiply-add
     /// (`decompose_batchnorm_eval`) and linear layers on inputs of rank > 2
     /// a batched matmul plus bias (`unflatten_linear`: what follows fuses
-    /// into the gemm's epilogue), cleaned up by CSE and DCE.
+    /// into the gemm's epilogue), divisions by a broadcast divisor a
+    /// multiply by its reciprocal (`reciprocal_of_broadcast_divisor`),
+    /// cleaned up by CSE and DCE.
     pub fn compile_pipeline() -> PassManager {
         let mut pm = PassManager::standard();
         pm.add("decompose_batchnorm_eval", decompose_batchnorm_eval)
             .add("unflatten_linear", unflatten_linear)
+            .add(
+                "reciprocal_of_broadcast_divisor",
+                reciprocal_of_broadcast_divisor,
+            )
             .add("cse", cse)
             .add("dce", dce);
         pm
