@@ -353,6 +353,9 @@ enum OutSrc {
     View(Loc),
     /// Written in place by the steps into output buffer `k`.
     Out(usize),
+    /// Left in the arena for a later program (`GraphExec::new_pair`); the
+    /// call returns an empty placeholder tensor.
+    Kept,
 }
 
 /// A lowered graph (see the module docs).
@@ -377,6 +380,9 @@ pub(crate) struct Program {
     /// `op: reason` for every node that runs on the fallback path.
     fallbacks: Vec<String>,
     pos: HashMap<NodeId, usize>,
+    /// Inputs taken by value (input index, value), dropped after their
+    /// last reader (`lower`'s `consumed`).
+    consumed: Vec<(usize, Value)>,
 }
 
 // ------------------------------------------------------------------ building
@@ -403,6 +409,9 @@ struct Builder<'g> {
     tensor_last: HashMap<Value, usize>,
     /// The value of each `Base::Dyn` slot.
     dyn_values: Vec<Value>,
+    /// Graph outputs that stay in the arena (`GraphExec::new_pair`): homed
+    /// in arena buffers, not in returned output buffers.
+    kept: HashSet<Value>,
 }
 
 fn bufs_of(spans: &[Span]) -> Vec<usize> {
@@ -496,7 +505,7 @@ impl<'g> Builder<'g> {
     fn output(&mut self, v: Value) -> Span {
         let shape = self.g.value_type(v).shape.clone();
         // A graph output is written straight into the tensor returned.
-        let base = if self.g.is_graph_output(v) && self.is_f32(v) {
+        let base = if self.g.is_graph_output(v) && self.is_f32(v) && !self.kept.contains(&v) {
             self.out_shapes.push(shape.clone());
             Base::Out(self.out_shapes.len() - 1)
         } else {
@@ -1243,6 +1252,19 @@ fn plan_memory(lens: &[usize], first: &[usize], last: &[usize]) -> (Vec<usize>, 
     (offsets, peak)
 }
 
+/// A program lowered but not yet given arena offsets: its buffers' live
+/// ranges in step indices (inclusive; `usize::MAX` = read at the end).
+struct Lowered {
+    program: Program,
+    first: Vec<usize>,
+    last: Vec<usize>,
+    /// For each graph output kept in the arena (`keep`): its buffer and
+    /// view, or None where it is returned as a tensor.
+    kept: Vec<Option<(usize, Loc)>>,
+    /// The buffer of each pinned user input, by input index.
+    pinned: HashMap<usize, usize>,
+}
+
 impl Program {
     /// Lowers `g` along `plan`. `leaves` binds each Input/Constant node.
     pub(crate) fn build(
@@ -1250,6 +1272,35 @@ impl Program {
         plan: &FusionPlan,
         bind_leaf: &dyn Fn(NodeId) -> Result<LeafSrc>,
     ) -> Result<Program> {
+        let mut l = Self::lower(g, plan, bind_leaf, &[], &HashMap::new(), &HashSet::new())?;
+        let (offs, len) = plan_memory(&l.program.buf_lens, &l.first, &l.last);
+        l.program.set_plan(offs, len);
+        Ok(l.program)
+    }
+
+    fn set_plan(&mut self, buf_offsets: Vec<usize>, arena_len: usize) {
+        for (o, l) in buf_offsets.iter().zip(&self.buf_lens) {
+            assert!(o + l <= arena_len, "memory plan: buffer outside the arena");
+        }
+        self.buf_offsets = buf_offsets;
+        self.arena_len = arena_len;
+    }
+
+    /// Lowers `g`; the graph outputs whose index is in `keep` stay in the
+    /// arena when they live in an arena buffer (returned as the leaf
+    /// tensor itself when they are an f32 leaf), and user input `i` in
+    /// `pinned` is not a leaf but a view `(buffer length, view)` of an
+    /// arena buffer written before the program runs; user input `i` in
+    /// `consumed` is handed over by value (`run_owned`) and dropped after
+    /// its last reader.
+    fn lower(
+        g: &Graph,
+        plan: &FusionPlan,
+        bind_leaf: &dyn Fn(NodeId) -> Result<LeafSrc>,
+        keep: &[usize],
+        pinned: &HashMap<usize, (usize, Loc)>,
+        consumed: &HashSet<usize>,
+    ) -> Result<Lowered> {
         let order = g.topo_order()?;
         let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
         let mut b = Builder {
@@ -1267,15 +1318,50 @@ impl Program {
             out_shapes: Vec::new(),
             tensor_last: HashMap::new(),
             dyn_values: Vec::new(),
+            kept: HashSet::new(),
         };
+        // Values returned only through kept outputs live in the arena.
+        for (i, o) in g.outputs().iter().enumerate() {
+            if keep.contains(&i) {
+                b.kept.insert(o.value);
+            }
+        }
+        for (i, o) in g.outputs().iter().enumerate() {
+            if !keep.contains(&i) {
+                b.kept.remove(&o.value);
+            }
+        }
         let mut leaves = Vec::new();
         let mut leaf_nodes = Vec::new();
+        let mut pinned_bufs = HashMap::new();
+        let mut consumed_vals = Vec::new();
         for &n in &order {
             if matches!(g.node(n).op.class(), OpClass::Input | OpClass::Constant) {
                 let i = leaves.len();
                 leaves.push(bind_leaf(n)?);
                 leaf_nodes.push(n);
                 let v = Value::new(n, 0);
+                if let Op::Input {
+                    kind: InputKind::User(u),
+                    ..
+                } = g.node(n).op
+                {
+                    if let Some((len, loc)) = pinned.get(&u) {
+                        let buf = b.new_buf(*len);
+                        pinned_bufs.insert(u, buf);
+                        let loc = Loc {
+                            base: Base::Buf(buf),
+                            ..loc.clone()
+                        };
+                        b.set_loc(v, loc, false);
+                        continue;
+                    }
+                    if consumed.contains(&u) {
+                        b.tensors.insert(v);
+                        consumed_vals.push((u, v));
+                        continue;
+                    }
+                }
                 b.leaf_of.insert(v, i);
                 if b.is_f32(v) {
                     let shape = g.value_type(v).shape.clone();
@@ -1288,11 +1374,16 @@ impl Program {
         }
         let mut outputs = Vec::new();
         let mut end_reads = Vec::new();
-        for o in g.outputs() {
+        let mut kept = Vec::new();
+        for (oi, o) in g.outputs().iter().enumerate() {
             let v = o.value;
+            let keep = keep.contains(&oi);
+            if keep {
+                kept.push(None);
+            }
             outputs.push(if b.tensors.contains(&v) {
                 OutSrc::Tensor(v)
-            } else if let (Some(&i), false) = (b.leaf_of.get(&v), b.is_f32(v)) {
+            } else if let (Some(&i), false) = (b.leaf_of.get(&v), b.is_f32(v) && !keep) {
                 OutSrc::Leaf(i)
             } else {
                 let loc = b.locs.get(&v).cloned().ok_or_else(|| {
@@ -1304,6 +1395,11 @@ impl Program {
                 }
                 match loc.base {
                     Base::Out(k) if loc.off == 0 && loc.is_contiguous() => OutSrc::Out(k),
+                    Base::Buf(x) if keep => {
+                        end_reads.push(x);
+                        *kept.last_mut().expect("pushed") = Some((x, loc));
+                        OutSrc::Kept
+                    }
                     Base::Buf(x) => {
                         end_reads.push(x);
                         OutSrc::View(loc)
@@ -1334,10 +1430,6 @@ impl Program {
         }
         let mut avail = std::mem::take(&mut b.avail);
         avail.sort_by_key(|(k, _, _)| *k);
-        let (buf_offsets, arena_len) = plan_memory(&b.buf_lens, &first, &last);
-        for (o, l) in buf_offsets.iter().zip(&b.buf_lens) {
-            assert!(o + l <= arena_len, "memory plan: buffer outside the arena");
-        }
         // A fallback value read in place lives until its last reader.
         for (si, st) in b.steps.iter().enumerate() {
             for k in st.dyn_reads() {
@@ -1361,7 +1453,7 @@ impl Program {
             .enumerate()
             .map(|(k, v)| (*v, k))
             .collect();
-        Ok(Program {
+        let program = Program {
             dyn_of,
             frees,
             out_shapes: std::mem::take(&mut b.out_shapes),
@@ -1369,12 +1461,20 @@ impl Program {
             leaves,
             leaf_nodes,
             steps: b.steps,
-            buf_offsets,
+            buf_offsets: Vec::new(),
             buf_lens: b.buf_lens,
-            arena_len,
+            arena_len: 0,
             outputs,
             fallbacks: b.fallbacks,
             pos,
+            consumed: consumed_vals,
+        };
+        Ok(Lowered {
+            program,
+            first,
+            last,
+            kept,
+            pinned: pinned_bufs,
         })
     }
 
@@ -1480,7 +1580,42 @@ impl Program {
                 out_bufs: &out_bufs,
                 dyns: &dyns,
             };
-            self.exec(g, &ctx, leaves, user_inputs, bind, call, None)
+            self.exec(g, &ctx, leaves, user_inputs, bind, call, None, Vec::new())
+        })
+    }
+
+    /// `run` with the inputs the program takes by value (`lower`'s
+    /// `consumed`) in `owned`, by input index.
+    #[allow(clippy::too_many_arguments)]
+    fn run_owned(
+        &self,
+        g: &Graph,
+        leaves: &[Tensor],
+        ptrs: &mut Vec<(usize, usize)>,
+        arena: &mut [f32],
+        user_inputs: &[Tensor],
+        bind: &dyn Fn(&InputKind) -> Result<Tensor>,
+        call: &dyn Fn(&str, &Tensor) -> Result<Tensor>,
+        owned: Vec<Option<Tensor>>,
+    ) -> Result<Vec<Tensor>> {
+        assert!(arena.len() >= self.arena_len, "arena too small");
+        ptrs.clear();
+        let (out_bufs, outs) = self.alloc_outputs();
+        let dyns: Vec<std::cell::Cell<(usize, usize)>> =
+            (0..self.dyn_of.len()).map(|_| Default::default()).collect();
+        let mut owned = Some(owned);
+        with_leaf_slices(leaves, ptrs, &mut |ptrs| {
+            let ctx = Ctx {
+                leaves: ptrs,
+                arena: arena.as_mut_ptr(),
+                offs: &self.buf_offsets,
+                lens: &self.buf_lens,
+                outs: &outs,
+                out_bufs: &out_bufs,
+                dyns: &dyns,
+            };
+            let owned = owned.take().unwrap_or_default();
+            self.exec(g, &ctx, leaves, user_inputs, bind, call, None, owned)
         })
     }
 
@@ -1512,7 +1647,16 @@ impl Program {
                 out_bufs: &out_bufs,
                 dyns: &dyns,
             };
-            self.exec(g, &ctx, leaves, user_inputs, bind, call, Some(&mut seen))
+            self.exec(
+                g,
+                &ctx,
+                leaves,
+                user_inputs,
+                bind,
+                call,
+                Some(&mut seen),
+                Vec::new(),
+            )
         })?;
         Ok((outs, seen))
     }
@@ -1527,8 +1671,19 @@ impl Program {
         bind: &dyn Fn(&InputKind) -> Result<Tensor>,
         call: &dyn Fn(&str, &Tensor) -> Result<Tensor>,
         mut collect: Option<&mut HashMap<Value, Tensor>>,
+        mut owned: Vec<Option<Tensor>>,
     ) -> Result<Vec<Tensor>> {
         let mut tensors: HashMap<Value, Tensor> = HashMap::new();
+        // Inputs handed over by value: held like fallback results, dropped
+        // after their last reader.
+        for &(i, v) in &self.consumed {
+            let t = owned.get_mut(i).and_then(Option::take).ok_or_else(|| {
+                Error::Input(format!("compiled program: input {i} (by value) missing"))
+            })?;
+            let t = self.register_dyn(ctx, v, t)?;
+            tensors.insert(v, t);
+        }
+        drop(owned);
         let mut next_avail = 0;
         // Copies (for `run_collect`) of the values readable once `ran` steps ran.
         let mut snapshot = |ran: usize, collect: &mut Option<&mut HashMap<Value, Tensor>>| {
@@ -1821,6 +1976,7 @@ impl Program {
                 Ok(match o {
                     OutSrc::Tensor(v) => tensors[v].clone(),
                     OutSrc::Leaf(i) => leaves[*i].clone(),
+                    OutSrc::Kept => Tensor::from_vec(Vec::<f32>::new(), &[0])?,
                     OutSrc::View(loc) => {
                         Tensor::f32_filled_by(&loc.shape, |d| unsafe { gather_into(ctx, loc, d) })
                     }
@@ -2023,30 +2179,175 @@ pub(crate) struct GraphExec {
     /// Keep the arena between calls (inference) or take one per call.
     keep_arena: bool,
     arena: parking_lot::Mutex<Vec<f32>>,
+    /// User inputs that are arena values written by the paired program
+    /// (`new_pair`), not tensors; their call arguments are ignored.
+    pinned: HashSet<usize>,
+}
+
+/// Binds a bare graph's leaves: user inputs by index, parameters/buffers by
+/// name, constants evaluated once.
+fn bare_leaf(g: &Graph, n: NodeId) -> Result<LeafSrc> {
+    Ok(match &g.node(n).op {
+        Op::Input {
+            kind: InputKind::User(i),
+            ..
+        } => LeafSrc::User(*i),
+        Op::Input { kind, .. } => LeafSrc::State(kind.clone()),
+        op => {
+            let mut t = exec_node(op, &[], &[], &|k| {
+                Err(Error::Binding(format!("a constant binds nothing ({k:?})")))
+            })?;
+            LeafSrc::Const(t.remove(0))
+        }
+    })
 }
 
 impl GraphExec {
+    /// Two graphs run back to back over one arena (compiled training's
+    /// forward and backward): output `o` of `first` for each `(o, i)` in
+    /// `handoff` is user input `i` of `second`. Where that value lives in
+    /// an arena buffer of `first`, it stays there (`first` returns an empty
+    /// placeholder for it, `second` reads it in place and ignores its
+    /// argument), and one liveness plan covers both programs' steps, so
+    /// the second program's values reuse the space of handed-off values
+    /// after their last reader. Run both with `run_in` on the same arena
+    /// of `arena_len` elements, which the second program may overwrite.
+    /// Returns the two programs and the handed-off pairs kept in the arena.
+    pub(crate) fn new_pair(
+        mut first: Graph,
+        mut second: Graph,
+        handoff: &[(usize, usize)],
+    ) -> Result<(GraphExec, GraphExec, Vec<(usize, usize)>)> {
+        let pm = kiln_ir::passes::PassManager::compile_pipeline();
+        pm.run(&mut first)?;
+        pm.run(&mut second)?;
+        let keep: Vec<usize> = handoff.iter().map(|&(o, _)| o).collect();
+        let plan1 = kiln_ir::plan_fusion(&first)?;
+        let f = Program::lower(
+            &first,
+            &plan1,
+            &|n| bare_leaf(&first, n),
+            &keep,
+            &HashMap::new(),
+            &HashSet::new(),
+        )?;
+        let mut pinned = HashMap::new();
+        let mut in_arena = Vec::new();
+        for (&(o, i), k) in handoff.iter().zip(&f.kept) {
+            if let Some((x, loc)) = k {
+                pinned.insert(i, (f.program.buf_lens[*x], loc.clone()));
+                in_arena.push((o, i, *x));
+            }
+        }
+        let plan2 = kiln_ir::plan_fusion(&second)?;
+        // The other handed-off values are taken by value and dropped after
+        // their last reader.
+        let consumed: HashSet<usize> = handoff
+            .iter()
+            .map(|&(_, i)| i)
+            .filter(|i| !pinned.contains_key(i))
+            .collect();
+        let s = Program::lower(
+            &second,
+            &plan2,
+            &|n| bare_leaf(&second, n),
+            &[],
+            &pinned,
+            &consumed,
+        )?;
+        // One timeline: the first program's steps, then the second's.
+        let n1 = f.program.steps.len();
+        let shift = |t: usize| if t == usize::MAX { t } else { n1 + 1 + t };
+        let nf = f.program.buf_lens.len();
+        let mut lens = f.program.buf_lens.clone();
+        let mut firsts = f.first.clone();
+        let mut lasts: Vec<usize> = f.last.iter().map(|&l| l.min(n1)).collect();
+        // Joint index of each second-program buffer.
+        let mut joint = Vec::with_capacity(s.program.buf_lens.len());
+        let pinned_of: HashMap<usize, usize> = in_arena
+            .iter()
+            .filter_map(|&(_, i, x)| Some((*s.pinned.get(&i)?, x)))
+            .collect();
+        for (b, &len) in s.program.buf_lens.iter().enumerate() {
+            match pinned_of.get(&b) {
+                Some(&x) => {
+                    lasts[x] = lasts[x].max(shift(s.last[b]));
+                    joint.push(x);
+                }
+                None => {
+                    lens.push(len);
+                    firsts.push(shift(s.first[b]));
+                    lasts.push(shift(s.last[b]));
+                    joint.push(lens.len() - 1);
+                }
+            }
+        }
+        let (offs, len) = plan_memory(&lens, &firsts, &lasts);
+        if std::env::var("KILN_DEBUG_PLAN").is_ok() {
+            let n2 = s.program.steps.len();
+            let mut best = (0, 0);
+            for t in 0..n1 + 2 + n2 {
+                let live: usize = (0..lens.len())
+                    .filter(|&b| firsts[b] <= t && t <= lasts[b])
+                    .map(|b| lens[b])
+                    .sum();
+                best = best.max((live, t));
+            }
+            eprintln!(
+                "pair plan: arena {:.1} MiB, live peak {:.1} MiB at step {} (forward {} steps, backward {}), {} bufs, kept {}",
+                len as f64 * 4.0 / 1048576.0,
+                best.0 as f64 * 4.0 / 1048576.0,
+                best.1,
+                n1,
+                n2,
+                lens.len(),
+                in_arena.len()
+            );
+            let sizes: Vec<String> = in_arena.iter().map(|&(_, _, x)| format!("{:.2}", lens[x] as f64 * 4.0 / 1048576.0)).collect();
+            eprintln!("kept MiB: {sizes:?}");
+            let names: Vec<&str> = f.program.steps.iter().chain(&s.program.steps).map(Step::name).collect();
+            eprintln!("steps: {:?}", names);
+            for (gg, name) in [(&first, "F"), (&second, "B")] {
+                let order = gg.topo_order()?;
+                let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+                for &n in &order {
+                    eprintln!("{name} {}", crate::interpreter::describe_node(gg, &pos, n));
+                }
+                for o in gg.outputs() { eprintln!("{name} out {:?}", pos[&o.value.node]); }
+            }
+            for b in 0..lens.len() {
+                if firsts[b] <= best.1 && best.1 <= lasts[b] {
+                    eprintln!("  live buf {b}: {:.2} MiB [{}, {}]", lens[b] as f64 * 4.0 / 1048576.0, firsts[b], lasts[b] as isize);
+                }
+            }
+        }
+        let mut p1 = f.program;
+        let mut p2 = s.program;
+        p1.set_plan(offs[..nf].to_vec(), len);
+        p2.set_plan(joint.iter().map(|&j| offs[j]).collect(), len);
+        let mut pinned_inputs: HashSet<usize> = in_arena.iter().map(|&(_, i, _)| i).collect();
+        pinned_inputs.extend(consumed);
+        let mk = |graph: Graph, program: Program, pinned: HashSet<usize>| GraphExec {
+            graph,
+            program,
+            keep_arena: false,
+            arena: parking_lot::Mutex::new(Vec::new()),
+            pinned,
+        };
+        Ok((
+            mk(first, p1, HashSet::new()),
+            mk(second, p2, pinned_inputs),
+            in_arena.iter().map(|&(o, i, _)| (o, i)).collect(),
+        ))
+    }
+
     /// Runs the compile pipeline on `graph`, plans fusion and lowers it.
     /// The graph's outputs (count and order) are kept.
     pub(crate) fn new(mut graph: Graph, keep_arena: bool) -> Result<GraphExec> {
         kiln_ir::passes::PassManager::compile_pipeline().run(&mut graph)?;
         let plan = kiln_ir::plan_fusion(&graph)?;
         let g = &graph;
-        let program = Program::build(g, &plan, &|n| {
-            Ok(match &g.node(n).op {
-                Op::Input {
-                    kind: InputKind::User(i),
-                    ..
-                } => LeafSrc::User(*i),
-                Op::Input { kind, .. } => LeafSrc::State(kind.clone()),
-                op => {
-                    let mut t = exec_node(op, &[], &[], &|k| {
-                        Err(Error::Binding(format!("a constant binds nothing ({k:?})")))
-                    })?;
-                    LeafSrc::Const(t.remove(0))
-                }
-            })
-        })?;
+        let program = Program::build(g, &plan, &|n| bare_leaf(g, n))?;
         let arena = parking_lot::Mutex::new(if keep_arena {
             vec![0f32; program.arena_len()]
         } else {
@@ -2057,6 +2358,7 @@ impl GraphExec {
             program,
             keep_arena,
             arena,
+            pinned: HashSet::new(),
         })
     }
 
@@ -2076,6 +2378,37 @@ impl GraphExec {
         inputs: &[Tensor],
         bind: &dyn Fn(&InputKind) -> Result<Tensor>,
     ) -> Result<Vec<Tensor>> {
+        self.run_arena(inputs, bind, None, Vec::new())
+    }
+
+    /// `run` in the caller's arena (at least `arena_len` elements; see
+    /// `new_pair`). Inputs the program takes by value are dropped after
+    /// their last reader (the caller keeps a clone to keep them).
+    pub(crate) fn run_in(
+        &self,
+        mut inputs: Vec<Tensor>,
+        bind: &dyn Fn(&InputKind) -> Result<Tensor>,
+        arena: &mut [f32],
+    ) -> Result<Vec<Tensor>> {
+        let mut owned = vec![None; inputs.len()];
+        for &(i, _) in &self.program.consumed {
+            if let Some(t) = inputs.get_mut(i) {
+                owned[i] = Some(std::mem::replace(
+                    t,
+                    Tensor::from_vec(Vec::<f32>::new(), &[0])?,
+                ));
+            }
+        }
+        self.run_arena(&inputs, bind, Some(arena), owned)
+    }
+
+    fn run_arena(
+        &self,
+        inputs: &[Tensor],
+        bind: &dyn Fn(&InputKind) -> Result<Tensor>,
+        given: Option<&mut [f32]>,
+        owned: Vec<Option<Tensor>>,
+    ) -> Result<Vec<Tensor>> {
         let leaves: Vec<Tensor> = self
             .program
             .leaves()
@@ -2083,6 +2416,9 @@ impl GraphExec {
             .zip(self.program.leaf_nodes())
             .map(|(l, n)| {
                 let t = match l {
+                    LeafSrc::User(i) if self.pinned.contains(i) => {
+                        return Tensor::from_vec(Vec::<f32>::new(), &[0]).map_err(Error::from)
+                    }
                     LeafSrc::User(i) => inputs
                         .get(*i)
                         .cloned()
@@ -2111,6 +2447,25 @@ impl GraphExec {
             )))
         };
         let mut ptrs = Vec::with_capacity(leaves.len());
+        if let Some(arena) = given {
+            if arena.len() < self.program.arena_len() {
+                return Err(Error::Input(format!(
+                    "compiled program: arena of {} elements, {} needed",
+                    arena.len(),
+                    self.program.arena_len()
+                )));
+            }
+            return self.program.run_owned(
+                &self.graph,
+                &leaves,
+                &mut ptrs,
+                arena,
+                inputs,
+                bind,
+                &no_call,
+                owned,
+            );
+        }
         if !self.keep_arena {
             // A per-call arena (from the recycling cache), released when the
             // call ends: training keeps no memory between steps.

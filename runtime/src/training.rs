@@ -43,18 +43,6 @@ use kiln_ir::{Graph, InputKind, Op, OutputKind, TensorType};
 use parking_lot::Mutex;
 use std::sync::Arc;
 
-/// Runs one graph: the compiled CPU program (JIT pointwise kernels, gemm/
-/// conv kernels, one arena; the backward ops without a native lowering on
-/// the interpreter's kernels). The single place compiled training executes
-/// graphs.
-fn run(
-    exec: &GraphExec,
-    inputs: &[Tensor],
-    bindings: &dyn Fn(&InputKind) -> Result<Tensor>,
-) -> Result<Vec<Tensor>> {
-    no_grad(|| exec.run(inputs, bindings))
-}
-
 /// What selects a compiled variant.
 #[derive(Clone, Debug, PartialEq)]
 struct Key {
@@ -404,8 +392,11 @@ struct DiffFn {
     bwd_exec: GraphExec,
 }
 
-/// Differentiates `g` and compiles both graphs: (forward graph, joint,
-/// forward exec, backward exec).
+/// Differentiates `g` and compiles both graphs over one arena
+/// (`GraphExec::new_pair`): the saved values that live in the forward's
+/// arena stay there for the backward, which reuses their space after
+/// their last reader. Returns (forward graph, joint, forward exec,
+/// backward exec).
 fn diff_parts(
     g: &Graph,
     wants: &dyn Fn(&InputKind) -> bool,
@@ -415,8 +406,11 @@ fn diff_parts(
     let mut fwd = std::mem::take(&mut joint.forward);
     pm.run(&mut fwd)?;
     pm.run(&mut joint.backward)?;
-    let fwd_exec = GraphExec::new(fwd.clone(), false)?;
-    let bwd_exec = GraphExec::new(joint.backward.clone(), false)?;
+    let handoff: Vec<(usize, usize)> = (0..joint.num_saved)
+        .map(|j| (joint.num_outputs + j, joint.grad_outputs.len() + j))
+        .collect();
+    let (fwd_exec, bwd_exec, _) =
+        GraphExec::new_pair(fwd.clone(), joint.backward.clone(), &handoff)?;
     Ok((fwd, joint, fwd_exec, bwd_exec))
 }
 
@@ -429,7 +423,17 @@ impl DiffFn {
         inputs: &[Tensor],
         bind: &dyn Fn(&InputKind) -> Result<Tensor>,
     ) -> Result<Vec<Tensor>> {
-        let outs = run(&self.fwd_exec, inputs, bind)?;
+        // One arena for the forward and, when recorded, the backward: it
+        // holds the saved values between them (see `diff_parts`).
+        let mut arena = kiln_cpu::buffers::alloc_uninit::<f32>(self.fwd_exec.arena_len());
+        let outs = no_grad(|| self.fwd_exec.run_in(inputs.to_vec(), bind, &mut arena));
+        let outs = match outs {
+            Ok(o) => o,
+            Err(e) => {
+                kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(arena));
+                return Err(e);
+            }
+        };
         let j = &self.joint;
         let mut originals = Vec::with_capacity(j.num_outputs);
         let mut user_pos = Vec::new();
@@ -445,8 +449,17 @@ impl DiffFn {
         }
         let saved: Vec<Tensor> = outs.collect();
         if !is_grad_enabled() || j.grad_inputs.is_empty() || j.grad_outputs.is_empty() {
+            kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(arena));
             return Ok(originals);
         }
+        // Saved tensors are read in place (parameters and inputs are not
+        // copied): modifying one in place before the backward is an error,
+        // as in PyTorch.
+        let versions: Vec<u64> = saved.iter().map(|t| t.version()).collect();
+        let arena = Mutex::new(Some(arena));
+        // Without retain_graph the backward takes the saved tensors and
+        // drops each after its last reader.
+        let saved = Mutex::new(Some(saved));
         let diff_inputs: Vec<Tensor> = j
             .grad_inputs
             .iter()
@@ -462,20 +475,59 @@ impl DiffFn {
             .collect();
         let f = self.clone();
         let backward = move |gs: &[Option<Tensor>], needs: &[bool]| {
-            let mut bin: Vec<Tensor> = Vec::with_capacity(gs.len() + saved.len());
+            let mut bin: Vec<Tensor> = Vec::with_capacity(gs.len() + versions.len());
             for (g, ty) in gs.iter().zip(&out_types) {
                 bin.push(match g {
                     Some(g) => g.clone(),
                     None => Tensor::zeros(&ty.shape, ty.dtype),
                 });
             }
-            bin.extend(saved.iter().cloned());
-            let grads = run(&f.bwd_exec, &bin, &|k| {
-                Err(Error::Binding(format!(
-                    "the backward graph binds nothing by name ({k:?})"
-                )))
-            })
-            .map_err(|e| {
+            let retain = kiln_frontend::autograd::retains_graph();
+            let saved = if retain {
+                saved.lock().clone()
+            } else {
+                saved.lock().take()
+            }
+            .ok_or_else(|| {
+                kiln_frontend::Error::Autograd(
+                    "CompiledFunctionBackward: the saved values were freed by an earlier backward (use retain_graph=True to backward twice)".into(),
+                )
+            })?;
+            if saved.iter().zip(&versions).any(|(t, &v)| t.version() != v) {
+                return Err(kiln_frontend::Error::Autograd(
+                    "one of the variables needed for gradient computation has been modified by an inplace operation (CompiledFunctionBackward)".into(),
+                ));
+            }
+            // The backward overwrites saved values after their last
+            // reader: with retain_graph it runs on a copy of the arena.
+            bin.extend(saved);
+            let mut own = if retain {
+                arena.lock().as_ref().map(|a| {
+                    let mut c = kiln_cpu::buffers::alloc_uninit::<f32>(a.len());
+                    c.copy_from_slice(a);
+                    c
+                })
+            } else {
+                arena.lock().take()
+            }
+            .ok_or_else(|| {
+                kiln_frontend::Error::Autograd(
+                    "CompiledFunctionBackward: the saved values were freed by an earlier backward (use retain_graph=True to backward twice)".into(),
+                )
+            })?;
+            let grads = no_grad(|| {
+                f.bwd_exec.run_in(
+                    bin,
+                    &|k| {
+                        Err(Error::Binding(format!(
+                            "the backward graph binds nothing by name ({k:?})"
+                        )))
+                    },
+                    &mut own,
+                )
+            });
+            kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(own));
+            let grads = grads.map_err(|e| {
                 kiln_frontend::Error::Autograd(format!("CompiledFunctionBackward: {e}"))
             })?;
             Ok(grads
