@@ -412,6 +412,10 @@ struct Builder<'g> {
     /// Graph outputs that stay in the arena (`GraphExec::new_pair`): homed
     /// in arena buffers, not in returned output buffers.
     kept: HashSet<Value>,
+    /// (input buffer, output buffer) of standalone pointwise kernels that
+    /// may share memory if the input's last reader is that kernel
+    /// (`plan_memory`).
+    inplace: Vec<(usize, usize)>,
 }
 
 fn bufs_of(spans: &[Span]) -> Vec<usize> {
@@ -581,6 +585,30 @@ impl<'g> Builder<'g> {
         internal: &HashSet<Value>,
     ) -> std::result::Result<(), String> {
         let (jit, reads, writes) = self.jit_build(nodes, internal)?;
+        // Whole-buffer inputs read element for element, each buffer
+        // through one span only: an output may take one's memory.
+        let whole = |s: &Span, lens: &[usize]| match s.base {
+            Base::Buf(b) if s.off == 0 && lens[b] == s.len => Some(b),
+            _ => None,
+        };
+        for o in &jit.outs {
+            let Some(bo) = whole(o, &self.buf_lens) else {
+                continue;
+            };
+            for i in &jit.ins {
+                let Some(bi) = whole(i, &self.buf_lens) else {
+                    continue;
+                };
+                let only = jit
+                    .ins
+                    .iter()
+                    .all(|j| j.base != i.base || (j.off == 0 && j.len == i.len));
+                let written = jit.outs.iter().any(|j| j.base == i.base);
+                if only && !written && i.len == o.len {
+                    self.inplace.push((bi, bo));
+                }
+            }
+        }
         self.push(Step::Jit(jit), reads, writes);
         Ok(())
     }
@@ -1190,6 +1218,18 @@ impl<'g> Builder<'g> {
 /// Offsets for buffers by liveness: first fit in a free list, a buffer's
 /// range free again after the last step that reads it.
 fn plan_memory(lens: &[usize], first: &[usize], last: &[usize]) -> (Vec<usize>, usize) {
+    plan_memory_inplace(lens, first, last, &[])
+}
+
+/// `plan_memory` where, for each `(a, b)` in `inplace` (a pointwise step
+/// reading buffer `a` element for element and writing `b`), `b` takes
+/// `a`'s range when that step is `a`'s last reader and `b`'s first writer.
+fn plan_memory_inplace(
+    lens: &[usize],
+    first: &[usize],
+    last: &[usize],
+    inplace: &[(usize, usize)],
+) -> (Vec<usize>, usize) {
     const ALIGN: usize = 16;
     let mut order: Vec<usize> = (0..lens.len()).collect();
     order.sort_by_key(|&b| (first[b], b));
@@ -1224,6 +1264,19 @@ fn plan_memory(lens: &[usize], first: &[usize], last: &[usize]) -> (Vec<usize>, 
         }
         free = merged;
         let need = lens[b].div_ceil(ALIGN) * ALIGN;
+        let heir = inplace.iter().find_map(|&(a, o)| {
+            (o == b
+                && last[a] == first[b]
+                && lens[a].div_ceil(ALIGN) * ALIGN == need
+                && active.contains(&a))
+            .then_some(a)
+        });
+        if let Some(a) = heir {
+            active.retain(|&x| x != a);
+            offsets[b] = offsets[a];
+            active.push(b);
+            continue;
+        }
         let slot = free
             .iter()
             .enumerate()
@@ -1263,6 +1316,8 @@ struct Lowered {
     kept: Vec<Option<(usize, Loc)>>,
     /// The buffer of each pinned user input, by input index.
     pinned: HashMap<usize, usize>,
+    /// In-place candidates (`Builder::inplace`).
+    inplace: Vec<(usize, usize)>,
 }
 
 impl Program {
@@ -1319,6 +1374,7 @@ impl Program {
             tensor_last: HashMap::new(),
             dyn_values: Vec::new(),
             kept: HashSet::new(),
+            inplace: Vec::new(),
         };
         // Values returned only through kept outputs live in the arena.
         for (i, o) in g.outputs().iter().enumerate() {
@@ -1475,6 +1531,7 @@ impl Program {
             last,
             kept,
             pinned: pinned_bufs,
+            inplace: std::mem::take(&mut b.inplace),
         })
     }
 
@@ -2282,7 +2339,9 @@ impl GraphExec {
                 }
             }
         }
-        let (offs, len) = plan_memory(&lens, &firsts, &lasts);
+        let mut inplace = f.inplace.clone();
+        inplace.extend(s.inplace.iter().map(|&(a, o)| (joint[a], joint[o])));
+        let (offs, len) = plan_memory_inplace(&lens, &firsts, &lasts, &inplace);
         if std::env::var("KILN_DEBUG_PLAN").is_ok() {
             let n2 = s.program.steps.len();
             let mut best = (0, 0);
