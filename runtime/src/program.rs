@@ -225,6 +225,13 @@ enum Step {
         src: Loc,
         out: Span,
     },
+    /// Gradient of a slice (compiled training): `out` zeroed, `src`
+    /// copied into its view `dst`.
+    SliceBwd {
+        src: Loc,
+        out: Span,
+        dst: Loc,
+    },
     /// Runs one node on tensors with the interpreter's kernels.
     Fallback {
         node: NodeId,
@@ -259,6 +266,7 @@ impl Step {
             | Step::AvgPool { out, .. }
             | Step::Softmax { out, .. }
             | Step::LayerNorm { out, .. }
+            | Step::SliceBwd { out, .. }
             | Step::Gather { out, .. } => Some(*out),
             Step::Fallback { .. } | Step::Call { .. } => None,
         }
@@ -299,7 +307,7 @@ impl Step {
                 bases.push(x.base);
                 bases.extend(w.iter().chain(b.iter()).map(|s| s.base));
             }
-            Step::Gather { src, .. } => bases.push(src.base),
+            Step::Gather { src, .. } | Step::SliceBwd { src, .. } => bases.push(src.base),
             Step::Fallback { args, .. } => bases.extend(args.iter().filter_map(|a| match a {
                 Arg::View(l) => Some(l.base),
                 _ => None,
@@ -331,6 +339,7 @@ impl Step {
             Step::Softmax { .. } => "softmax",
             Step::LayerNorm { .. } => "layer_norm",
             Step::Gather { .. } => "gather",
+            Step::SliceBwd { .. } => "slice_backward",
             Step::Fallback { .. } => "fallback",
             Step::Call { .. } => "module_call",
         }
@@ -950,6 +959,46 @@ impl<'g> Builder<'g> {
     }
 
     /// conv2d, pooling, softmax, layer_norm on kiln-cpu's kernels.
+    /// `slice_backward` into a zeroed arena value (compiled training).
+    fn slice_backward(&mut self, n: NodeId) -> std::result::Result<(), String> {
+        let Op::SliceBackward {
+            input_shape,
+            dim,
+            start,
+            step,
+            ..
+        } = self.g.node(n).op.clone()
+        else {
+            return Err("not slice_backward".into());
+        };
+        let x = self.g.operands(n)[0];
+        let out_v = Value::new(n, 0);
+        if !self.is_f32(out_v) || !self.is_f32(x) {
+            return Err("non-f32 operands".into());
+        }
+        let src = self.loc(x).ok_or("no home")?;
+        let out = self.output(out_v);
+        let mut strides = kiln_ir::contiguous_strides(&input_shape);
+        let off = out.off + start * strides[dim];
+        strides[dim] *= step;
+        let dst = Loc {
+            base: out.base,
+            off,
+            shape: src.shape.clone(),
+            strides,
+        };
+        if dst.numel() > 0 && off + dst.extent() > out.off + out.len {
+            return Err("slice outside its input".into());
+        }
+        let reads = bufs_of(&[Span {
+            base: src.base,
+            off: 0,
+            len: 0,
+        }]);
+        self.push(Step::SliceBwd { src, out, dst }, reads, bufs_of(&[out]));
+        Ok(())
+    }
+
     fn native(&mut self, n: NodeId) -> std::result::Result<(), String> {
         let node = self.g.node(n).clone();
         let ops = self.g.operands(n);
@@ -1196,6 +1245,9 @@ impl<'g> Builder<'g> {
                     self.gemm(n)
                 }
                 OpClass::Contraction | OpClass::Pool | OpClass::Reduction => self.native(n),
+                _ if matches!(self.g.node(n).op, Op::SliceBackward { .. }) => {
+                    self.slice_backward(n)
+                }
                 _ => Err(format!(
                     "no native CPU lowering for {}",
                     self.g.node(n).op.name()
@@ -1959,6 +2011,10 @@ impl Program {
                     Step::Gather { src, out } => {
                         gather_into(ctx, src, ctx.slice_mut(out));
                     }
+                    Step::SliceBwd { src, out, dst } => {
+                        ctx.slice_mut(out).fill(0.0);
+                        copy_view(ctx, src, dst);
+                    }
                     Step::Call { node, path, arg } => {
                         let x = match arg {
                             Arg::Tensor(v) => tensors[v].clone(),
@@ -2192,6 +2248,42 @@ unsafe fn gather_into(ctx: &Ctx, loc: &Loc, dst: &mut [f32]) {
         for d in (0..nd - 1).rev() {
             idx[d] += 1;
             if idx[d] < loc.shape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+}
+
+/// Copies the strided view `src` into the strided view `dst` (same shape,
+/// not overlapping).
+unsafe fn copy_view(ctx: &Ctx, src: &Loc, dst: &Loc) {
+    let n = src.numel();
+    if n == 0 {
+        return;
+    }
+    // SAFETY: both views lie inside their bases (checked at build time).
+    let sb = unsafe { ctx.base_ptr(src.base).add(src.off) } as *const f32;
+    let db = unsafe { ctx.base_ptr(dst.base).add(dst.off) };
+    let nd = src.shape.len();
+    if nd == 0 {
+        unsafe { *db = *sb };
+        return;
+    }
+    let inner = src.shape[nd - 1];
+    let (ss, ds) = (src.strides[nd - 1], dst.strides[nd - 1]);
+    let mut idx = vec![0usize; nd];
+    let mut w = 0;
+    while w < n {
+        let so: usize = idx.iter().zip(&src.strides).map(|(i, s)| i * s).sum();
+        let d_o: usize = idx.iter().zip(&dst.strides).map(|(i, s)| i * s).sum();
+        for j in 0..inner {
+            unsafe { *db.add(d_o + j * ds) = *sb.add(so + j * ss) };
+        }
+        w += inner;
+        for d in (0..nd - 1).rev() {
+            idx[d] += 1;
+            if idx[d] < src.shape[d] {
                 break;
             }
             idx[d] = 0;
