@@ -225,6 +225,15 @@ enum Step {
         src: Loc,
         out: Span,
     },
+    /// Gradient of max_pool2d (compiled training): `out` (`planes` planes
+    /// of `hw` elements) zeroed, `g` added at the i64 plane offsets `idx`.
+    MaxPoolBwd {
+        g: Span,
+        idx: Arg,
+        planes: usize,
+        hw: usize,
+        out: Span,
+    },
     /// Gradient of a slice (compiled training): `out` zeroed, `src`
     /// copied into its view `dst`.
     SliceBwd {
@@ -267,6 +276,7 @@ impl Step {
             | Step::Softmax { out, .. }
             | Step::LayerNorm { out, .. }
             | Step::SliceBwd { out, .. }
+            | Step::MaxPoolBwd { out, .. }
             | Step::Gather { out, .. } => Some(*out),
             Step::Fallback { .. } | Step::Call { .. } => None,
         }
@@ -308,6 +318,7 @@ impl Step {
                 bases.extend(w.iter().chain(b.iter()).map(|s| s.base));
             }
             Step::Gather { src, .. } | Step::SliceBwd { src, .. } => bases.push(src.base),
+            Step::MaxPoolBwd { g, .. } => bases.push(g.base),
             Step::Fallback { args, .. } => bases.extend(args.iter().filter_map(|a| match a {
                 Arg::View(l) => Some(l.base),
                 _ => None,
@@ -340,6 +351,7 @@ impl Step {
             Step::LayerNorm { .. } => "layer_norm",
             Step::Gather { .. } => "gather",
             Step::SliceBwd { .. } => "slice_backward",
+            Step::MaxPoolBwd { .. } => "max_pool2d_backward",
             Step::Fallback { .. } => "fallback",
             Step::Call { .. } => "module_call",
         }
@@ -959,6 +971,46 @@ impl<'g> Builder<'g> {
     }
 
     /// conv2d, pooling, softmax, layer_norm on kiln-cpu's kernels.
+    /// `max_pool2d_backward` into a zeroed arena value (compiled
+    /// training); the i64 indices are read in place from their tensor.
+    fn max_pool_backward(&mut self, n: NodeId) -> std::result::Result<(), String> {
+        let ops = self.g.operands(n);
+        let out_v = Value::new(n, 0);
+        let (gv, iv) = (ops[0], ops[1]);
+        if !self.is_f32(out_v) || !self.is_f32(gv) || self.g.value_type(iv).dtype != DType::I64 {
+            return Err("operand types".into());
+        }
+        let os = self.g.value_type(out_v).shape.clone();
+        let gs = &self.g.value_type(gv).shape;
+        if os.len() < 2 || gs.len() != os.len() || gs[..os.len() - 2] != os[..os.len() - 2] {
+            return Err("shapes".into());
+        }
+        let hw = os[os.len() - 2] * os[os.len() - 1];
+        let planes: usize = os[..os.len() - 2].iter().product();
+        let idx = if self.tensors.contains(&iv) {
+            self.tensor_last.insert(iv, self.steps.len());
+            Arg::Tensor(iv)
+        } else if let Some(&i) = self.leaf_of.get(&iv) {
+            Arg::Leaf(i)
+        } else {
+            return Err("indices not held as a tensor".into());
+        };
+        let g = self.contiguous(gv).ok_or("no home")?;
+        let out = self.output(out_v);
+        self.push(
+            Step::MaxPoolBwd {
+                g,
+                idx,
+                planes,
+                hw,
+                out,
+            },
+            bufs_of(&[g]),
+            bufs_of(&[out]),
+        );
+        Ok(())
+    }
+
     /// `slice_backward` into a zeroed arena value (compiled training).
     fn slice_backward(&mut self, n: NodeId) -> std::result::Result<(), String> {
         let Op::SliceBackward {
@@ -1247,6 +1299,9 @@ impl<'g> Builder<'g> {
                 OpClass::Contraction | OpClass::Pool | OpClass::Reduction => self.native(n),
                 _ if matches!(self.g.node(n).op, Op::SliceBackward { .. }) => {
                     self.slice_backward(n)
+                }
+                _ if matches!(self.g.node(n).op, Op::MaxPool2dBackward { .. }) => {
+                    self.max_pool_backward(n)
                 }
                 _ => Err(format!(
                     "no native CPU lowering for {}",
@@ -2011,6 +2066,36 @@ impl Program {
                     Step::Gather { src, out } => {
                         gather_into(ctx, src, ctx.slice_mut(out));
                     }
+                    Step::MaxPoolBwd {
+                        g,
+                        idx,
+                        planes,
+                        hw,
+                        out,
+                    } => {
+                        let t = match idx {
+                            Arg::Tensor(v) => &tensors[v],
+                            Arg::Leaf(i) => &leaves[*i],
+                            Arg::View(_) => unreachable!("indices are tensors"),
+                        };
+                        let o = ctx.slice_mut(out);
+                        let gs = ctx.slice(g);
+                        o.fill(0.0);
+                        let po = if *planes == 0 { 0 } else { gs.len() / planes };
+                        t.with_contiguous_as::<i64, _>(|ix| {
+                            assert_eq!(ix.len(), gs.len(), "max_pool2d_backward: indices");
+                            for p in 0..*planes {
+                                let plane = &mut o[p * hw..][..*hw];
+                                for (&gv, &i) in gs[p * po..][..po].iter().zip(&ix[p * po..][..po])
+                                {
+                                    plane[i as usize] += gv;
+                                }
+                            }
+                        })
+                        .ok_or_else(|| {
+                            Error::Input("max_pool2d_backward: indices not contiguous i64".into())
+                        })?;
+                    }
                     Step::SliceBwd { src, out, dst } => {
                         ctx.slice_mut(out).fill(0.0);
                         copy_view(ctx, src, dst);
@@ -2361,12 +2446,12 @@ impl GraphExec {
     /// the second program's values reuse the space of handed-off values
     /// after their last reader. Run both with `run_in` on the same arena
     /// of `arena_len` elements, which the second program may overwrite.
-    /// Returns the two programs and the handed-off pairs kept in the arena.
+    /// Returns the two programs.
     pub(crate) fn new_pair(
         mut first: Graph,
         mut second: Graph,
         handoff: &[(usize, usize)],
-    ) -> Result<(GraphExec, GraphExec, Vec<(usize, usize)>)> {
+    ) -> Result<(GraphExec, GraphExec)> {
         let pm = kiln_ir::passes::PassManager::compile_pipeline();
         pm.run(&mut first)?;
         pm.run(&mut second)?;
@@ -2434,44 +2519,6 @@ impl GraphExec {
         let mut inplace = f.inplace.clone();
         inplace.extend(s.inplace.iter().map(|&(a, o)| (joint[a], joint[o])));
         let (offs, len) = plan_memory_inplace(&lens, &firsts, &lasts, &inplace);
-        if std::env::var("KILN_DEBUG_PLAN").is_ok() {
-            let n2 = s.program.steps.len();
-            let mut best = (0, 0);
-            for t in 0..n1 + 2 + n2 {
-                let live: usize = (0..lens.len())
-                    .filter(|&b| firsts[b] <= t && t <= lasts[b])
-                    .map(|b| lens[b])
-                    .sum();
-                best = best.max((live, t));
-            }
-            eprintln!(
-                "pair plan: arena {:.1} MiB, live peak {:.1} MiB at step {} (forward {} steps, backward {}), {} bufs, kept {}",
-                len as f64 * 4.0 / 1048576.0,
-                best.0 as f64 * 4.0 / 1048576.0,
-                best.1,
-                n1,
-                n2,
-                lens.len(),
-                in_arena.len()
-            );
-            let sizes: Vec<String> = in_arena.iter().map(|&(_, _, x)| format!("{:.2}", lens[x] as f64 * 4.0 / 1048576.0)).collect();
-            eprintln!("kept MiB: {sizes:?}");
-            let names: Vec<&str> = f.program.steps.iter().chain(&s.program.steps).map(Step::name).collect();
-            eprintln!("steps: {:?}", names);
-            for (gg, name) in [(&first, "F"), (&second, "B")] {
-                let order = gg.topo_order()?;
-                let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-                for &n in &order {
-                    eprintln!("{name} {}", crate::interpreter::describe_node(gg, &pos, n));
-                }
-                for o in gg.outputs() { eprintln!("{name} out {:?}", pos[&o.value.node]); }
-            }
-            for b in 0..lens.len() {
-                if firsts[b] <= best.1 && best.1 <= lasts[b] {
-                    eprintln!("  live buf {b}: {:.2} MiB [{}, {}]", lens[b] as f64 * 4.0 / 1048576.0, firsts[b], lasts[b] as isize);
-                }
-            }
-        }
         let mut p1 = f.program;
         let mut p2 = s.program;
         p1.set_plan(offs[..nf].to_vec(), len);
@@ -2485,32 +2532,7 @@ impl GraphExec {
             arena: parking_lot::Mutex::new(Vec::new()),
             pinned,
         };
-        Ok((
-            mk(first, p1, HashSet::new()),
-            mk(second, p2, pinned_inputs),
-            in_arena.iter().map(|&(o, i, _)| (o, i)).collect(),
-        ))
-    }
-
-    /// Runs the compile pipeline on `graph`, plans fusion and lowers it.
-    /// The graph's outputs (count and order) are kept.
-    pub(crate) fn new(mut graph: Graph, keep_arena: bool) -> Result<GraphExec> {
-        kiln_ir::passes::PassManager::compile_pipeline().run(&mut graph)?;
-        let plan = kiln_ir::plan_fusion(&graph)?;
-        let g = &graph;
-        let program = Program::build(g, &plan, &|n| bare_leaf(g, n))?;
-        let arena = parking_lot::Mutex::new(if keep_arena {
-            vec![0f32; program.arena_len()]
-        } else {
-            Vec::new()
-        });
-        Ok(GraphExec {
-            graph,
-            program,
-            keep_arena,
-            arena,
-            pinned: HashSet::new(),
-        })
+        Ok((mk(first, p1, HashSet::new()), mk(second, p2, pinned_inputs)))
     }
 
     /// Nodes on the fallback path (`op: reason`).
@@ -2521,15 +2543,6 @@ impl GraphExec {
     /// Elements of the arena a call uses.
     pub(crate) fn arena_len(&self) -> usize {
         self.program.arena_len()
-    }
-
-    /// All graph outputs, in order.
-    pub(crate) fn run(
-        &self,
-        inputs: &[Tensor],
-        bind: &dyn Fn(&InputKind) -> Result<Tensor>,
-    ) -> Result<Vec<Tensor>> {
-        self.run_arena(inputs, bind, None, Vec::new())
     }
 
     /// `run` in the caller's arena (at least `arena_len` elements; see

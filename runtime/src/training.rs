@@ -409,8 +409,7 @@ fn diff_parts(
     let handoff: Vec<(usize, usize)> = (0..joint.num_saved)
         .map(|j| (joint.num_outputs + j, joint.grad_outputs.len() + j))
         .collect();
-    let (fwd_exec, bwd_exec, _) =
-        GraphExec::new_pair(fwd.clone(), joint.backward.clone(), &handoff)?;
+    let (fwd_exec, bwd_exec) = GraphExec::new_pair(fwd.clone(), joint.backward.clone(), &handoff)?;
     Ok((fwd, joint, fwd_exec, bwd_exec))
 }
 
