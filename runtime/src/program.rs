@@ -225,6 +225,37 @@ enum Step {
         src: Loc,
         out: Span,
     },
+    /// max_pool2d with indices (compiled training): x read in place, the
+    /// values and i64 indices held as the node's tensors (as a fallback's).
+    MaxPoolIdx {
+        node: NodeId,
+        x: Span,
+        xs: [usize; 4],
+        p: MaxPool2dParams,
+    },
+    /// Training-mode batch norm of x `[N, C, S]` (batch statistics); with
+    /// running stats `(mean, var, new mean, new var)` their update.
+    BatchNormTrain {
+        x: Span,
+        shape: [usize; 3],
+        w: Option<Span>,
+        b: Option<Span>,
+        run: Option<[Span; 4]>,
+        momentum: f64,
+        eps: f64,
+        out: Span,
+    },
+    /// Gradient of training-mode batch norm (statistics recomputed from x).
+    BatchNormBwd {
+        g: Span,
+        x: Span,
+        shape: [usize; 3],
+        w: Option<Span>,
+        eps: f64,
+        gi: Span,
+        gw: Span,
+        gb: Span,
+    },
     /// Gradient of max_pool2d (compiled training): `out` (`planes` planes
     /// of `hw` elements) zeroed, `g` added at the i64 plane offsets `idx`.
     MaxPoolBwd {
@@ -277,8 +308,10 @@ impl Step {
             | Step::LayerNorm { out, .. }
             | Step::SliceBwd { out, .. }
             | Step::MaxPoolBwd { out, .. }
+            | Step::BatchNormTrain { out, .. }
+            | Step::BatchNormBwd { gi: out, .. }
             | Step::Gather { out, .. } => Some(*out),
-            Step::Fallback { .. } | Step::Call { .. } => None,
+            Step::Fallback { .. } | Step::Call { .. } | Step::MaxPoolIdx { .. } => None,
         }
     }
 
@@ -319,6 +352,18 @@ impl Step {
             }
             Step::Gather { src, .. } | Step::SliceBwd { src, .. } => bases.push(src.base),
             Step::MaxPoolBwd { g, .. } => bases.push(g.base),
+            Step::MaxPoolIdx { x, .. } => bases.push(x.base),
+            Step::BatchNormTrain { x, w, b, run, .. } => {
+                bases.push(x.base);
+                bases.extend(w.iter().chain(b.iter()).map(|s| s.base));
+                if let Some([rm, rv, _, _]) = run {
+                    bases.extend([rm.base, rv.base]);
+                }
+            }
+            Step::BatchNormBwd { g, x, w, .. } => {
+                bases.extend([g.base, x.base]);
+                bases.extend(w.iter().map(|s| s.base));
+            }
             Step::Fallback { args, .. } => bases.extend(args.iter().filter_map(|a| match a {
                 Arg::View(l) => Some(l.base),
                 _ => None,
@@ -352,6 +397,9 @@ impl Step {
             Step::Gather { .. } => "gather",
             Step::SliceBwd { .. } => "slice_backward",
             Step::MaxPoolBwd { .. } => "max_pool2d_backward",
+            Step::BatchNormTrain { .. } => "batch_norm",
+            Step::MaxPoolIdx { .. } => "max_pool2d_with_indices",
+            Step::BatchNormBwd { .. } => "batch_norm_backward",
             Step::Fallback { .. } => "fallback",
             Step::Call { .. } => "module_call",
         }
@@ -1051,7 +1099,154 @@ impl<'g> Builder<'g> {
         Ok(())
     }
 
+    /// Training-mode batch_norm and its backward (compiled training).
+    fn batch_norm(&mut self, n: NodeId) -> std::result::Result<(), String> {
+        let node = self.g.node(n).clone();
+        let ops = self.g.operands(n);
+        let outs: Vec<Value> = (0..node.outputs.len()).map(|k| Value::new(n, k)).collect();
+        if ops.iter().chain(&outs).any(|v| !self.is_f32(*v)) {
+            return Err("non-f32 operands".into());
+        }
+        let xs = &self.g.value_type(ops[0]).shape;
+        if xs.len() < 2 {
+            return Err("input of rank < 2".into());
+        }
+        let shape = [xs[0], xs[1], xs[2..].iter().product()];
+        match node.op {
+            Op::BatchNorm {
+                training: true,
+                momentum,
+                eps,
+                has_weight,
+                has_bias,
+                has_running_stats,
+            } => {
+                if shape[0] * shape[2] <= 1 {
+                    return Err("one value per channel".into());
+                }
+                let x = self.contiguous(ops[0]).ok_or("no home")?;
+                let mut k = 1;
+                let mut next = |b: &mut Self, present: bool| -> Option<Option<Span>> {
+                    if !present {
+                        return Some(None);
+                    }
+                    k += 1;
+                    b.contiguous(ops[k - 1]).map(Some)
+                };
+                let w = next(self, has_weight).ok_or("no home")?;
+                let b = next(self, has_bias).ok_or("no home")?;
+                let stats = if has_running_stats {
+                    let rm = next(self, true).flatten().ok_or("no home")?;
+                    let rv = next(self, true).flatten().ok_or("no home")?;
+                    Some((rm, rv))
+                } else {
+                    None
+                };
+                if outs.len() != 1 + 2 * has_running_stats as usize {
+                    return Err("outputs".into());
+                }
+                let out = self.output(outs[0]);
+                let run = match stats {
+                    Some((rm, rv)) => Some([rm, rv, self.output(outs[1]), self.output(outs[2])]),
+                    None => None,
+                };
+                let mut reads = vec![x];
+                reads.extend(w.iter().chain(b.iter()));
+                let mut writes = vec![out];
+                if let Some([rm, rv, om, ov]) = run {
+                    reads.extend([rm, rv]);
+                    writes.extend([om, ov]);
+                }
+                self.push(
+                    Step::BatchNormTrain {
+                        x,
+                        shape,
+                        w,
+                        b,
+                        run,
+                        momentum,
+                        eps,
+                        out,
+                    },
+                    bufs_of(&reads),
+                    bufs_of(&writes),
+                );
+            }
+            Op::BatchNormBackward {
+                training: true,
+                eps,
+                has_weight,
+            } => {
+                if outs.len() != 3 || ops.len() != 2 + has_weight as usize {
+                    return Err("operands".into());
+                }
+                let g = self.contiguous(ops[0]).ok_or("no home")?;
+                let x = self.contiguous(ops[1]).ok_or("no home")?;
+                let w = match has_weight {
+                    true => Some(self.contiguous(ops[2]).ok_or("no home")?),
+                    false => None,
+                };
+                let gi = self.output(outs[0]);
+                let gw = self.output(outs[1]);
+                let gb = self.output(outs[2]);
+                let mut reads = vec![g, x];
+                reads.extend(w.iter());
+                self.push(
+                    Step::BatchNormBwd {
+                        g,
+                        x,
+                        shape,
+                        w,
+                        eps,
+                        gi,
+                        gw,
+                        gb,
+                    },
+                    bufs_of(&reads),
+                    bufs_of(&[gi, gw, gb]),
+                );
+            }
+            _ => return Err("eval-mode batch norm".into()),
+        }
+        Ok(())
+    }
+
     fn native(&mut self, n: NodeId) -> std::result::Result<(), String> {
+        match &self.g.node(n).op {
+            Op::BatchNorm { .. } | Op::BatchNormBackward { .. } => return self.batch_norm(n),
+            Op::MaxPool2dBackward { .. } => return self.max_pool_backward(n),
+            &Op::MaxPool2dWithIndices {
+                kernel,
+                stride,
+                padding,
+                dilation,
+                ceil_mode,
+            } => {
+                let x = self.g.operands(n)[0];
+                if !self.is_f32(x) || self.g.node(n).outputs.len() != 2 {
+                    return Err("non-f32 input".into());
+                }
+                let xs = four(&self.g.value_type(x).shape).ok_or("input not 4-D")?;
+                let x = self.contiguous(x).ok_or("no home")?;
+                let p = MaxPool2dParams {
+                    kernel: pair(kernel),
+                    stride: pair(stride),
+                    padding: pair(padding),
+                    dilation: pair(dilation),
+                    ceil_mode,
+                };
+                self.push(
+                    Step::MaxPoolIdx { node: n, x, xs, p },
+                    bufs_of(&[x]),
+                    vec![],
+                );
+                for k in 0..2 {
+                    self.tensors.insert(Value::new(n, k));
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
         let node = self.g.node(n).clone();
         let ops = self.g.operands(n);
         let out_v = Value::new(n, 0);
@@ -2065,6 +2260,75 @@ impl Program {
                     }
                     Step::Gather { src, out } => {
                         gather_into(ctx, src, ctx.slice_mut(out));
+                    }
+                    Step::MaxPoolIdx { node, x, xs, p } => {
+                        let (v, i) = kiln_cpu::pool::max_pool2d(ctx.slice(x), *xs, p);
+                        let shape = &g.node(*node).outputs[0].shape;
+                        let ts = [Tensor::from_vec(v, shape)?, Tensor::from_vec(i, shape)?];
+                        for (k, t) in ts.into_iter().enumerate() {
+                            let v = Value::new(*node, k);
+                            let t = self.register_dyn(ctx, v, t)?;
+                            tensors.insert(v, t);
+                        }
+                    }
+                    Step::BatchNormTrain {
+                        x,
+                        shape,
+                        w,
+                        b,
+                        run,
+                        momentum,
+                        eps,
+                        out,
+                    } => {
+                        let st = kiln_cpu::norm::batch_norm_train_into(
+                            ctx.slice(x),
+                            *shape,
+                            w.as_ref().map(|s| ctx.slice(s)),
+                            b.as_ref().map(|s| ctx.slice(s)),
+                            *eps,
+                            Some(ctx.slice_mut(out)),
+                        );
+                        if let Some([rm, rv, om, ov]) = run {
+                            // As eager: running * (1 - m) + stat * m, in f32,
+                            // the variance unbiased.
+                            let (a, m) = ((1.0 - momentum) as f32, *momentum as f32);
+                            let cnt = st.count as f64;
+                            let (rm, rv) = (ctx.slice(rm), ctx.slice(rv));
+                            let (om, ov) = (ctx.slice_mut(om), ctx.slice_mut(ov));
+                            for ch in 0..shape[1] {
+                                om[ch] = rm[ch] * a + st.mean[ch] * m;
+                                let unbiased = (st.var[ch] as f64 * cnt / (cnt - 1.0)) as f32;
+                                ov[ch] = rv[ch] * a + unbiased * m;
+                            }
+                        }
+                    }
+                    Step::BatchNormBwd {
+                        g,
+                        x,
+                        shape,
+                        w,
+                        eps,
+                        gi,
+                        gw,
+                        gb,
+                    } => {
+                        let xv = ctx.slice(x);
+                        let st = kiln_cpu::norm::batch_norm_train_into(
+                            xv, *shape, None, None, *eps, None,
+                        );
+                        let (gwv, gbv) = kiln_cpu::norm::batch_norm_backward_into(
+                            ctx.slice(g),
+                            xv,
+                            *shape,
+                            w.as_ref().map(|s| ctx.slice(s)),
+                            &st.mean,
+                            &st.invstd,
+                            true,
+                            ctx.slice_mut(gi),
+                        );
+                        ctx.slice_mut(gw).copy_from_slice(&gwv);
+                        ctx.slice_mut(gb).copy_from_slice(&gbv);
                     }
                     Step::MaxPoolBwd {
                         g,

@@ -60,17 +60,18 @@ fn channel_sum<T: Float>(
 }
 
 /// `out[n, c, s] = f(c, x[n, c, s], g[n, c, s])` with per-channel
-/// coefficients; parallel over chunks of whole S-planes.
-fn map_channels<T: Float>(
+/// coefficients (out: x's length); parallel over chunks of whole S-planes.
+fn map_channels_into<T: Float>(
     x: &[T],
     g: Option<&[T]>,
     shape: [usize; 3],
     f: impl Fn(usize, T, T) -> T + Sync + Send,
-) -> Vec<T> {
+    out: &mut [T],
+) {
     let [_, c, s] = shape;
-    let mut out = crate::buffers::alloc_uninit::<T>(x.len());
+    assert_eq!(out.len(), x.len(), "batch_norm: output length");
     if out.is_empty() || s == 0 {
-        return out;
+        return;
     }
     if s == 1 {
         // [N, C] (BatchNorm1d): rows of C channels, one pass per row.
@@ -101,7 +102,7 @@ fn map_channels<T: Float>(
         } else {
             out.chunks_mut(chunk).enumerate().for_each(body);
         }
-        return out;
+        return;
     }
     let planes_per_chunk = (crate::PAR_THRESHOLD / 2 / s).max(1);
     let chunk = planes_per_chunk * s;
@@ -131,7 +132,6 @@ fn map_channels<T: Float>(
     } else {
         out.chunks_mut(chunk).enumerate().for_each(body);
     }
-    out
 }
 
 fn check_bn<T>(x: &[T], shape: [usize; 3], weight: Option<&[T]>, bias: Option<&[T]>) {
@@ -156,6 +156,21 @@ pub fn batch_norm_train<T: Float>(
     bias: Option<&[T]>,
     eps: f64,
 ) -> (Vec<T>, BatchNormStats<T>) {
+    let mut y = crate::buffers::alloc_uninit::<T>(x.len());
+    let st = batch_norm_train_into(x, shape, weight, bias, eps, Some(&mut y));
+    (y, st)
+}
+
+/// `batch_norm_train` writing y into `out` (x's length; every element
+/// overwritten), or only the statistics when `out` is None.
+pub fn batch_norm_train_into<T: Float>(
+    x: &[T],
+    shape: [usize; 3],
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    eps: f64,
+    out: Option<&mut [T]>,
+) -> BatchNormStats<T> {
     check_bn(x, shape, weight, bias);
     let [n, c, s] = shape;
     let count = n * s;
@@ -172,35 +187,36 @@ pub fn batch_norm_train<T: Float>(
     let var: Vec<T> = stats.iter().map(|&(_, v)| T::from_f64(v)).collect();
     let invstd64: Vec<f64> = stats.iter().map(|&(_, v)| 1.0 / (v + eps).sqrt()).collect();
     let invstd: Vec<T> = invstd64.iter().map(|&v| T::from_f64(v)).collect();
-    let y = normalize(
-        x,
-        shape,
-        &stats.iter().map(|&(m, _)| m).collect::<Vec<_>>(),
-        &invstd64,
-        weight,
-        bias,
-    );
-    (
-        y,
-        BatchNormStats {
-            mean,
-            var,
-            invstd,
-            count,
-        },
-    )
+    if let Some(out) = out {
+        normalize_into(
+            x,
+            shape,
+            &stats.iter().map(|&(m, _)| m).collect::<Vec<_>>(),
+            &invstd64,
+            weight,
+            bias,
+            out,
+        );
+    }
+    BatchNormStats {
+        mean,
+        var,
+        invstd,
+        count,
+    }
 }
 
 /// `y = (x - mean[c]) * invstd[c] * w[c] + b[c]`, folded into one
 /// multiply-add per element.
-fn normalize<T: Float>(
+fn normalize_into<T: Float>(
     x: &[T],
     shape: [usize; 3],
     mean: &[f64],
     invstd: &[f64],
     weight: Option<&[T]>,
     bias: Option<&[T]>,
-) -> Vec<T> {
+    out: &mut [T],
+) {
     let c = shape[1];
     let coef: Vec<(T, T)> = (0..c)
         .map(|ch| {
@@ -210,7 +226,7 @@ fn normalize<T: Float>(
             (T::from_f64(scale), T::from_f64(b - mean[ch] * scale))
         })
         .collect();
-    map_channels(x, None, shape, |ch, v, _| v * coef[ch].0 + coef[ch].1)
+    map_channels_into(x, None, shape, |ch, v, _| v * coef[ch].0 + coef[ch].1, out)
 }
 
 /// Eval-mode batch norm of x `[N, C, S]` with the running statistics.
@@ -338,6 +354,25 @@ pub fn batch_norm_backward<T: Float>(
     invstd: &[T],
     training: bool,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let mut gi = crate::buffers::alloc_uninit::<T>(x.len());
+    let (gw, gb) =
+        batch_norm_backward_into(grad_out, x, shape, weight, mean, invstd, training, &mut gi);
+    (gi, gw, gb)
+}
+
+/// `batch_norm_backward` writing grad_input into `gi` (x's length);
+/// returns `(grad_weight, grad_bias)`.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_backward_into<T: Float>(
+    grad_out: &[T],
+    x: &[T],
+    shape: [usize; 3],
+    weight: Option<&[T]>,
+    mean: &[T],
+    invstd: &[T],
+    training: bool,
+    gi: &mut [T],
+) -> (Vec<T>, Vec<T>) {
     check_bn(x, shape, weight, None);
     assert_eq!(
         grad_out.len(),
@@ -380,11 +415,17 @@ pub fn batch_norm_backward<T: Float>(
             }
         })
         .collect();
-    let gi = map_channels(x, Some(grad_out), shape, |ch, v, g| {
-        let (a, b, d) = coef[ch];
-        a * g + b * v + d
-    });
-    (gi, gw, gb)
+    map_channels_into(
+        x,
+        Some(grad_out),
+        shape,
+        |ch, v, g| {
+            let (a, b, d) = coef[ch];
+            a * g + b * v + d
+        },
+        gi,
+    );
+    (gw, gb)
 }
 
 /// Backward of eval-mode batch norm (statistics are constants).
