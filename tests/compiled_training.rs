@@ -317,3 +317,86 @@ fn autograd_engine_features_through_the_compiled_node() {
         "an input requiring grad is another variant"
     );
 }
+
+/// Sum of every parameter's gradient (clones), in parameter order.
+fn grads_of(m: &dyn Module) -> Vec<Tensor> {
+    m.parameters()
+        .iter()
+        .map(|p| p.grad().unwrap().clone_tensor().unwrap())
+        .collect()
+}
+
+#[test]
+fn saved_values_in_the_shared_arena_survive_retain_graph_and_a_second_forward() {
+    // Training mode: batch norm, pooling and slices keep saved values in
+    // the arena the forward and backward share.
+    for name in ["seed_cnn", "transformer_block"] {
+        let (m, x) = model(name);
+        m.train(true);
+        let cm = compile_for_training(&m, std::slice::from_ref(&x)).unwrap();
+        // Eager reference: d/dp of sum(y^2) for one forward.
+        m.zero_grad(true).unwrap();
+        let snapshot: Vec<(String, Tensor)> = m
+            .named_buffers()
+            .into_iter()
+            .map(|(n, b)| (n, b.clone_tensor().unwrap()))
+            .collect();
+        m.call(&x)
+            .unwrap()
+            .square()
+            .unwrap()
+            .sum()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let eager = grads_of(&*m);
+        let restore = || {
+            for (n, b) in &snapshot {
+                kiln::no_grad(|| m.get_buffer(n).unwrap().copy_(b).map(|_| ())).unwrap();
+            }
+        };
+        // retain_graph: the second backward reads the same saved values.
+        restore();
+        m.zero_grad(true).unwrap();
+        let loss = cm.call(&x).unwrap().square().unwrap().sum().unwrap();
+        loss.backward_with(None, true).unwrap();
+        for (g, e) in grads_of(&*m).iter().zip(&eager) {
+            assert!(rel(g, e) <= 1e-4, "{name}: first backward");
+        }
+        loss.backward().unwrap();
+        for (g, e) in grads_of(&*m).iter().zip(&eager) {
+            assert!(
+                rel(g, &e.mul_scalar(2.0).unwrap()) <= 1e-4,
+                "{name}: retained backward"
+            );
+        }
+        assert!(loss.backward().is_err(), "{name}: the graph is freed");
+        // Two forwards, then one backward through both (each its own arena).
+        restore();
+        m.zero_grad(true).unwrap();
+        let l1 = cm.call(&x).unwrap().square().unwrap().sum().unwrap();
+        restore();
+        let l2 = cm.call(&x).unwrap().square().unwrap().sum().unwrap();
+        l1.add(&l2).unwrap().backward().unwrap();
+        for (g, e) in grads_of(&*m).iter().zip(&eager) {
+            assert!(
+                rel(g, &e.mul_scalar(2.0).unwrap()) <= 1e-4,
+                "{name}: two forwards"
+            );
+        }
+    }
+}
+
+#[test]
+fn modifying_a_saved_parameter_before_backward_is_an_error() {
+    let (m, x) = model("simple_net");
+    let cm = compile_for_training(&m, std::slice::from_ref(&x)).unwrap();
+    let loss = cm.call(&x).unwrap().square().unwrap().sum().unwrap();
+    // The first layer's weight is read by the backward (grad of its input
+    // is not needed, but later layers' weights are): bump every weight.
+    for p in m.parameters() {
+        kiln::no_grad(|| p.mul_scalar_(1.5).map(|_| ())).unwrap();
+    }
+    let e = loss.backward().unwrap_err().to_string();
+    assert!(e.contains("modified by an inplace operation"), "{e}");
+}

@@ -225,6 +225,13 @@ enum Step {
         src: Loc,
         out: Span,
     },
+    /// Sum of a contiguous `[r1, k, r2]` over r1 and r2 (f64 accumulation
+    /// in row-major order, as eager's `sum`).
+    SumOuterInner {
+        x: Span,
+        dims: [usize; 3],
+        out: Span,
+    },
     /// max_pool2d with indices (compiled training): x read in place, the
     /// values and i64 indices held as the node's tensors (as a fallback's).
     MaxPoolIdx {
@@ -309,6 +316,7 @@ impl Step {
             | Step::SliceBwd { out, .. }
             | Step::MaxPoolBwd { out, .. }
             | Step::BatchNormTrain { out, .. }
+            | Step::SumOuterInner { out, .. }
             | Step::BatchNormBwd { gi: out, .. }
             | Step::Gather { out, .. } => Some(*out),
             Step::Fallback { .. } | Step::Call { .. } | Step::MaxPoolIdx { .. } => None,
@@ -352,7 +360,7 @@ impl Step {
             }
             Step::Gather { src, .. } | Step::SliceBwd { src, .. } => bases.push(src.base),
             Step::MaxPoolBwd { g, .. } => bases.push(g.base),
-            Step::MaxPoolIdx { x, .. } => bases.push(x.base),
+            Step::MaxPoolIdx { x, .. } | Step::SumOuterInner { x, .. } => bases.push(x.base),
             Step::BatchNormTrain { x, w, b, run, .. } => {
                 bases.push(x.base);
                 bases.extend(w.iter().chain(b.iter()).map(|s| s.base));
@@ -399,6 +407,7 @@ impl Step {
             Step::MaxPoolBwd { .. } => "max_pool2d_backward",
             Step::BatchNormTrain { .. } => "batch_norm",
             Step::MaxPoolIdx { .. } => "max_pool2d_with_indices",
+            Step::SumOuterInner { .. } => "sum",
             Step::BatchNormBwd { .. } => "batch_norm_backward",
             Step::Fallback { .. } => "fallback",
             Step::Call { .. } => "module_call",
@@ -1099,6 +1108,37 @@ impl<'g> Builder<'g> {
         Ok(())
     }
 
+    /// A float sum over `dims` whose reduced and kept dims form at most
+    /// the blocks `[reduced, kept, reduced]`.
+    fn sum(&mut self, n: NodeId, dims: &[usize]) -> std::result::Result<(), String> {
+        let x = self.g.operands(n)[0];
+        let out_v = Value::new(n, 0);
+        if !self.is_f32(x) || !self.is_f32(out_v) || dims.is_empty() {
+            return Err("non-f32 or full sum".into());
+        }
+        let shape = self.g.value_type(x).shape.clone();
+        // [r1, k, r2]: reduced dims before the first kept dim, the kept
+        // dims (one run), the reduced dims after.
+        let kept: Vec<usize> = (0..shape.len()).filter(|d| !dims.contains(d)).collect();
+        let (lo, hi) = match (kept.first(), kept.last()) {
+            (Some(&a), Some(&b)) => (a, b + 1),
+            _ => return Err("full sum".into()),
+        };
+        if hi - lo != kept.len() {
+            return Err("reduced dims between kept dims".into());
+        }
+        let p = |r: std::ops::Range<usize>| shape[r].iter().product::<usize>();
+        let b3 = [p(0..lo), p(lo..hi), p(hi..shape.len())];
+        let x = self.contiguous(x).ok_or("no home")?;
+        let out = self.output(out_v);
+        self.push(
+            Step::SumOuterInner { x, dims: b3, out },
+            bufs_of(&[x]),
+            bufs_of(&[out]),
+        );
+        Ok(())
+    }
+
     /// Training-mode batch_norm and its backward (compiled training).
     fn batch_norm(&mut self, n: NodeId) -> std::result::Result<(), String> {
         let node = self.g.node(n).clone();
@@ -1215,6 +1255,14 @@ impl<'g> Builder<'g> {
         match &self.g.node(n).op {
             Op::BatchNorm { .. } | Op::BatchNormBackward { .. } => return self.batch_norm(n),
             Op::MaxPool2dBackward { .. } => return self.max_pool_backward(n),
+            Op::Reduce {
+                op: kiln_ir::ReduceOp::Sum,
+                dims,
+                ..
+            } => {
+                let dims = dims.clone();
+                return self.sum(n, &dims);
+            }
             &Op::MaxPool2dWithIndices {
                 kernel,
                 stride,
@@ -1620,6 +1668,77 @@ struct Lowered {
     pinned: HashMap<usize, usize>,
     /// In-place candidates (`Builder::inplace`).
     inplace: Vec<(usize, usize)>,
+}
+
+/// Offsets by size: buffers (in-place pairs merged into one block that
+/// lives from the first's write to the last's read) placed largest first
+/// at the lowest offset free of every placed block that is live at the
+/// same time. Often tighter than `plan_memory_inplace`'s order of first
+/// writes when long-lived values interleave with large temporaries.
+fn plan_memory_by_size(
+    lens: &[usize],
+    first: &[usize],
+    last: &[usize],
+    inplace: &[(usize, usize)],
+) -> (Vec<usize>, usize) {
+    const ALIGN: usize = 16;
+    let n = lens.len();
+    let size = |b: usize| lens[b].div_ceil(ALIGN) * ALIGN;
+    // Blocks: union of in-place pairs that `plan_memory_inplace` would
+    // apply (the input's last reader writes the output, same size).
+    let mut parent: Vec<usize> = (0..n).collect();
+    fn root(p: &mut [usize], mut b: usize) -> usize {
+        while p[b] != b {
+            p[b] = p[p[b]];
+            b = p[b];
+        }
+        b
+    }
+    let mut heir_taken = vec![false; n];
+    let mut has_heir = vec![false; n];
+    for &(a, b) in inplace {
+        if last[a] == first[b] && size(a) == size(b) && !has_heir[a] && !heir_taken[b] {
+            has_heir[a] = true;
+            heir_taken[b] = true;
+            let (ra, rb) = (root(&mut parent, a), root(&mut parent, b));
+            if ra != rb {
+                parent[rb] = ra;
+            }
+        }
+    }
+    let mut span: HashMap<usize, (usize, usize, usize)> = HashMap::new(); // root -> (first, last, size)
+    for b in 0..n {
+        let r = root(&mut parent, b);
+        let e = span.entry(r).or_insert((first[b], last[b], size(b)));
+        e.0 = e.0.min(first[b]);
+        e.1 = e.1.max(last[b]);
+        e.2 = e.2.max(size(b));
+    }
+    let mut blocks: Vec<(usize, (usize, usize, usize))> = span.into_iter().collect();
+    blocks.sort_by_key(|&(r, (f, _, s))| (std::cmp::Reverse(s), f, r));
+    let mut placed: Vec<(usize, usize, usize, usize)> = Vec::new(); // (off, size, first, last)
+    let mut off_of: HashMap<usize, usize> = HashMap::new();
+    let mut top = 0usize;
+    for (r, (f, l, s)) in blocks {
+        let mut busy: Vec<(usize, usize)> = placed
+            .iter()
+            .filter(|p| p.2 <= l && f <= p.3)
+            .map(|p| (p.0, p.0 + p.1))
+            .collect();
+        busy.sort();
+        let mut off = 0usize;
+        for (a, b) in busy {
+            if a >= off + s {
+                break;
+            }
+            off = off.max(b);
+        }
+        placed.push((off, s, f, l));
+        off_of.insert(r, off);
+        top = top.max(off + s);
+    }
+    let offsets = (0..n).map(|b| off_of[&root(&mut parent, b)]).collect();
+    (offsets, top)
 }
 
 impl Program {
@@ -2261,6 +2380,26 @@ impl Program {
                     Step::Gather { src, out } => {
                         gather_into(ctx, src, ctx.slice_mut(out));
                     }
+                    Step::SumOuterInner { x, dims, out } => {
+                        let [r1, k, r2] = *dims;
+                        let xv = ctx.slice(x);
+                        let o = ctx.slice_mut(out);
+                        if r2 == 1 {
+                            o.copy_from_slice(&kiln_cpu::reduce::sum_cols(xv, r1, k));
+                        } else if r1 == 1 {
+                            o.copy_from_slice(&kiln_cpu::reduce::sum_rows(xv, k, r2));
+                        } else {
+                            for (j, o) in o.iter_mut().enumerate() {
+                                let mut acc = 0.0f64;
+                                for i in 0..r1 {
+                                    for &v in &xv[(i * k + j) * r2..][..r2] {
+                                        acc += v as f64;
+                                    }
+                                }
+                                *o = acc as f32;
+                            }
+                        }
+                    }
                     Step::MaxPoolIdx { node, x, xs, p } => {
                         let (v, i) = kiln_cpu::pool::max_pool2d(ctx.slice(x), *xs, p);
                         let shape = &g.node(*node).outputs[0].shape;
@@ -2782,7 +2921,15 @@ impl GraphExec {
         }
         let mut inplace = f.inplace.clone();
         inplace.extend(s.inplace.iter().map(|&(a, o)| (joint[a], joint[o])));
-        let (offs, len) = plan_memory_inplace(&lens, &firsts, &lasts, &inplace);
+        let (offs, len) = {
+            let a = plan_memory_inplace(&lens, &firsts, &lasts, &inplace);
+            let b = plan_memory_by_size(&lens, &firsts, &lasts, &inplace);
+            if b.1 < a.1 {
+                b
+            } else {
+                a
+            }
+        };
         let mut p1 = f.program;
         let mut p2 = s.program;
         p1.set_plan(offs[..nf].to_vec(), len);
@@ -2946,6 +3093,39 @@ mod tests {
         assert_ne!(offs[0], offs[1]);
         assert_eq!(offs[2], offs[0]);
         assert_eq!(top, 2 * 112);
+    }
+
+    #[test]
+    fn size_ordered_plan_never_overlaps_live_buffers_and_honours_in_place_pairs() {
+        // Deterministic pseudo-random buffers.
+        let mut seed = 12345u64;
+        let mut next = |m: usize| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as usize % m
+        };
+        let n = 60;
+        let lens: Vec<usize> = (0..n).map(|_| 1 + next(500)).collect();
+        let first: Vec<usize> = (0..n).map(|_| next(40)).collect();
+        let last: Vec<usize> = first.iter().map(|&f| f + next(15)).collect();
+        let (offs, top) = plan_memory_by_size(&lens, &first, &last, &[]);
+        for a in 0..n {
+            assert!(offs[a] + lens[a] <= top);
+            for b in a + 1..n {
+                let live = first[a] <= last[b] && first[b] <= last[a];
+                let overlap = offs[a] < offs[b] + lens[b] && offs[b] < offs[a] + lens[a];
+                assert!(!(live && overlap), "buffers {a} and {b} overlap while live");
+            }
+        }
+        // b1 is written by the step that reads b0 last: same range; b2 is
+        // live meanwhile elsewhere.
+        let lens = [64, 64, 64];
+        let (first, last) = ([0, 2, 0], [2, 4, 4]);
+        let (offs, top) = plan_memory_by_size(&lens, &first, &last, &[(0, 1)]);
+        assert_eq!(offs[0], offs[1]);
+        assert_ne!(offs[0], offs[2]);
+        assert_eq!(top, 128);
     }
 
     #[test]
