@@ -2389,15 +2389,7 @@ impl Program {
                         } else if r1 == 1 {
                             o.copy_from_slice(&kiln_cpu::reduce::sum_rows(xv, k, r2));
                         } else {
-                            for (j, o) in o.iter_mut().enumerate() {
-                                let mut acc = 0.0f64;
-                                for i in 0..r1 {
-                                    for &v in &xv[(i * k + j) * r2..][..r2] {
-                                        acc += v as f64;
-                                    }
-                                }
-                                *o = acc as f32;
-                            }
+                            kiln_cpu::reduce::sum_outer_inner_into(xv, r1, k, r2, o);
                         }
                     }
                     Step::MaxPoolIdx { node, x, xs, p } => {
@@ -2452,18 +2444,12 @@ impl Program {
                         gw,
                         gb,
                     } => {
-                        let xv = ctx.slice(x);
-                        let st = kiln_cpu::norm::batch_norm_train_into(
-                            xv, *shape, None, None, *eps, None,
-                        );
-                        let (gwv, gbv) = kiln_cpu::norm::batch_norm_backward_into(
+                        let (gwv, gbv) = kiln_cpu::norm::batch_norm_backward_train_fused(
                             ctx.slice(g),
-                            xv,
+                            ctx.slice(x),
                             *shape,
                             w.as_ref().map(|s| ctx.slice(s)),
-                            &st.mean,
-                            &st.invstd,
-                            true,
+                            *eps,
                             ctx.slice_mut(gi),
                         );
                         ctx.slice_mut(gw).copy_from_slice(&gwv);

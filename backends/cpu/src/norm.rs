@@ -951,3 +951,131 @@ mod into_tests {
         }
     }
 }
+
+/// Per channel of x and g `[N, C, S]`: (Σx, Σx², Σg, Σg·x) in f64, four
+/// independent accumulators per sum (the adds pipeline instead of forming
+/// one dependency chain).
+fn channel_moments<T: Float>(x: &[T], g: &[T], shape: [usize; 3], ch: usize) -> [f64; 4] {
+    let [n, c, s] = shape;
+    let mut acc = [[0.0f64; 4]; 4];
+    for b in 0..n {
+        let off = (b * c + ch) * s;
+        let (xs, gs) = (&x[off..off + s], &g[off..off + s]);
+        let mut xc = xs.chunks_exact(4);
+        let mut gc = gs.chunks_exact(4);
+        for (xq, gq) in (&mut xc).zip(&mut gc) {
+            for l in 0..4 {
+                let (xv, gv) = (xq[l].as_f64(), gq[l].as_f64());
+                acc[0][l] += xv;
+                acc[1][l] += xv * xv;
+                acc[2][l] += gv;
+                acc[3][l] += gv * xv;
+            }
+        }
+        for (xv, gv) in xc.remainder().iter().zip(gc.remainder()) {
+            let (xv, gv) = (xv.as_f64(), gv.as_f64());
+            acc[0][0] += xv;
+            acc[1][0] += xv * xv;
+            acc[2][0] += gv;
+            acc[3][0] += gv * xv;
+        }
+    }
+    acc.map(|a| (a[0] + a[1]) + (a[2] + a[3]))
+}
+
+/// Gradient of training-mode batch norm in one read of x and g for the
+/// statistics and one for grad_input (compiled training's native step):
+/// the batch mean and biased variance are recomputed from x as
+/// `E[x]`, `E[x²] - E[x]²` (f64), so the result may differ from
+/// `batch_norm_backward` (two-pass variance) in the last bits. Writes
+/// grad_input into `gi` (x's length); returns `(grad_weight, grad_bias)`.
+pub fn batch_norm_backward_train_fused<T: Float>(
+    grad_out: &[T],
+    x: &[T],
+    shape: [usize; 3],
+    weight: Option<&[T]>,
+    eps: f64,
+    gi: &mut [T],
+) -> (Vec<T>, Vec<T>) {
+    check_bn(x, shape, weight, None);
+    assert_eq!(
+        grad_out.len(),
+        x.len(),
+        "batch_norm_backward: grad_out length"
+    );
+    assert_eq!(gi.len(), x.len(), "batch_norm_backward: grad_input length");
+    let [n, c, s] = shape;
+    let count = (n * s) as f64;
+    let m = per_channel(c, x.len(), |ch| channel_moments(x, grad_out, shape, ch));
+    let mut gw = Vec::with_capacity(c);
+    let mut gb = Vec::with_capacity(c);
+    let coef: Vec<(T, T, T)> = m
+        .iter()
+        .enumerate()
+        .map(|(ch, &[sx, sxx, sg, sgx_raw])| {
+            let mean = if count > 0.0 { sx / count } else { 0.0 };
+            let var = if count > 0.0 {
+                (sxx / count - mean * mean).max(0.0)
+            } else {
+                0.0
+            };
+            let is = 1.0 / (var + eps).sqrt();
+            let sgx = sgx_raw - mean * sg;
+            gw.push(T::from_f64(sgx * is));
+            gb.push(T::from_f64(sg));
+            let w = weight.map_or(1.0, |w| w[ch].as_f64());
+            if count > 0.0 {
+                let k = is * is * sgx / count;
+                let a = w * is;
+                (
+                    T::from_f64(a),
+                    T::from_f64(-a * k),
+                    T::from_f64(a * (k * mean - sg / count)),
+                )
+            } else {
+                (T::from_f64(w * is), T::zero(), T::zero())
+            }
+        })
+        .collect();
+    map_channels_into(
+        x,
+        Some(grad_out),
+        shape,
+        |ch, v, g| {
+            let (a, b, d) = coef[ch];
+            a * g + b * v + d
+        },
+        gi,
+    );
+    (gw, gb)
+}
+
+#[cfg(test)]
+mod fused_backward_tests {
+    use super::*;
+
+    #[test]
+    fn fused_batch_norm_backward_matches_the_two_pass_one() {
+        let shape = [3, 4, 7];
+        let len = 3 * 4 * 7;
+        let x: Vec<f32> = (0..len)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.3 + 0.5)
+            .collect();
+        let g: Vec<f32> = (0..len)
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.1)
+            .collect();
+        let w = [0.5f32, -1.0, 2.0, 1.5];
+        let st = batch_norm_train_into(&x, shape, None, None, 1e-5, None);
+        let (gi0, gw0, gb0) =
+            batch_norm_backward(&g, &x, shape, Some(&w), &st.mean, &st.invstd, true);
+        let mut gi = vec![0.0f32; len];
+        let (gw, gb) = batch_norm_backward_train_fused(&g, &x, shape, Some(&w), 1e-5, &mut gi);
+        let close = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .all(|(p, q)| (p - q).abs() <= 1e-5 * (1.0 + q.abs()))
+        };
+        assert!(close(&gi, &gi0), "{gi:?} vs {gi0:?}");
+        assert!(close(&gw, &gw0) && close(&gb, &gb0));
+    }
+}
