@@ -225,11 +225,14 @@ enum Step {
         src: Loc,
         out: Span,
     },
-    /// Sum of a contiguous `[r1, k, r2]` over r1 and r2 (f64 accumulation
-    /// in row-major order, as eager's `sum`).
+    /// Sum (times `scale`: a mean) of a contiguous `[r1, k, r2]` over r1
+    /// and r2, or with `var` = Some(correction) and r1 = 1 the variance
+    /// of each of the k rows (as eager's `var`).
     SumOuterInner {
         x: Span,
         dims: [usize; 3],
+        scale: Option<f64>,
+        var: Option<usize>,
         out: Span,
     },
     /// max_pool2d with indices (compiled training): x read in place, the
@@ -1110,29 +1113,50 @@ impl<'g> Builder<'g> {
 
     /// A float sum over `dims` whose reduced and kept dims form at most
     /// the blocks `[reduced, kept, reduced]`.
-    fn sum(&mut self, n: NodeId, dims: &[usize]) -> std::result::Result<(), String> {
+    fn sum(
+        &mut self,
+        n: NodeId,
+        dims: &[usize],
+        mean: bool,
+        var: Option<usize>,
+    ) -> std::result::Result<(), String> {
         let x = self.g.operands(n)[0];
         let out_v = Value::new(n, 0);
-        if !self.is_f32(x) || !self.is_f32(out_v) || dims.is_empty() {
-            return Err("non-f32 or full sum".into());
+        if !self.is_f32(x) || !self.is_f32(out_v) || (dims.is_empty() && var.is_some()) {
+            return Err("non-f32 operand, or var over no dims".into());
         }
         let shape = self.g.value_type(x).shape.clone();
+        // No dims (for sum/mean) or every dim: one row of every element.
+        let all = dims.is_empty() || (0..shape.len()).all(|d| dims.contains(&d));
         // [r1, k, r2]: reduced dims before the first kept dim, the kept
         // dims (one run), the reduced dims after.
         let kept: Vec<usize> = (0..shape.len()).filter(|d| !dims.contains(d)).collect();
-        let (lo, hi) = match (kept.first(), kept.last()) {
-            (Some(&a), Some(&b)) => (a, b + 1),
-            _ => return Err("full sum".into()),
-        };
-        if hi - lo != kept.len() {
-            return Err("reduced dims between kept dims".into());
-        }
         let p = |r: std::ops::Range<usize>| shape[r].iter().product::<usize>();
-        let b3 = [p(0..lo), p(lo..hi), p(hi..shape.len())];
+        let b3 = match (kept.first(), kept.last()) {
+            _ if all => [1, 1, p(0..shape.len())],
+            (Some(&lo), Some(&b)) if b + 1 - lo == kept.len() => {
+                [p(0..lo), p(lo..b + 1), p(b + 1..shape.len())]
+            }
+            _ => return Err("reduced dims between kept dims".into()),
+        };
+        if var.is_some() && (b3[0] != 1 || b3[2] == 0) {
+            return Err("variance over leading dims".into());
+        }
+        let count = b3[0] * b3[2];
+        if mean && count == 0 {
+            return Err("mean of nothing".into());
+        }
+        let scale = mean.then(|| 1.0 / count as f64);
         let x = self.contiguous(x).ok_or("no home")?;
         let out = self.output(out_v);
         self.push(
-            Step::SumOuterInner { x, dims: b3, out },
+            Step::SumOuterInner {
+                x,
+                dims: b3,
+                scale,
+                var,
+                out,
+            },
             bufs_of(&[x]),
             bufs_of(&[out]),
         );
@@ -1256,12 +1280,23 @@ impl<'g> Builder<'g> {
             Op::BatchNorm { .. } | Op::BatchNormBackward { .. } => return self.batch_norm(n),
             Op::MaxPool2dBackward { .. } => return self.max_pool_backward(n),
             Op::Reduce {
-                op: kiln_ir::ReduceOp::Sum,
+                op: op @ (kiln_ir::ReduceOp::Sum | kiln_ir::ReduceOp::Mean),
                 dims,
                 ..
             } => {
+                let (dims, mean) = (dims.clone(), matches!(op, kiln_ir::ReduceOp::Mean));
+                return self.sum(n, &dims, mean, None);
+            }
+            &Op::Var {
+                ref dims,
+                correction,
+                ..
+            } => {
+                if correction.fract() != 0.0 || correction < 0.0 {
+                    return Err("fractional correction".into());
+                }
                 let dims = dims.clone();
-                return self.sum(n, &dims);
+                return self.sum(n, &dims, false, Some(correction as usize));
             }
             &Op::MaxPool2dWithIndices {
                 kernel,
@@ -2380,16 +2415,31 @@ impl Program {
                     Step::Gather { src, out } => {
                         gather_into(ctx, src, ctx.slice_mut(out));
                     }
-                    Step::SumOuterInner { x, dims, out } => {
+                    Step::SumOuterInner {
+                        x,
+                        dims,
+                        scale,
+                        var,
+                        out,
+                    } => {
                         let [r1, k, r2] = *dims;
                         let xv = ctx.slice(x);
                         let o = ctx.slice_mut(out);
-                        if r2 == 1 {
+                        if let Some(c) = var {
+                            o.copy_from_slice(&kiln_cpu::reduce::var_rows(xv, k, r2, *c));
+                        } else if r2 == 1 {
                             o.copy_from_slice(&kiln_cpu::reduce::sum_cols(xv, r1, k));
                         } else if r1 == 1 {
                             o.copy_from_slice(&kiln_cpu::reduce::sum_rows(xv, k, r2));
                         } else {
                             kiln_cpu::reduce::sum_outer_inner_into(xv, r1, k, r2, o);
+                        }
+                        if let Some(s) = scale {
+                            // As eager's mean: the f32 sum times f32(1/count).
+                            let s = *s as f32;
+                            for v in o.iter_mut() {
+                                *v *= s;
+                            }
                         }
                     }
                     Step::MaxPoolIdx { node, x, xs, p } => {
