@@ -255,6 +255,18 @@ enum Step {
         eps: f64,
         out: Span,
     },
+    /// Gradient of layer norm over rows of `k` (row statistics recomputed
+    /// from x, as eager's).
+    LayerNormBwd {
+        g: Span,
+        x: Span,
+        k: usize,
+        w: Option<Span>,
+        eps: f64,
+        gi: Span,
+        gw: Span,
+        gb: Span,
+    },
     /// Gradient of training-mode batch norm (statistics recomputed from x).
     BatchNormBwd {
         g: Span,
@@ -321,6 +333,7 @@ impl Step {
             | Step::BatchNormTrain { out, .. }
             | Step::SumOuterInner { out, .. }
             | Step::BatchNormBwd { gi: out, .. }
+            | Step::LayerNormBwd { gi: out, .. }
             | Step::Gather { out, .. } => Some(*out),
             Step::Fallback { .. } | Step::Call { .. } | Step::MaxPoolIdx { .. } => None,
         }
@@ -371,7 +384,7 @@ impl Step {
                     bases.extend([rm.base, rv.base]);
                 }
             }
-            Step::BatchNormBwd { g, x, w, .. } => {
+            Step::BatchNormBwd { g, x, w, .. } | Step::LayerNormBwd { g, x, w, .. } => {
                 bases.extend([g.base, x.base]);
                 bases.extend(w.iter().map(|s| s.base));
             }
@@ -412,6 +425,7 @@ impl Step {
             Step::MaxPoolIdx { .. } => "max_pool2d_with_indices",
             Step::SumOuterInner { .. } => "sum",
             Step::BatchNormBwd { .. } => "batch_norm_backward",
+            Step::LayerNormBwd { .. } => "layer_norm_backward",
             Step::Fallback { .. } => "fallback",
             Step::Call { .. } => "module_call",
         }
@@ -1163,6 +1177,60 @@ impl<'g> Builder<'g> {
         Ok(())
     }
 
+    /// `layer_norm_backward` (compiled training).
+    fn layer_norm_backward(&mut self, n: NodeId) -> std::result::Result<(), String> {
+        let Op::LayerNormBackward {
+            normalized_shape,
+            eps,
+            has_weight,
+        } = self.g.node(n).op.clone()
+        else {
+            return Err("not layer_norm_backward".into());
+        };
+        let ops = self.g.operands(n);
+        let outs: Vec<Value> = (0..3).map(|k| Value::new(n, k)).collect();
+        if self.g.node(n).outputs.len() != 3
+            || ops.len() != 2 + has_weight as usize
+            || ops.iter().chain(&outs).any(|v| !self.is_f32(*v))
+        {
+            return Err("operands".into());
+        }
+        let k: usize = normalized_shape.iter().product();
+        let numel = kiln_ir::numel(&self.g.value_type(ops[1]).shape);
+        if k == 0
+            || numel % k != 0
+            || self.g.value_type(ops[0]).shape != self.g.value_type(ops[1]).shape
+        {
+            return Err("shapes".into());
+        }
+        let g = self.contiguous(ops[0]).ok_or("no home")?;
+        let x = self.contiguous(ops[1]).ok_or("no home")?;
+        let w = match has_weight {
+            true => Some(self.contiguous(ops[2]).ok_or("no home")?),
+            false => None,
+        };
+        let gi = self.output(outs[0]);
+        let gw = self.output(outs[1]);
+        let gb = self.output(outs[2]);
+        let mut reads = vec![g, x];
+        reads.extend(w.iter());
+        self.push(
+            Step::LayerNormBwd {
+                g,
+                x,
+                k,
+                w,
+                eps,
+                gi,
+                gw,
+                gb,
+            },
+            bufs_of(&reads),
+            bufs_of(&[gi, gw, gb]),
+        );
+        Ok(())
+    }
+
     /// Training-mode batch_norm and its backward (compiled training).
     fn batch_norm(&mut self, n: NodeId) -> std::result::Result<(), String> {
         let node = self.g.node(n).clone();
@@ -1278,6 +1346,7 @@ impl<'g> Builder<'g> {
     fn native(&mut self, n: NodeId) -> std::result::Result<(), String> {
         match &self.g.node(n).op {
             Op::BatchNorm { .. } | Op::BatchNormBackward { .. } => return self.batch_norm(n),
+            Op::LayerNormBackward { .. } => return self.layer_norm_backward(n),
             Op::MaxPool2dBackward { .. } => return self.max_pool_backward(n),
             Op::Reduce {
                 op: op @ (kiln_ir::ReduceOp::Sum | kiln_ir::ReduceOp::Mean),
@@ -2483,6 +2552,30 @@ impl Program {
                                 ov[ch] = rv[ch] * a + unbiased * m;
                             }
                         }
+                    }
+                    Step::LayerNormBwd {
+                        g,
+                        x,
+                        k,
+                        w,
+                        eps,
+                        gi,
+                        gw,
+                        gb,
+                    } => {
+                        let xv = ctx.slice(x);
+                        let (mean, rstd) = kiln_cpu::norm::layer_norm_stats(xv, *k, *eps);
+                        let (gwv, gbv) = kiln_cpu::norm::layer_norm_backward_into(
+                            ctx.slice(g),
+                            xv,
+                            *k,
+                            &mean,
+                            &rstd,
+                            w.as_ref().map(|s| ctx.slice(s)),
+                            ctx.slice_mut(gi),
+                        );
+                        ctx.slice_mut(gw).copy_from_slice(&gwv);
+                        ctx.slice_mut(gb).copy_from_slice(&gbv);
                     }
                     Step::BatchNormBwd {
                         g,

@@ -573,6 +573,45 @@ pub fn layer_norm_backward<T: Float>(
     rstd: &[T],
     weight: Option<&[T]>,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let mut gi = vec![T::zero(); x.len()];
+    let (gw, gb) = layer_norm_backward_into(grad_out, x, k, mean, rstd, weight, &mut gi);
+    (gi, gw, gb)
+}
+
+/// The row statistics `layer_norm` returns (mean and rstd rounded to T),
+/// without writing y: the same arithmetic.
+pub fn layer_norm_stats<T: Float>(x: &[T], k: usize, eps: f64) -> (Vec<T>, Vec<T>) {
+    assert!(
+        k > 0 && x.len().is_multiple_of(k),
+        "layer_norm: length not a multiple of k"
+    );
+    let rows = x.len() / k;
+    let stat = |r: usize| {
+        let xr = &x[r * k..][..k];
+        let mu = xr.iter().map(|v| v.as_f64()).sum::<f64>() / k as f64;
+        let var = xr.iter().map(|v| (v.as_f64() - mu).powi(2)).sum::<f64>() / k as f64;
+        (T::from_f64(mu), T::from_f64(1.0 / (var + eps).sqrt()))
+    };
+    let st: Vec<(T, T)> = if x.len() >= crate::PAR_THRESHOLD {
+        (0..rows).into_par_iter().map(stat).collect()
+    } else {
+        (0..rows).map(stat).collect()
+    };
+    st.into_iter().unzip()
+}
+
+/// `layer_norm_backward` writing grad_input into `gi` (x's length);
+/// returns `(grad_weight, grad_bias)`.
+pub fn layer_norm_backward_into<T: Float>(
+    grad_out: &[T],
+    x: &[T],
+    k: usize,
+    mean: &[T],
+    rstd: &[T],
+    weight: Option<&[T]>,
+    gi: &mut [T],
+) -> (Vec<T>, Vec<T>) {
+    assert_eq!(gi.len(), x.len(), "layer_norm_backward: grad_input length");
     assert!(
         k > 0 && x.len().is_multiple_of(k),
         "layer_norm_backward: length not a multiple of k"
@@ -585,7 +624,6 @@ pub fn layer_norm_backward<T: Float>(
     let rows = x.len() / k;
     assert_eq!(mean.len(), rows, "layer_norm_backward: mean length");
     assert_eq!(rstd.len(), rows, "layer_norm_backward: rstd length");
-    let mut gi = vec![T::zero(); x.len()];
     let rpt = rows_per_task(k);
     // Each task: grad_input of its rows, and partial column sums
     // (sum g*xhat, sum g) in f64.
@@ -633,10 +671,10 @@ pub fn layer_norm_backward<T: Float>(
             .map(|(i, c)| task(c, i * rpt))
             .reduce(|| (vec![0.0; k], vec![0.0; k]), add)
     } else {
-        task(&mut gi, 0)
+        task(gi, 0)
     };
     let to = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect::<Vec<T>>();
-    (gi, to(gw), to(gb))
+    (to(gw), to(gb))
 }
 
 #[cfg(test)]
