@@ -1198,7 +1198,7 @@ impl<'g> Builder<'g> {
         let k: usize = normalized_shape.iter().product();
         let numel = kiln_ir::numel(&self.g.value_type(ops[1]).shape);
         if k == 0
-            || numel % k != 0
+            || !numel.is_multiple_of(k)
             || self.g.value_type(ops[0]).shape != self.g.value_type(ops[1]).shape
         {
             return Err("shapes".into());
@@ -1278,10 +1278,8 @@ impl<'g> Builder<'g> {
                     return Err("outputs".into());
                 }
                 let out = self.output(outs[0]);
-                let run = match stats {
-                    Some((rm, rv)) => Some([rm, rv, self.output(outs[1]), self.output(outs[2])]),
-                    None => None,
-                };
+                let run =
+                    stats.map(|(rm, rv)| [rm, rv, self.output(outs[1]), self.output(outs[2])]);
                 let mut reads = vec![x];
                 reads.extend(w.iter().chain(b.iter()));
                 let mut writes = vec![out];
