@@ -287,6 +287,12 @@ enum Step {
         hw: usize,
         out: Span,
     },
+    /// Training dropout's scaled keep-mask drawn from the global generator
+    /// (the draws eager's `dropout_mask` makes, in the same order).
+    DropoutMask {
+        p: f64,
+        out: Span,
+    },
     /// Gradient of a slice (compiled training): `out` zeroed, `src`
     /// copied into its view `dst`.
     SliceBwd {
@@ -334,6 +340,7 @@ impl Step {
             | Step::SumOuterInner { out, .. }
             | Step::BatchNormBwd { gi: out, .. }
             | Step::LayerNormBwd { gi: out, .. }
+            | Step::DropoutMask { out, .. }
             | Step::Gather { out, .. } => Some(*out),
             Step::Fallback { .. } | Step::Call { .. } | Step::MaxPoolIdx { .. } => None,
         }
@@ -388,6 +395,7 @@ impl Step {
                 bases.extend([g.base, x.base]);
                 bases.extend(w.iter().map(|s| s.base));
             }
+            Step::DropoutMask { .. } => {}
             Step::Fallback { args, .. } => bases.extend(args.iter().filter_map(|a| match a {
                 Arg::View(l) => Some(l.base),
                 _ => None,
@@ -426,6 +434,7 @@ impl Step {
             Step::SumOuterInner { .. } => "sum",
             Step::BatchNormBwd { .. } => "batch_norm_backward",
             Step::LayerNormBwd { .. } => "layer_norm_backward",
+            Step::DropoutMask { .. } => "dropout_mask",
             Step::Fallback { .. } => "fallback",
             Step::Call { .. } => "module_call",
         }
@@ -1645,6 +1654,16 @@ impl<'g> Builder<'g> {
                 _ if matches!(self.g.node(n).op, Op::SliceBackward { .. }) => {
                     self.slice_backward(n)
                 }
+                _ if matches!(self.g.node(n).op, Op::DropoutMask { .. })
+                    && self.is_f32(Value::new(n, 0)) =>
+                {
+                    let Op::DropoutMask { p } = self.g.node(n).op else {
+                        unreachable!("matched above")
+                    };
+                    let out = self.output(Value::new(n, 0));
+                    self.push(Step::DropoutMask { p, out }, vec![], bufs_of(&[out]));
+                    Ok(())
+                }
                 _ if matches!(self.g.node(n).op, Op::MaxPool2dBackward { .. }) => {
                     self.max_pool_backward(n)
                 }
@@ -2625,6 +2644,14 @@ impl Program {
                         .ok_or_else(|| {
                             Error::Input("max_pool2d_backward: indices not contiguous i64".into())
                         })?;
+                    }
+                    Step::DropoutMask { p, out } => {
+                        let scale = if *p == 1.0 { 0.0 } else { 1.0 / (1.0 - p) };
+                        kiln_frontend::random::bernoulli_fill_f32(
+                            ctx.slice_mut(out),
+                            1.0 - p,
+                            scale as f32,
+                        );
                     }
                     Step::SliceBwd { src, out, dst } => {
                         ctx.slice_mut(out).fill(0.0);

@@ -1014,6 +1014,33 @@ fn channel_moments<T: Float>(x: &[T], g: &[T], shape: [usize; 3], ch: usize) -> 
     [mean, ss / count, sg, sgx]
 }
 
+/// `channel_moments` of every channel of x and g `[N, C]` (S = 1), row by
+/// row: each channel's sums still run over n in order (the same values),
+/// but the reads are contiguous and the C chains independent.
+fn channel_moments_rows<T: Float>(x: &[T], g: &[T], n: usize, c: usize) -> Vec<[f64; 4]> {
+    let count = n as f64;
+    let mut sx = vec![0.0f64; c];
+    for xr in x.chunks_exact(c) {
+        for (a, v) in sx.iter_mut().zip(xr) {
+            *a += v.as_f64();
+        }
+    }
+    let mean: Vec<f64> = sx.iter().map(|s| s / count).collect();
+    let mt: Vec<f64> = mean.iter().map(|&m| T::from_f64(m).as_f64()).collect();
+    let (mut ss, mut sg, mut sgx) = (vec![0.0f64; c], vec![0.0f64; c], vec![0.0f64; c]);
+    for (xr, gr) in x.chunks_exact(c).zip(g.chunks_exact(c)) {
+        for j in 0..c {
+            let (v, gv) = (xr[j].as_f64(), gr[j].as_f64());
+            ss[j] += (v - mean[j]) * (v - mean[j]);
+            sg[j] += gv;
+            sgx[j] += gv * (v - mt[j]);
+        }
+    }
+    (0..c)
+        .map(|j| [mean[j], ss[j] / count, sg[j], sgx[j]])
+        .collect()
+}
+
 /// Gradient of training-mode batch norm (compiled training's native
 /// step): the batch statistics recomputed from x and the gradient sums
 /// in two reads of x and g, then grad_input in one more; the same values
@@ -1040,7 +1067,11 @@ pub fn batch_norm_backward_train_fused<T: Float>(
         count > 0.0,
         "batch_norm: expected more than 0 values per channel in training"
     );
-    let m = per_channel(c, x.len(), |ch| channel_moments(x, grad_out, shape, ch));
+    let m = if s == 1 {
+        channel_moments_rows(x, grad_out, n, c)
+    } else {
+        per_channel(c, x.len(), |ch| channel_moments(x, grad_out, shape, ch))
+    };
     let mut gw = Vec::with_capacity(c);
     let mut gb = Vec::with_capacity(c);
     let coef: Vec<(T, T, T)> = m
@@ -1097,6 +1128,23 @@ mod fused_backward_tests {
         let mut gi = vec![0.0f32; len];
         let (gw, gb) = batch_norm_backward_train_fused(&g, &x, shape, Some(&w), 1e-5, &mut gi);
         // Bit for bit: the same sums in the same order.
+        assert_eq!(gi, gi0);
+        assert_eq!((gw, gb), (gw0, gb0));
+        // [N, C] (BatchNorm1d): the row-major path.
+        let shape = [21, 4, 1];
+        let st = batch_norm_train_into(&x[..84], shape, None, None, 1e-5, None);
+        let (gi0, gw0, gb0) = batch_norm_backward(
+            &g[..84],
+            &x[..84],
+            shape,
+            Some(&w),
+            &st.mean,
+            &st.invstd,
+            true,
+        );
+        let mut gi = vec![0.0f32; 84];
+        let (gw, gb) =
+            batch_norm_backward_train_fused(&g[..84], &x[..84], shape, Some(&w), 1e-5, &mut gi);
         assert_eq!(gi, gi0);
         assert_eq!((gw, gb), (gw0, gb0));
     }
