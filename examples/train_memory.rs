@@ -3,7 +3,8 @@
 //! kiln against compiled training, counted by a global allocator wrapper
 //! (peak live bytes above the live bytes before the step; one warm-up step
 //! first so the optimizer state exists in both), with the buffer-recycling
-//! cache off so only live buffers count.
+//! cache off so only live buffers count. Also prints (stderr) where the
+//! compiled step peaks: forward, loss, backward, optimizer step.
 //!
 //! `cargo run --release --example train_memory [model ...]`
 //! (default: transformer_block seed_cnn)
@@ -93,6 +94,29 @@ fn main() -> kiln::Result<()> {
                 .map_err(|e| kiln::Error::op("train step", e.to_string()))
         })?;
         let mib = |b: usize| b as f64 / (1 << 20) as f64;
+        // Where the compiled step peaks: forward, loss, backward.
+        {
+            let base = LIVE.load(Ordering::Relaxed);
+            let phase = |what: &str| {
+                eprint!("{what} +{:.1} ", mib(PEAK.load(Ordering::Relaxed) - base));
+                PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+            };
+            PEAK.store(base, Ordering::Relaxed);
+            step.optimizer_mut().zero_grad(true)?;
+            phase("zero_grad");
+            let y = step
+                .model()
+                .call(&x)
+                .map_err(|e| kiln::Error::op("forward", e.to_string()))?;
+            phase("forward");
+            let loss = mse_loss(&y, &target, Reduction::Mean)?;
+            phase("loss");
+            loss.backward()?;
+            phase("backward");
+            step.optimizer_mut().step()?;
+            phase("step");
+            eprintln!("MiB above the step's start ({name}, compiled)");
+        }
         let v = step.model().variant(std::slice::from_ref(&x)).unwrap();
         let (fa, ba) = v.arena_bytes();
         eprintln!(

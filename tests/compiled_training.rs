@@ -149,3 +149,115 @@ fn autograd_engine_features_through_the_compiled_node() {
         "an input requiring grad is another variant"
     );
 }
+
+/// Sum of every parameter's gradient (clones), in parameter order.
+fn grads_of(m: &dyn Module) -> Vec<Tensor> {
+    m.parameters()
+        .iter()
+        .map(|p| p.grad().unwrap().clone_tensor().unwrap())
+        .collect()
+}
+
+#[test]
+fn saved_values_in_the_shared_arena_survive_retain_graph_and_a_second_forward() {
+    // Training mode: batch norm, pooling and slices keep saved values in
+    // the arena the forward and backward share.
+    for name in ["seed_cnn", "transformer_block"] {
+        let (m, x) = model(name);
+        m.train(true);
+        let cm = compile_for_training(&m, std::slice::from_ref(&x)).unwrap();
+        // Eager reference: d/dp of sum(y * r) for one forward (a fixed r:
+        // sum(y^2) right after a training-mode batch norm is ill-conditioned,
+        // its gradient a difference of nearly equal terms).
+        let r = Tensor::randn(
+            &kiln::no_grad(|| m.call(&x)).unwrap().shape(),
+            kiln::DType::F32,
+        );
+        let loss_of = |y: Tensor| y.mul(&r).unwrap().sum().unwrap();
+        m.zero_grad(true).unwrap();
+        let snapshot: Vec<(String, Tensor)> = m
+            .named_buffers()
+            .into_iter()
+            .map(|(n, b)| (n, b.clone_tensor().unwrap()))
+            .collect();
+        loss_of(m.call(&x).unwrap()).backward().unwrap();
+        let eager = grads_of(&*m);
+        let restore = || {
+            for (n, b) in &snapshot {
+                kiln::no_grad(|| m.get_buffer(n).unwrap().copy_(b).map(|_| ())).unwrap();
+            }
+        };
+        // retain_graph: the second backward reads the same saved values.
+        restore();
+        m.zero_grad(true).unwrap();
+        let loss = loss_of(cm.call(&x).unwrap());
+        loss.backward_with(None, true).unwrap();
+        for (g, e) in grads_of(&*m).iter().zip(&eager) {
+            assert!(rel(g, e) <= 1e-4, "{name}: first backward");
+        }
+        loss.backward().unwrap();
+        for (g, e) in grads_of(&*m).iter().zip(&eager) {
+            assert!(
+                rel(g, &e.mul_scalar(2.0).unwrap()) <= 1e-4,
+                "{name}: retained backward"
+            );
+        }
+        assert!(loss.backward().is_err(), "{name}: the graph is freed");
+        // Two forwards, then one backward through both (each its own arena).
+        restore();
+        m.zero_grad(true).unwrap();
+        let l1 = loss_of(cm.call(&x).unwrap());
+        restore();
+        let l2 = loss_of(cm.call(&x).unwrap());
+        l1.add(&l2).unwrap().backward().unwrap();
+        for (g, e) in grads_of(&*m).iter().zip(&eager) {
+            assert!(
+                rel(g, &e.mul_scalar(2.0).unwrap()) <= 1e-4,
+                "{name}: two forwards"
+            );
+        }
+    }
+}
+
+#[test]
+fn modifying_a_saved_parameter_before_backward_is_an_error() {
+    let (m, x) = model("simple_net");
+    let cm = compile_for_training(&m, std::slice::from_ref(&x)).unwrap();
+    let loss = cm.call(&x).unwrap().square().unwrap().sum().unwrap();
+    // The first layer's weight is read by the backward (grad of its input
+    // is not needed, but later layers' weights are): bump every weight.
+    for p in m.parameters() {
+        kiln::no_grad(|| p.mul_scalar_(1.5).map(|_| ())).unwrap();
+    }
+    let e = loss.backward().unwrap_err().to_string();
+    assert!(e.contains("modified by an inplace operation"), "{e}");
+}
+
+#[test]
+fn compiled_dropout_draws_the_masks_eager_draws() {
+    let (m, x) = model("net_with_dropout");
+    m.train(true);
+    let cm = compile_for_training(&m, std::slice::from_ref(&x)).unwrap();
+    let run = |compiled: bool| {
+        m.zero_grad(true).unwrap();
+        kiln::manual_seed(7);
+        let y = if compiled {
+            cm.call(&x).unwrap()
+        } else {
+            m.call(&x).unwrap()
+        };
+        y.sum().unwrap().backward().unwrap();
+        (y.detach(), grads_of(&*m))
+    };
+    let (ye, ge) = run(false);
+    let (yc, gc) = run(true);
+    assert!(rel(&yc, &ye) <= 1e-5, "outputs differ: other dropout masks");
+    for (c, e) in gc.iter().zip(&ge) {
+        assert!(rel(c, e) <= 1e-4);
+    }
+    // Another seed gives other masks (the test can fail).
+    m.zero_grad(true).unwrap();
+    kiln::manual_seed(8);
+    let y8 = cm.call(&x).unwrap().detach();
+    assert!(rel(&y8, &ye) > 1e-3);
+}

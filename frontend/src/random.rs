@@ -91,6 +91,21 @@ pub fn normal_vec(n: usize, mean: f64, std: f64) -> Vec<f64> {
     out
 }
 
+/// Training dropout's scaled keep-mask written into `out`: element i is
+/// `keep_value` where draw i of the global generator (`gen::<f64>()`) is
+/// below `keep` and 0 otherwise: the draws `bernoulli_vec(out.len(), keep)`
+/// makes, in the same order (compiled training's dropout_mask step).
+pub fn bernoulli_fill_f32(out: &mut [f32], keep: f64, keep_value: f32) {
+    let mut g = global().lock();
+    for o in out {
+        *o = if g.gen::<f64>() < keep {
+            keep_value
+        } else {
+            0.0
+        };
+    }
+}
+
 /// `n` Bernoulli(p) draws as booleans (true = keep with probability `p`).
 pub fn bernoulli_vec(n: usize, p: f64) -> Vec<bool> {
     let mut g = global().lock();

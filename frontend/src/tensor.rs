@@ -279,6 +279,18 @@ impl Tensor {
         Some(f(&s[d.layout.offset..d.layout.offset + d.layout.numel()]))
     }
 
+    /// `with_f32_contiguous` for any element type (`None` if the tensor
+    /// is not contiguous or not of type `T`).
+    pub fn with_contiguous_as<T: Element, R>(&self, f: impl FnOnce(&[T]) -> R) -> Option<R> {
+        let d = self.inner.data.read();
+        if !(d.layout.numel() == 0 || d.layout.is_contiguous()) {
+            return None;
+        }
+        let buf = d.storage.buf.read();
+        let s = <T as Element>::slice(&buf)?;
+        Some(f(&s[d.layout.offset..d.layout.offset + d.layout.numel()]))
+    }
+
     /// A contiguous f32 tensor of `shape` whose buffer `fill` writes
     /// completely (the buffer may hold stale values before).
     pub fn f32_filled_by(shape: &[usize], fill: impl FnOnce(&mut [f32])) -> Tensor {

@@ -225,6 +225,81 @@ enum Step {
         src: Loc,
         out: Span,
     },
+    /// Sum (times `scale`: a mean) of a contiguous `[r1, k, r2]` over r1
+    /// and r2, or with `var` = Some(correction) and r1 = 1 the variance
+    /// of each of the k rows (as eager's `var`).
+    SumOuterInner {
+        x: Span,
+        dims: [usize; 3],
+        scale: Option<f64>,
+        var: Option<usize>,
+        out: Span,
+    },
+    /// max_pool2d with indices (compiled training): x read in place, the
+    /// values and i64 indices held as the node's tensors (as a fallback's).
+    MaxPoolIdx {
+        node: NodeId,
+        x: Span,
+        xs: [usize; 4],
+        p: MaxPool2dParams,
+    },
+    /// Training-mode batch norm of x `[N, C, S]` (batch statistics); with
+    /// running stats `(mean, var, new mean, new var)` their update.
+    BatchNormTrain {
+        x: Span,
+        shape: [usize; 3],
+        w: Option<Span>,
+        b: Option<Span>,
+        run: Option<[Span; 4]>,
+        momentum: f64,
+        eps: f64,
+        out: Span,
+    },
+    /// Gradient of layer norm over rows of `k` (row statistics recomputed
+    /// from x, as eager's).
+    LayerNormBwd {
+        g: Span,
+        x: Span,
+        k: usize,
+        w: Option<Span>,
+        eps: f64,
+        gi: Span,
+        gw: Span,
+        gb: Span,
+    },
+    /// Gradient of training-mode batch norm (statistics recomputed from x).
+    BatchNormBwd {
+        g: Span,
+        x: Span,
+        shape: [usize; 3],
+        w: Option<Span>,
+        eps: f64,
+        gi: Span,
+        gw: Span,
+        gb: Span,
+    },
+    /// Gradient of max_pool2d (compiled training): `out` (`planes` planes
+    /// of `hw` elements) zeroed, `g` added at the i64 plane offsets `idx`.
+    MaxPoolBwd {
+        g: Span,
+        idx: Arg,
+        planes: usize,
+        hw: usize,
+        out: Span,
+    },
+    /// Training dropout's scaled keep-mask drawn from the global generator
+    /// (the draws eager's `dropout_mask` makes, in the same order).
+    DropoutMask {
+        p: f64,
+        out: Span,
+    },
+    /// Gradient of a slice (compiled training): `out` zeroed, `src`
+    /// copied into its view `dst`.
+    SliceBwd {
+        src: Loc,
+        out: Span,
+        dst: Loc,
+    },
     /// Runs one node on tensors with the interpreter's kernels.
     Fallback {
         node: NodeId,
@@ -259,8 +334,15 @@ impl Step {
             | Step::AvgPool { out, .. }
             | Step::Softmax { out, .. }
             | Step::LayerNorm { out, .. }
+            | Step::SliceBwd { out, .. }
+            | Step::MaxPoolBwd { out, .. }
+            | Step::BatchNormTrain { out, .. }
+            | Step::SumOuterInner { out, .. }
+            | Step::BatchNormBwd { gi: out, .. }
+            | Step::LayerNormBwd { gi: out, .. }
+            | Step::DropoutMask { out, .. }
             | Step::Gather { out, .. } => Some(*out),
-            Step::Fallback { .. } | Step::Call { .. } => None,
+            Step::Fallback { .. } | Step::Call { .. } | Step::MaxPoolIdx { .. } => None,
         }
     }
 
@@ -299,7 +381,21 @@ impl Step {
                 bases.push(x.base);
                 bases.extend(w.iter().chain(b.iter()).map(|s| s.base));
             }
-            Step::Gather { src, .. } => bases.push(src.base),
+            Step::Gather { src, .. } | Step::SliceBwd { src, .. } => bases.push(src.base),
+            Step::MaxPoolBwd { g, .. } => bases.push(g.base),
+            Step::MaxPoolIdx { x, .. } | Step::SumOuterInner { x, .. } => bases.push(x.base),
+            Step::BatchNormTrain { x, w, b, run, .. } => {
+                bases.push(x.base);
+                bases.extend(w.iter().chain(b.iter()).map(|s| s.base));
+                if let Some([rm, rv, _, _]) = run {
+                    bases.extend([rm.base, rv.base]);
+                }
+            }
+            Step::BatchNormBwd { g, x, w, .. } | Step::LayerNormBwd { g, x, w, .. } => {
+                bases.extend([g.base, x.base]);
+                bases.extend(w.iter().map(|s| s.base));
+            }
+            Step::DropoutMask { .. } => {}
             Step::Fallback { args, .. } => bases.extend(args.iter().filter_map(|a| match a {
                 Arg::View(l) => Some(l.base),
                 _ => None,
@@ -331,6 +427,14 @@ impl Step {
             Step::Softmax { .. } => "softmax",
             Step::LayerNorm { .. } => "layer_norm",
             Step::Gather { .. } => "gather",
+            Step::SliceBwd { .. } => "slice_backward",
+            Step::MaxPoolBwd { .. } => "max_pool2d_backward",
+            Step::BatchNormTrain { .. } => "batch_norm",
+            Step::MaxPoolIdx { .. } => "max_pool2d_with_indices",
+            Step::SumOuterInner { .. } => "sum",
+            Step::BatchNormBwd { .. } => "batch_norm_backward",
+            Step::LayerNormBwd { .. } => "layer_norm_backward",
+            Step::DropoutMask { .. } => "dropout_mask",
             Step::Fallback { .. } => "fallback",
             Step::Call { .. } => "module_call",
         }
@@ -353,6 +457,9 @@ enum OutSrc {
     View(Loc),
     /// Written in place by the steps into output buffer `k`.
     Out(usize),
+    /// Left in the arena for a later program (`GraphExec::new_pair`); the
+    /// call returns an empty placeholder tensor.
+    Kept,
 }
 
 /// A lowered graph (see the module docs).
@@ -377,6 +484,9 @@ pub(crate) struct Program {
     /// `op: reason` for every node that runs on the fallback path.
     fallbacks: Vec<String>,
     pos: HashMap<NodeId, usize>,
+    /// Inputs taken by value (input index, value), dropped after their
+    /// last reader (`lower`'s `consumed`).
+    consumed: Vec<(usize, Value)>,
 }
 
 // ------------------------------------------------------------------ building
@@ -403,6 +513,13 @@ struct Builder<'g> {
     tensor_last: HashMap<Value, usize>,
     /// The value of each `Base::Dyn` slot.
     dyn_values: Vec<Value>,
+    /// Graph outputs that stay in the arena (`GraphExec::new_pair`): homed
+    /// in arena buffers, not in returned output buffers.
+    kept: HashSet<Value>,
+    /// (input buffer, output buffer) of standalone pointwise kernels that
+    /// may share memory if the input's last reader is that kernel
+    /// (`plan_memory`).
+    inplace: Vec<(usize, usize)>,
 }
 
 fn bufs_of(spans: &[Span]) -> Vec<usize> {
@@ -496,7 +613,7 @@ impl<'g> Builder<'g> {
     fn output(&mut self, v: Value) -> Span {
         let shape = self.g.value_type(v).shape.clone();
         // A graph output is written straight into the tensor returned.
-        let base = if self.g.is_graph_output(v) && self.is_f32(v) {
+        let base = if self.g.is_graph_output(v) && self.is_f32(v) && !self.kept.contains(&v) {
             self.out_shapes.push(shape.clone());
             Base::Out(self.out_shapes.len() - 1)
         } else {
@@ -572,6 +689,30 @@ impl<'g> Builder<'g> {
         internal: &HashSet<Value>,
     ) -> std::result::Result<(), String> {
         let (jit, reads, writes) = self.jit_build(nodes, internal)?;
+        // Whole-buffer inputs read element for element, each buffer
+        // through one span only: an output may take one's memory.
+        let whole = |s: &Span, lens: &[usize]| match s.base {
+            Base::Buf(b) if s.off == 0 && lens[b] == s.len => Some(b),
+            _ => None,
+        };
+        for o in &jit.outs {
+            let Some(bo) = whole(o, &self.buf_lens) else {
+                continue;
+            };
+            for i in &jit.ins {
+                let Some(bi) = whole(i, &self.buf_lens) else {
+                    continue;
+                };
+                let only = jit
+                    .ins
+                    .iter()
+                    .all(|j| j.base != i.base || (j.off == 0 && j.len == i.len));
+                let written = jit.outs.iter().any(|j| j.base == i.base);
+                if only && !written && i.len == o.len {
+                    self.inplace.push((bi, bo));
+                }
+            }
+        }
         self.push(Step::Jit(jit), reads, writes);
         Ok(())
     }
@@ -913,7 +1054,358 @@ impl<'g> Builder<'g> {
     }
 
     /// conv2d, pooling, softmax, layer_norm on kiln-cpu's kernels.
+    /// `max_pool2d_backward` into a zeroed arena value (compiled
+    /// training); the i64 indices are read in place from their tensor.
+    fn max_pool_backward(&mut self, n: NodeId) -> std::result::Result<(), String> {
+        let ops = self.g.operands(n);
+        let out_v = Value::new(n, 0);
+        let (gv, iv) = (ops[0], ops[1]);
+        if !self.is_f32(out_v) || !self.is_f32(gv) || self.g.value_type(iv).dtype != DType::I64 {
+            return Err("operand types".into());
+        }
+        let os = self.g.value_type(out_v).shape.clone();
+        let gs = &self.g.value_type(gv).shape;
+        if os.len() < 2 || gs.len() != os.len() || gs[..os.len() - 2] != os[..os.len() - 2] {
+            return Err("shapes".into());
+        }
+        let hw = os[os.len() - 2] * os[os.len() - 1];
+        let planes: usize = os[..os.len() - 2].iter().product();
+        let idx = if self.tensors.contains(&iv) {
+            self.tensor_last.insert(iv, self.steps.len());
+            Arg::Tensor(iv)
+        } else if let Some(&i) = self.leaf_of.get(&iv) {
+            Arg::Leaf(i)
+        } else {
+            return Err("indices not held as a tensor".into());
+        };
+        let g = self.contiguous(gv).ok_or("no home")?;
+        let out = self.output(out_v);
+        self.push(
+            Step::MaxPoolBwd {
+                g,
+                idx,
+                planes,
+                hw,
+                out,
+            },
+            bufs_of(&[g]),
+            bufs_of(&[out]),
+        );
+        Ok(())
+    }
+
+    /// `slice_backward` into a zeroed arena value (compiled training).
+    fn slice_backward(&mut self, n: NodeId) -> std::result::Result<(), String> {
+        let Op::SliceBackward {
+            input_shape,
+            dim,
+            start,
+            step,
+            ..
+        } = self.g.node(n).op.clone()
+        else {
+            return Err("not slice_backward".into());
+        };
+        let x = self.g.operands(n)[0];
+        let out_v = Value::new(n, 0);
+        if !self.is_f32(out_v) || !self.is_f32(x) {
+            return Err("non-f32 operands".into());
+        }
+        let src = self.loc(x).ok_or("no home")?;
+        let out = self.output(out_v);
+        let mut strides = kiln_ir::contiguous_strides(&input_shape);
+        let off = out.off + start * strides[dim];
+        strides[dim] *= step;
+        let dst = Loc {
+            base: out.base,
+            off,
+            shape: src.shape.clone(),
+            strides,
+        };
+        if dst.numel() > 0 && off + dst.extent() > out.off + out.len {
+            return Err("slice outside its input".into());
+        }
+        let reads = bufs_of(&[Span {
+            base: src.base,
+            off: 0,
+            len: 0,
+        }]);
+        self.push(Step::SliceBwd { src, out, dst }, reads, bufs_of(&[out]));
+        Ok(())
+    }
+
+    /// A float sum over `dims` whose reduced and kept dims form at most
+    /// the blocks `[reduced, kept, reduced]`.
+    fn sum(
+        &mut self,
+        n: NodeId,
+        dims: &[usize],
+        mean: bool,
+        var: Option<usize>,
+    ) -> std::result::Result<(), String> {
+        let x = self.g.operands(n)[0];
+        let out_v = Value::new(n, 0);
+        if !self.is_f32(x) || !self.is_f32(out_v) || (dims.is_empty() && var.is_some()) {
+            return Err("non-f32 operand, or var over no dims".into());
+        }
+        let shape = self.g.value_type(x).shape.clone();
+        // No dims (for sum/mean) or every dim: one row of every element.
+        let all = dims.is_empty() || (0..shape.len()).all(|d| dims.contains(&d));
+        // [r1, k, r2]: reduced dims before the first kept dim, the kept
+        // dims (one run), the reduced dims after.
+        let kept: Vec<usize> = (0..shape.len()).filter(|d| !dims.contains(d)).collect();
+        let p = |r: std::ops::Range<usize>| shape[r].iter().product::<usize>();
+        let b3 = match (kept.first(), kept.last()) {
+            _ if all => [1, 1, p(0..shape.len())],
+            (Some(&lo), Some(&b)) if b + 1 - lo == kept.len() => {
+                [p(0..lo), p(lo..b + 1), p(b + 1..shape.len())]
+            }
+            _ => return Err("reduced dims between kept dims".into()),
+        };
+        if var.is_some() && (b3[0] != 1 || b3[2] == 0) {
+            return Err("variance over leading dims".into());
+        }
+        let count = b3[0] * b3[2];
+        if mean && count == 0 {
+            return Err("mean of nothing".into());
+        }
+        let scale = mean.then(|| 1.0 / count as f64);
+        let x = self.contiguous(x).ok_or("no home")?;
+        let out = self.output(out_v);
+        self.push(
+            Step::SumOuterInner {
+                x,
+                dims: b3,
+                scale,
+                var,
+                out,
+            },
+            bufs_of(&[x]),
+            bufs_of(&[out]),
+        );
+        Ok(())
+    }
+
+    /// `layer_norm_backward` (compiled training).
+    fn layer_norm_backward(&mut self, n: NodeId) -> std::result::Result<(), String> {
+        let Op::LayerNormBackward {
+            normalized_shape,
+            eps,
+            has_weight,
+        } = self.g.node(n).op.clone()
+        else {
+            return Err("not layer_norm_backward".into());
+        };
+        let ops = self.g.operands(n);
+        let outs: Vec<Value> = (0..3).map(|k| Value::new(n, k)).collect();
+        if self.g.node(n).outputs.len() != 3
+            || ops.len() != 2 + has_weight as usize
+            || ops.iter().chain(&outs).any(|v| !self.is_f32(*v))
+        {
+            return Err("operands".into());
+        }
+        let k: usize = normalized_shape.iter().product();
+        let numel = kiln_ir::numel(&self.g.value_type(ops[1]).shape);
+        if k == 0
+            || !numel.is_multiple_of(k)
+            || self.g.value_type(ops[0]).shape != self.g.value_type(ops[1]).shape
+        {
+            return Err("shapes".into());
+        }
+        let g = self.contiguous(ops[0]).ok_or("no home")?;
+        let x = self.contiguous(ops[1]).ok_or("no home")?;
+        let w = match has_weight {
+            true => Some(self.contiguous(ops[2]).ok_or("no home")?),
+            false => None,
+        };
+        let gi = self.output(outs[0]);
+        let gw = self.output(outs[1]);
+        let gb = self.output(outs[2]);
+        let mut reads = vec![g, x];
+        reads.extend(w.iter());
+        self.push(
+            Step::LayerNormBwd {
+                g,
+                x,
+                k,
+                w,
+                eps,
+                gi,
+                gw,
+                gb,
+            },
+            bufs_of(&reads),
+            bufs_of(&[gi, gw, gb]),
+        );
+        Ok(())
+    }
+
+    /// Training-mode batch_norm and its backward (compiled training).
+    fn batch_norm(&mut self, n: NodeId) -> std::result::Result<(), String> {
+        let node = self.g.node(n).clone();
+        let ops = self.g.operands(n);
+        let outs: Vec<Value> = (0..node.outputs.len()).map(|k| Value::new(n, k)).collect();
+        if ops.iter().chain(&outs).any(|v| !self.is_f32(*v)) {
+            return Err("non-f32 operands".into());
+        }
+        let xs = &self.g.value_type(ops[0]).shape;
+        if xs.len() < 2 {
+            return Err("input of rank < 2".into());
+        }
+        let shape = [xs[0], xs[1], xs[2..].iter().product()];
+        match node.op {
+            Op::BatchNorm {
+                training: true,
+                momentum,
+                eps,
+                has_weight,
+                has_bias,
+                has_running_stats,
+            } => {
+                if shape[0] * shape[2] <= 1 {
+                    return Err("one value per channel".into());
+                }
+                let x = self.contiguous(ops[0]).ok_or("no home")?;
+                let mut k = 1;
+                let mut next = |b: &mut Self, present: bool| -> Option<Option<Span>> {
+                    if !present {
+                        return Some(None);
+                    }
+                    k += 1;
+                    b.contiguous(ops[k - 1]).map(Some)
+                };
+                let w = next(self, has_weight).ok_or("no home")?;
+                let b = next(self, has_bias).ok_or("no home")?;
+                let stats = if has_running_stats {
+                    let rm = next(self, true).flatten().ok_or("no home")?;
+                    let rv = next(self, true).flatten().ok_or("no home")?;
+                    Some((rm, rv))
+                } else {
+                    None
+                };
+                if outs.len() != 1 + 2 * has_running_stats as usize {
+                    return Err("outputs".into());
+                }
+                let out = self.output(outs[0]);
+                let run =
+                    stats.map(|(rm, rv)| [rm, rv, self.output(outs[1]), self.output(outs[2])]);
+                let mut reads = vec![x];
+                reads.extend(w.iter().chain(b.iter()));
+                let mut writes = vec![out];
+                if let Some([rm, rv, om, ov]) = run {
+                    reads.extend([rm, rv]);
+                    writes.extend([om, ov]);
+                }
+                self.push(
+                    Step::BatchNormTrain {
+                        x,
+                        shape,
+                        w,
+                        b,
+                        run,
+                        momentum,
+                        eps,
+                        out,
+                    },
+                    bufs_of(&reads),
+                    bufs_of(&writes),
+                );
+            }
+            Op::BatchNormBackward {
+                training: true,
+                eps,
+                has_weight,
+            } => {
+                if outs.len() != 3 || ops.len() != 2 + has_weight as usize {
+                    return Err("operands".into());
+                }
+                let g = self.contiguous(ops[0]).ok_or("no home")?;
+                let x = self.contiguous(ops[1]).ok_or("no home")?;
+                let w = match has_weight {
+                    true => Some(self.contiguous(ops[2]).ok_or("no home")?),
+                    false => None,
+                };
+                let gi = self.output(outs[0]);
+                let gw = self.output(outs[1]);
+                let gb = self.output(outs[2]);
+                let mut reads = vec![g, x];
+                reads.extend(w.iter());
+                self.push(
+                    Step::BatchNormBwd {
+                        g,
+                        x,
+                        shape,
+                        w,
+                        eps,
+                        gi,
+                        gw,
+                        gb,
+                    },
+                    bufs_of(&reads),
+                    bufs_of(&[gi, gw, gb]),
+                );
+            }
+            _ => return Err("eval-mode batch norm".into()),
+        }
+        Ok(())
+    }
+
     fn native(&mut self, n: NodeId) -> std::result::Result<(), String> {
+        match &self.g.node(n).op {
+            Op::BatchNorm { .. } | Op::BatchNormBackward { .. } => return self.batch_norm(n),
+            Op::LayerNormBackward { .. } => return self.layer_norm_backward(n),
+            Op::MaxPool2dBackward { .. } => return self.max_pool_backward(n),
+            Op::Reduce {
+                op: op @ (kiln_ir::ReduceOp::Sum | kiln_ir::ReduceOp::Mean),
+                dims,
+                ..
+            } => {
+                let (dims, mean) = (dims.clone(), matches!(op, kiln_ir::ReduceOp::Mean));
+                return self.sum(n, &dims, mean, None);
+            }
+            &Op::Var {
+                ref dims,
+                correction,
+                ..
+            } => {
+                if correction.fract() != 0.0 || correction < 0.0 {
+                    return Err("fractional correction".into());
+                }
+                let dims = dims.clone();
+                return self.sum(n, &dims, false, Some(correction as usize));
+            }
+            &Op::MaxPool2dWithIndices {
+                kernel,
+                stride,
+                padding,
+                dilation,
+                ceil_mode,
+            } => {
+                let x = self.g.operands(n)[0];
+                if !self.is_f32(x) || self.g.node(n).outputs.len() != 2 {
+                    return Err("non-f32 input".into());
+                }
+                let xs = four(&self.g.value_type(x).shape).ok_or("input not 4-D")?;
+                let x = self.contiguous(x).ok_or("no home")?;
+                let p = MaxPool2dParams {
+                    kernel: pair(kernel),
+                    stride: pair(stride),
+                    padding: pair(padding),
+                    dilation: pair(dilation),
+                    ceil_mode,
+                };
+                self.push(
+                    Step::MaxPoolIdx { node: n, x, xs, p },
+                    bufs_of(&[x]),
+                    vec![],
+                );
+                for k in 0..2 {
+                    self.tensors.insert(Value::new(n, k));
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
         let node = self.g.node(n).clone();
         let ops = self.g.operands(n);
         let out_v = Value::new(n, 0);
@@ -1159,6 +1651,22 @@ impl<'g> Builder<'g> {
                     self.gemm(n)
                 }
                 OpClass::Contraction | OpClass::Pool | OpClass::Reduction => self.native(n),
+                _ if matches!(self.g.node(n).op, Op::SliceBackward { .. }) => {
+                    self.slice_backward(n)
+                }
+                _ if matches!(self.g.node(n).op, Op::DropoutMask { .. })
+                    && self.is_f32(Value::new(n, 0)) =>
+                {
+                    let Op::DropoutMask { p } = self.g.node(n).op else {
+                        unreachable!("matched above")
+                    };
+                    let out = self.output(Value::new(n, 0));
+                    self.push(Step::DropoutMask { p, out }, vec![], bufs_of(&[out]));
+                    Ok(())
+                }
+                _ if matches!(self.g.node(n).op, Op::MaxPool2dBackward { .. }) => {
+                    self.max_pool_backward(n)
+                }
                 _ => Err(format!(
                     "no native CPU lowering for {}",
                     self.g.node(n).op.name()
@@ -1181,6 +1689,18 @@ impl<'g> Builder<'g> {
 /// Offsets for buffers by liveness: first fit in a free list, a buffer's
 /// range free again after the last step that reads it.
 fn plan_memory(lens: &[usize], first: &[usize], last: &[usize]) -> (Vec<usize>, usize) {
+    plan_memory_inplace(lens, first, last, &[])
+}
+
+/// `plan_memory` where, for each `(a, b)` in `inplace` (a pointwise step
+/// reading buffer `a` element for element and writing `b`), `b` takes
+/// `a`'s range when that step is `a`'s last reader and `b`'s first writer.
+fn plan_memory_inplace(
+    lens: &[usize],
+    first: &[usize],
+    last: &[usize],
+    inplace: &[(usize, usize)],
+) -> (Vec<usize>, usize) {
     const ALIGN: usize = 16;
     let mut order: Vec<usize> = (0..lens.len()).collect();
     order.sort_by_key(|&b| (first[b], b));
@@ -1215,6 +1735,19 @@ fn plan_memory(lens: &[usize], first: &[usize], last: &[usize]) -> (Vec<usize>, 
         }
         free = merged;
         let need = lens[b].div_ceil(ALIGN) * ALIGN;
+        let heir = inplace.iter().find_map(|&(a, o)| {
+            (o == b
+                && last[a] == first[b]
+                && lens[a].div_ceil(ALIGN) * ALIGN == need
+                && active.contains(&a))
+            .then_some(a)
+        });
+        if let Some(a) = heir {
+            active.retain(|&x| x != a);
+            offsets[b] = offsets[a];
+            active.push(b);
+            continue;
+        }
         let slot = free
             .iter()
             .enumerate()
@@ -1243,6 +1776,92 @@ fn plan_memory(lens: &[usize], first: &[usize], last: &[usize]) -> (Vec<usize>, 
     (offsets, peak)
 }
 
+/// A program lowered but not yet given arena offsets: its buffers' live
+/// ranges in step indices (inclusive; `usize::MAX` = read at the end).
+struct Lowered {
+    program: Program,
+    first: Vec<usize>,
+    last: Vec<usize>,
+    /// For each graph output kept in the arena (`keep`): its buffer and
+    /// view, or None where it is returned as a tensor.
+    kept: Vec<Option<(usize, Loc)>>,
+    /// The buffer of each pinned user input, by input index.
+    pinned: HashMap<usize, usize>,
+    /// In-place candidates (`Builder::inplace`).
+    inplace: Vec<(usize, usize)>,
+}
+
+/// Offsets by size: buffers (in-place pairs merged into one block that
+/// lives from the first's write to the last's read) placed largest first
+/// at the lowest offset free of every placed block that is live at the
+/// same time. Often tighter than `plan_memory_inplace`'s order of first
+/// writes when long-lived values interleave with large temporaries.
+fn plan_memory_by_size(
+    lens: &[usize],
+    first: &[usize],
+    last: &[usize],
+    inplace: &[(usize, usize)],
+) -> (Vec<usize>, usize) {
+    const ALIGN: usize = 16;
+    let n = lens.len();
+    let size = |b: usize| lens[b].div_ceil(ALIGN) * ALIGN;
+    // Blocks: union of in-place pairs that `plan_memory_inplace` would
+    // apply (the input's last reader writes the output, same size).
+    let mut parent: Vec<usize> = (0..n).collect();
+    fn root(p: &mut [usize], mut b: usize) -> usize {
+        while p[b] != b {
+            p[b] = p[p[b]];
+            b = p[b];
+        }
+        b
+    }
+    let mut heir_taken = vec![false; n];
+    let mut has_heir = vec![false; n];
+    for &(a, b) in inplace {
+        if last[a] == first[b] && size(a) == size(b) && !has_heir[a] && !heir_taken[b] {
+            has_heir[a] = true;
+            heir_taken[b] = true;
+            let (ra, rb) = (root(&mut parent, a), root(&mut parent, b));
+            if ra != rb {
+                parent[rb] = ra;
+            }
+        }
+    }
+    let mut span: HashMap<usize, (usize, usize, usize)> = HashMap::new(); // root -> (first, last, size)
+    for b in 0..n {
+        let r = root(&mut parent, b);
+        let e = span.entry(r).or_insert((first[b], last[b], size(b)));
+        e.0 = e.0.min(first[b]);
+        e.1 = e.1.max(last[b]);
+        e.2 = e.2.max(size(b));
+    }
+    let mut blocks: Vec<(usize, (usize, usize, usize))> = span.into_iter().collect();
+    blocks.sort_by_key(|&(r, (f, _, s))| (std::cmp::Reverse(s), f, r));
+    let mut placed: Vec<(usize, usize, usize, usize)> = Vec::new(); // (off, size, first, last)
+    let mut off_of: HashMap<usize, usize> = HashMap::new();
+    let mut top = 0usize;
+    for (r, (f, l, s)) in blocks {
+        let mut busy: Vec<(usize, usize)> = placed
+            .iter()
+            .filter(|p| p.2 <= l && f <= p.3)
+            .map(|p| (p.0, p.0 + p.1))
+            .collect();
+        busy.sort();
+        let mut off = 0usize;
+        for (a, b) in busy {
+            if a >= off + s {
+                break;
+            }
+            off = off.max(b);
+        }
+        placed.push((off, s, f, l));
+        off_of.insert(r, off);
+        top = top.max(off + s);
+    }
+    let offsets = (0..n).map(|b| off_of[&root(&mut parent, b)]).collect();
+    (offsets, top)
+}
+
 impl Program {
     /// Lowers `g` along `plan`. `leaves` binds each Input/Constant node.
     pub(crate) fn build(
@@ -1250,6 +1869,35 @@ impl Program {
         plan: &FusionPlan,
         bind_leaf: &dyn Fn(NodeId) -> Result<LeafSrc>,
     ) -> Result<Program> {
+        let mut l = Self::lower(g, plan, bind_leaf, &[], &HashMap::new(), &HashSet::new())?;
+        let (offs, len) = plan_memory(&l.program.buf_lens, &l.first, &l.last);
+        l.program.set_plan(offs, len);
+        Ok(l.program)
+    }
+
+    fn set_plan(&mut self, buf_offsets: Vec<usize>, arena_len: usize) {
+        for (o, l) in buf_offsets.iter().zip(&self.buf_lens) {
+            assert!(o + l <= arena_len, "memory plan: buffer outside the arena");
+        }
+        self.buf_offsets = buf_offsets;
+        self.arena_len = arena_len;
+    }
+
+    /// Lowers `g`; the graph outputs whose index is in `keep` stay in the
+    /// arena when they live in an arena buffer (returned as the leaf
+    /// tensor itself when they are an f32 leaf), and user input `i` in
+    /// `pinned` is not a leaf but a view `(buffer length, view)` of an
+    /// arena buffer written before the program runs; user input `i` in
+    /// `consumed` is handed over by value (`run_owned`) and dropped after
+    /// its last reader.
+    fn lower(
+        g: &Graph,
+        plan: &FusionPlan,
+        bind_leaf: &dyn Fn(NodeId) -> Result<LeafSrc>,
+        keep: &[usize],
+        pinned: &HashMap<usize, (usize, Loc)>,
+        consumed: &HashSet<usize>,
+    ) -> Result<Lowered> {
         let order = g.topo_order()?;
         let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
         let mut b = Builder {
@@ -1267,15 +1915,51 @@ impl Program {
             out_shapes: Vec::new(),
             tensor_last: HashMap::new(),
             dyn_values: Vec::new(),
+            kept: HashSet::new(),
+            inplace: Vec::new(),
         };
+        // Values returned only through kept outputs live in the arena.
+        for (i, o) in g.outputs().iter().enumerate() {
+            if keep.contains(&i) {
+                b.kept.insert(o.value);
+            }
+        }
+        for (i, o) in g.outputs().iter().enumerate() {
+            if !keep.contains(&i) {
+                b.kept.remove(&o.value);
+            }
+        }
         let mut leaves = Vec::new();
         let mut leaf_nodes = Vec::new();
+        let mut pinned_bufs = HashMap::new();
+        let mut consumed_vals = Vec::new();
         for &n in &order {
             if matches!(g.node(n).op.class(), OpClass::Input | OpClass::Constant) {
                 let i = leaves.len();
                 leaves.push(bind_leaf(n)?);
                 leaf_nodes.push(n);
                 let v = Value::new(n, 0);
+                if let Op::Input {
+                    kind: InputKind::User(u),
+                    ..
+                } = g.node(n).op
+                {
+                    if let Some((len, loc)) = pinned.get(&u) {
+                        let buf = b.new_buf(*len);
+                        pinned_bufs.insert(u, buf);
+                        let loc = Loc {
+                            base: Base::Buf(buf),
+                            ..loc.clone()
+                        };
+                        b.set_loc(v, loc, false);
+                        continue;
+                    }
+                    if consumed.contains(&u) {
+                        b.tensors.insert(v);
+                        consumed_vals.push((u, v));
+                        continue;
+                    }
+                }
                 b.leaf_of.insert(v, i);
                 if b.is_f32(v) {
                     let shape = g.value_type(v).shape.clone();
@@ -1288,11 +1972,16 @@ impl Program {
         }
         let mut outputs = Vec::new();
         let mut end_reads = Vec::new();
-        for o in g.outputs() {
+        let mut kept = Vec::new();
+        for (oi, o) in g.outputs().iter().enumerate() {
             let v = o.value;
+            let keep = keep.contains(&oi);
+            if keep {
+                kept.push(None);
+            }
             outputs.push(if b.tensors.contains(&v) {
                 OutSrc::Tensor(v)
-            } else if let (Some(&i), false) = (b.leaf_of.get(&v), b.is_f32(v)) {
+            } else if let (Some(&i), false) = (b.leaf_of.get(&v), b.is_f32(v) && !keep) {
                 OutSrc::Leaf(i)
             } else {
                 let loc = b.locs.get(&v).cloned().ok_or_else(|| {
@@ -1304,6 +1993,11 @@ impl Program {
                 }
                 match loc.base {
                     Base::Out(k) if loc.off == 0 && loc.is_contiguous() => OutSrc::Out(k),
+                    Base::Buf(x) if keep => {
+                        end_reads.push(x);
+                        *kept.last_mut().expect("pushed") = Some((x, loc));
+                        OutSrc::Kept
+                    }
                     Base::Buf(x) => {
                         end_reads.push(x);
                         OutSrc::View(loc)
@@ -1334,10 +2028,6 @@ impl Program {
         }
         let mut avail = std::mem::take(&mut b.avail);
         avail.sort_by_key(|(k, _, _)| *k);
-        let (buf_offsets, arena_len) = plan_memory(&b.buf_lens, &first, &last);
-        for (o, l) in buf_offsets.iter().zip(&b.buf_lens) {
-            assert!(o + l <= arena_len, "memory plan: buffer outside the arena");
-        }
         // A fallback value read in place lives until its last reader.
         for (si, st) in b.steps.iter().enumerate() {
             for k in st.dyn_reads() {
@@ -1361,7 +2051,7 @@ impl Program {
             .enumerate()
             .map(|(k, v)| (*v, k))
             .collect();
-        Ok(Program {
+        let program = Program {
             dyn_of,
             frees,
             out_shapes: std::mem::take(&mut b.out_shapes),
@@ -1369,12 +2059,21 @@ impl Program {
             leaves,
             leaf_nodes,
             steps: b.steps,
-            buf_offsets,
+            buf_offsets: Vec::new(),
             buf_lens: b.buf_lens,
-            arena_len,
+            arena_len: 0,
             outputs,
             fallbacks: b.fallbacks,
             pos,
+            consumed: consumed_vals,
+        };
+        Ok(Lowered {
+            program,
+            first,
+            last,
+            kept,
+            pinned: pinned_bufs,
+            inplace: std::mem::take(&mut b.inplace),
         })
     }
 
@@ -1480,7 +2179,42 @@ impl Program {
                 out_bufs: &out_bufs,
                 dyns: &dyns,
             };
-            self.exec(g, &ctx, leaves, user_inputs, bind, call, None)
+            self.exec(g, &ctx, leaves, user_inputs, bind, call, None, Vec::new())
+        })
+    }
+
+    /// `run` with the inputs the program takes by value (`lower`'s
+    /// `consumed`) in `owned`, by input index.
+    #[allow(clippy::too_many_arguments)]
+    fn run_owned(
+        &self,
+        g: &Graph,
+        leaves: &[Tensor],
+        ptrs: &mut Vec<(usize, usize)>,
+        arena: &mut [f32],
+        user_inputs: &[Tensor],
+        bind: &dyn Fn(&InputKind) -> Result<Tensor>,
+        call: &dyn Fn(&str, &Tensor) -> Result<Tensor>,
+        owned: Vec<Option<Tensor>>,
+    ) -> Result<Vec<Tensor>> {
+        assert!(arena.len() >= self.arena_len, "arena too small");
+        ptrs.clear();
+        let (out_bufs, outs) = self.alloc_outputs();
+        let dyns: Vec<std::cell::Cell<(usize, usize)>> =
+            (0..self.dyn_of.len()).map(|_| Default::default()).collect();
+        let mut owned = Some(owned);
+        with_leaf_slices(leaves, ptrs, &mut |ptrs| {
+            let ctx = Ctx {
+                leaves: ptrs,
+                arena: arena.as_mut_ptr(),
+                offs: &self.buf_offsets,
+                lens: &self.buf_lens,
+                outs: &outs,
+                out_bufs: &out_bufs,
+                dyns: &dyns,
+            };
+            let owned = owned.take().unwrap_or_default();
+            self.exec(g, &ctx, leaves, user_inputs, bind, call, None, owned)
         })
     }
 
@@ -1512,7 +2246,16 @@ impl Program {
                 out_bufs: &out_bufs,
                 dyns: &dyns,
             };
-            self.exec(g, &ctx, leaves, user_inputs, bind, call, Some(&mut seen))
+            self.exec(
+                g,
+                &ctx,
+                leaves,
+                user_inputs,
+                bind,
+                call,
+                Some(&mut seen),
+                Vec::new(),
+            )
         })?;
         Ok((outs, seen))
     }
@@ -1527,8 +2270,19 @@ impl Program {
         bind: &dyn Fn(&InputKind) -> Result<Tensor>,
         call: &dyn Fn(&str, &Tensor) -> Result<Tensor>,
         mut collect: Option<&mut HashMap<Value, Tensor>>,
+        mut owned: Vec<Option<Tensor>>,
     ) -> Result<Vec<Tensor>> {
         let mut tensors: HashMap<Value, Tensor> = HashMap::new();
+        // Inputs handed over by value: held like fallback results, dropped
+        // after their last reader.
+        for &(i, v) in &self.consumed {
+            let t = owned.get_mut(i).and_then(Option::take).ok_or_else(|| {
+                Error::Input(format!("compiled program: input {i} (by value) missing"))
+            })?;
+            let t = self.register_dyn(ctx, v, t)?;
+            tensors.insert(v, t);
+        }
+        drop(owned);
         let mut next_avail = 0;
         // Copies (for `run_collect`) of the values readable once `ran` steps ran.
         let mut snapshot = |ran: usize, collect: &mut Option<&mut HashMap<Value, Tensor>>| {
@@ -1747,6 +2501,162 @@ impl Program {
                     Step::Gather { src, out } => {
                         gather_into(ctx, src, ctx.slice_mut(out));
                     }
+                    Step::SumOuterInner {
+                        x,
+                        dims,
+                        scale,
+                        var,
+                        out,
+                    } => {
+                        let [r1, k, r2] = *dims;
+                        let xv = ctx.slice(x);
+                        let o = ctx.slice_mut(out);
+                        if let Some(c) = var {
+                            o.copy_from_slice(&kiln_cpu::reduce::var_rows(xv, k, r2, *c));
+                        } else if r2 == 1 {
+                            o.copy_from_slice(&kiln_cpu::reduce::sum_cols(xv, r1, k));
+                        } else if r1 == 1 {
+                            o.copy_from_slice(&kiln_cpu::reduce::sum_rows(xv, k, r2));
+                        } else {
+                            kiln_cpu::reduce::sum_outer_inner_into(xv, r1, k, r2, o);
+                        }
+                        if let Some(s) = scale {
+                            // As eager's mean: the f32 sum times f32(1/count).
+                            let s = *s as f32;
+                            for v in o.iter_mut() {
+                                *v *= s;
+                            }
+                        }
+                    }
+                    Step::MaxPoolIdx { node, x, xs, p } => {
+                        let (v, i) = kiln_cpu::pool::max_pool2d(ctx.slice(x), *xs, p);
+                        let shape = &g.node(*node).outputs[0].shape;
+                        let ts = [Tensor::from_vec(v, shape)?, Tensor::from_vec(i, shape)?];
+                        for (k, t) in ts.into_iter().enumerate() {
+                            let v = Value::new(*node, k);
+                            let t = self.register_dyn(ctx, v, t)?;
+                            tensors.insert(v, t);
+                        }
+                    }
+                    Step::BatchNormTrain {
+                        x,
+                        shape,
+                        w,
+                        b,
+                        run,
+                        momentum,
+                        eps,
+                        out,
+                    } => {
+                        let st = kiln_cpu::norm::batch_norm_train_into(
+                            ctx.slice(x),
+                            *shape,
+                            w.as_ref().map(|s| ctx.slice(s)),
+                            b.as_ref().map(|s| ctx.slice(s)),
+                            *eps,
+                            Some(ctx.slice_mut(out)),
+                        );
+                        if let Some([rm, rv, om, ov]) = run {
+                            // As eager: running * (1 - m) + stat * m, in f32,
+                            // the variance unbiased.
+                            let (a, m) = ((1.0 - momentum) as f32, *momentum as f32);
+                            let cnt = st.count as f64;
+                            let (rm, rv) = (ctx.slice(rm), ctx.slice(rv));
+                            let (om, ov) = (ctx.slice_mut(om), ctx.slice_mut(ov));
+                            for ch in 0..shape[1] {
+                                om[ch] = rm[ch] * a + st.mean[ch] * m;
+                                let unbiased = (st.var[ch] as f64 * cnt / (cnt - 1.0)) as f32;
+                                ov[ch] = rv[ch] * a + unbiased * m;
+                            }
+                        }
+                    }
+                    Step::LayerNormBwd {
+                        g,
+                        x,
+                        k,
+                        w,
+                        eps,
+                        gi,
+                        gw,
+                        gb,
+                    } => {
+                        let xv = ctx.slice(x);
+                        let (mean, rstd) = kiln_cpu::norm::layer_norm_stats(xv, *k, *eps);
+                        let (gwv, gbv) = kiln_cpu::norm::layer_norm_backward_into(
+                            ctx.slice(g),
+                            xv,
+                            *k,
+                            &mean,
+                            &rstd,
+                            w.as_ref().map(|s| ctx.slice(s)),
+                            ctx.slice_mut(gi),
+                        );
+                        ctx.slice_mut(gw).copy_from_slice(&gwv);
+                        ctx.slice_mut(gb).copy_from_slice(&gbv);
+                    }
+                    Step::BatchNormBwd {
+                        g,
+                        x,
+                        shape,
+                        w,
+                        eps,
+                        gi,
+                        gw,
+                        gb,
+                    } => {
+                        let (gwv, gbv) = kiln_cpu::norm::batch_norm_backward_train_fused(
+                            ctx.slice(g),
+                            ctx.slice(x),
+                            *shape,
+                            w.as_ref().map(|s| ctx.slice(s)),
+                            *eps,
+                            ctx.slice_mut(gi),
+                        );
+                        ctx.slice_mut(gw).copy_from_slice(&gwv);
+                        ctx.slice_mut(gb).copy_from_slice(&gbv);
+                    }
+                    Step::MaxPoolBwd {
+                        g,
+                        idx,
+                        planes,
+                        hw,
+                        out,
+                    } => {
+                        let t = match idx {
+                            Arg::Tensor(v) => &tensors[v],
+                            Arg::Leaf(i) => &leaves[*i],
+                            Arg::View(_) => unreachable!("indices are tensors"),
+                        };
+                        let o = ctx.slice_mut(out);
+                        let gs = ctx.slice(g);
+                        o.fill(0.0);
+                        let po = if *planes == 0 { 0 } else { gs.len() / planes };
+                        t.with_contiguous_as::<i64, _>(|ix| {
+                            assert_eq!(ix.len(), gs.len(), "max_pool2d_backward: indices");
+                            for p in 0..*planes {
+                                let plane = &mut o[p * hw..][..*hw];
+                                for (&gv, &i) in gs[p * po..][..po].iter().zip(&ix[p * po..][..po])
+                                {
+                                    plane[i as usize] += gv;
+                                }
+                            }
+                        })
+                        .ok_or_else(|| {
+                            Error::Input("max_pool2d_backward: indices not contiguous i64".into())
+                        })?;
+                    }
+                    Step::DropoutMask { p, out } => {
+                        let scale = if *p == 1.0 { 0.0 } else { 1.0 / (1.0 - p) };
+                        kiln_frontend::random::bernoulli_fill_f32(
+                            ctx.slice_mut(out),
+                            1.0 - p,
+                            scale as f32,
+                        );
+                    }
+                    Step::SliceBwd { src, out, dst } => {
+                        ctx.slice_mut(out).fill(0.0);
+                        copy_view(ctx, src, dst);
+                    }
                     Step::Call { node, path, arg } => {
                         let x = match arg {
                             Arg::Tensor(v) => tensors[v].clone(),
@@ -1821,6 +2731,7 @@ impl Program {
                 Ok(match o {
                     OutSrc::Tensor(v) => tensors[v].clone(),
                     OutSrc::Leaf(i) => leaves[*i].clone(),
+                    OutSrc::Kept => Tensor::from_vec(Vec::<f32>::new(), &[0])?,
                     OutSrc::View(loc) => {
                         Tensor::f32_filled_by(&loc.shape, |d| unsafe { gather_into(ctx, loc, d) })
                     }
@@ -1986,6 +2897,42 @@ unsafe fn gather_into(ctx: &Ctx, loc: &Loc, dst: &mut [f32]) {
     }
 }
 
+/// Copies the strided view `src` into the strided view `dst` (same shape,
+/// not overlapping).
+unsafe fn copy_view(ctx: &Ctx, src: &Loc, dst: &Loc) {
+    let n = src.numel();
+    if n == 0 {
+        return;
+    }
+    // SAFETY: both views lie inside their bases (checked at build time).
+    let sb = unsafe { ctx.base_ptr(src.base).add(src.off) } as *const f32;
+    let db = unsafe { ctx.base_ptr(dst.base).add(dst.off) };
+    let nd = src.shape.len();
+    if nd == 0 {
+        unsafe { *db = *sb };
+        return;
+    }
+    let inner = src.shape[nd - 1];
+    let (ss, ds) = (src.strides[nd - 1], dst.strides[nd - 1]);
+    let mut idx = vec![0usize; nd];
+    let mut w = 0;
+    while w < n {
+        let so: usize = idx.iter().zip(&src.strides).map(|(i, s)| i * s).sum();
+        let d_o: usize = idx.iter().zip(&dst.strides).map(|(i, s)| i * s).sum();
+        for j in 0..inner {
+            unsafe { *db.add(d_o + j * ds) = *sb.add(so + j * ss) };
+        }
+        w += inner;
+        for d in (0..nd - 1).rev() {
+            idx[d] += 1;
+            if idx[d] < src.shape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+}
+
 /// The body run under the leaves' read locks.
 type LeafFn<'a, R> = dyn FnMut(&[(usize, usize)]) -> R + 'a;
 
@@ -2023,41 +2970,134 @@ pub(crate) struct GraphExec {
     /// Keep the arena between calls (inference) or take one per call.
     keep_arena: bool,
     arena: parking_lot::Mutex<Vec<f32>>,
+    /// User inputs that are arena values written by the paired program
+    /// (`new_pair`), not tensors; their call arguments are ignored.
+    pinned: HashSet<usize>,
+}
+
+/// Binds a bare graph's leaves: user inputs by index, parameters/buffers by
+/// name, constants evaluated once.
+fn bare_leaf(g: &Graph, n: NodeId) -> Result<LeafSrc> {
+    Ok(match &g.node(n).op {
+        Op::Input {
+            kind: InputKind::User(i),
+            ..
+        } => LeafSrc::User(*i),
+        Op::Input { kind, .. } => LeafSrc::State(kind.clone()),
+        op => {
+            let mut t = exec_node(op, &[], &[], &|k| {
+                Err(Error::Binding(format!("a constant binds nothing ({k:?})")))
+            })?;
+            LeafSrc::Const(t.remove(0))
+        }
+    })
 }
 
 impl GraphExec {
-    /// Runs the compile pipeline on `graph`, plans fusion and lowers it.
-    /// The graph's outputs (count and order) are kept.
-    pub(crate) fn new(mut graph: Graph, keep_arena: bool) -> Result<GraphExec> {
-        kiln_ir::passes::PassManager::compile_pipeline().run(&mut graph)?;
-        let plan = kiln_ir::plan_fusion(&graph)?;
-        let g = &graph;
-        let program = Program::build(g, &plan, &|n| {
-            Ok(match &g.node(n).op {
-                Op::Input {
-                    kind: InputKind::User(i),
-                    ..
-                } => LeafSrc::User(*i),
-                Op::Input { kind, .. } => LeafSrc::State(kind.clone()),
-                op => {
-                    let mut t = exec_node(op, &[], &[], &|k| {
-                        Err(Error::Binding(format!("a constant binds nothing ({k:?})")))
-                    })?;
-                    LeafSrc::Const(t.remove(0))
+    /// Two graphs run back to back over one arena (compiled training's
+    /// forward and backward): output `o` of `first` for each `(o, i)` in
+    /// `handoff` is user input `i` of `second`. Where that value lives in
+    /// an arena buffer of `first`, it stays there (`first` returns an empty
+    /// placeholder for it, `second` reads it in place and ignores its
+    /// argument), and one liveness plan covers both programs' steps, so
+    /// the second program's values reuse the space of handed-off values
+    /// after their last reader. Run both with `run_in` on the same arena
+    /// of `arena_len` elements, which the second program may overwrite.
+    /// Returns the two programs.
+    pub(crate) fn new_pair(
+        mut first: Graph,
+        mut second: Graph,
+        handoff: &[(usize, usize)],
+    ) -> Result<(GraphExec, GraphExec)> {
+        let pm = kiln_ir::passes::PassManager::compile_pipeline();
+        pm.run(&mut first)?;
+        pm.run(&mut second)?;
+        let keep: Vec<usize> = handoff.iter().map(|&(o, _)| o).collect();
+        let plan1 = kiln_ir::plan_fusion(&first)?;
+        let f = Program::lower(
+            &first,
+            &plan1,
+            &|n| bare_leaf(&first, n),
+            &keep,
+            &HashMap::new(),
+            &HashSet::new(),
+        )?;
+        let mut pinned = HashMap::new();
+        let mut in_arena = Vec::new();
+        for (&(o, i), k) in handoff.iter().zip(&f.kept) {
+            if let Some((x, loc)) = k {
+                pinned.insert(i, (f.program.buf_lens[*x], loc.clone()));
+                in_arena.push((o, i, *x));
+            }
+        }
+        let plan2 = kiln_ir::plan_fusion(&second)?;
+        // The other handed-off values are taken by value and dropped after
+        // their last reader.
+        let consumed: HashSet<usize> = handoff
+            .iter()
+            .map(|&(_, i)| i)
+            .filter(|i| !pinned.contains_key(i))
+            .collect();
+        let s = Program::lower(
+            &second,
+            &plan2,
+            &|n| bare_leaf(&second, n),
+            &[],
+            &pinned,
+            &consumed,
+        )?;
+        // One timeline: the first program's steps, then the second's.
+        let n1 = f.program.steps.len();
+        let shift = |t: usize| if t == usize::MAX { t } else { n1 + 1 + t };
+        let nf = f.program.buf_lens.len();
+        let mut lens = f.program.buf_lens.clone();
+        let mut firsts = f.first.clone();
+        let mut lasts: Vec<usize> = f.last.iter().map(|&l| l.min(n1)).collect();
+        // Joint index of each second-program buffer.
+        let mut joint = Vec::with_capacity(s.program.buf_lens.len());
+        let pinned_of: HashMap<usize, usize> = in_arena
+            .iter()
+            .filter_map(|&(_, i, x)| Some((*s.pinned.get(&i)?, x)))
+            .collect();
+        for (b, &len) in s.program.buf_lens.iter().enumerate() {
+            match pinned_of.get(&b) {
+                Some(&x) => {
+                    lasts[x] = lasts[x].max(shift(s.last[b]));
+                    joint.push(x);
                 }
-            })
-        })?;
-        let arena = parking_lot::Mutex::new(if keep_arena {
-            vec![0f32; program.arena_len()]
-        } else {
-            Vec::new()
-        });
-        Ok(GraphExec {
+                None => {
+                    lens.push(len);
+                    firsts.push(shift(s.first[b]));
+                    lasts.push(shift(s.last[b]));
+                    joint.push(lens.len() - 1);
+                }
+            }
+        }
+        let mut inplace = f.inplace.clone();
+        inplace.extend(s.inplace.iter().map(|&(a, o)| (joint[a], joint[o])));
+        let (offs, len) = {
+            let a = plan_memory_inplace(&lens, &firsts, &lasts, &inplace);
+            let b = plan_memory_by_size(&lens, &firsts, &lasts, &inplace);
+            if b.1 < a.1 {
+                b
+            } else {
+                a
+            }
+        };
+        let mut p1 = f.program;
+        let mut p2 = s.program;
+        p1.set_plan(offs[..nf].to_vec(), len);
+        p2.set_plan(joint.iter().map(|&j| offs[j]).collect(), len);
+        let mut pinned_inputs: HashSet<usize> = in_arena.iter().map(|&(_, i, _)| i).collect();
+        pinned_inputs.extend(consumed);
+        let mk = |graph: Graph, program: Program, pinned: HashSet<usize>| GraphExec {
             graph,
             program,
-            keep_arena,
-            arena,
-        })
+            keep_arena: false,
+            arena: parking_lot::Mutex::new(Vec::new()),
+            pinned,
+        };
+        Ok((mk(first, p1, HashSet::new()), mk(second, p2, pinned_inputs)))
     }
 
     /// Nodes on the fallback path (`op: reason`).
@@ -2070,11 +3110,33 @@ impl GraphExec {
         self.program.arena_len()
     }
 
-    /// All graph outputs, in order.
-    pub(crate) fn run(
+    /// `run` in the caller's arena (at least `arena_len` elements; see
+    /// `new_pair`). Inputs the program takes by value are dropped after
+    /// their last reader (the caller keeps a clone to keep them).
+    pub(crate) fn run_in(
+        &self,
+        mut inputs: Vec<Tensor>,
+        bind: &dyn Fn(&InputKind) -> Result<Tensor>,
+        arena: &mut [f32],
+    ) -> Result<Vec<Tensor>> {
+        let mut owned = vec![None; inputs.len()];
+        for &(i, _) in &self.program.consumed {
+            if let Some(t) = inputs.get_mut(i) {
+                owned[i] = Some(std::mem::replace(
+                    t,
+                    Tensor::from_vec(Vec::<f32>::new(), &[0])?,
+                ));
+            }
+        }
+        self.run_arena(&inputs, bind, Some(arena), owned)
+    }
+
+    fn run_arena(
         &self,
         inputs: &[Tensor],
         bind: &dyn Fn(&InputKind) -> Result<Tensor>,
+        given: Option<&mut [f32]>,
+        owned: Vec<Option<Tensor>>,
     ) -> Result<Vec<Tensor>> {
         let leaves: Vec<Tensor> = self
             .program
@@ -2083,6 +3145,9 @@ impl GraphExec {
             .zip(self.program.leaf_nodes())
             .map(|(l, n)| {
                 let t = match l {
+                    LeafSrc::User(i) if self.pinned.contains(i) => {
+                        return Tensor::from_vec(Vec::<f32>::new(), &[0]).map_err(Error::from)
+                    }
                     LeafSrc::User(i) => inputs
                         .get(*i)
                         .cloned()
@@ -2111,6 +3176,25 @@ impl GraphExec {
             )))
         };
         let mut ptrs = Vec::with_capacity(leaves.len());
+        if let Some(arena) = given {
+            if arena.len() < self.program.arena_len() {
+                return Err(Error::Input(format!(
+                    "compiled program: arena of {} elements, {} needed",
+                    arena.len(),
+                    self.program.arena_len()
+                )));
+            }
+            return self.program.run_owned(
+                &self.graph,
+                &leaves,
+                &mut ptrs,
+                arena,
+                inputs,
+                bind,
+                &no_call,
+                owned,
+            );
+        }
         if !self.keep_arena {
             // A per-call arena (from the recycling cache), released when the
             // call ends: training keeps no memory between steps.
@@ -2163,6 +3247,39 @@ mod tests {
         assert_ne!(offs[0], offs[1]);
         assert_eq!(offs[2], offs[0]);
         assert_eq!(top, 2 * 112);
+    }
+
+    #[test]
+    fn size_ordered_plan_never_overlaps_live_buffers_and_honours_in_place_pairs() {
+        // Deterministic pseudo-random buffers.
+        let mut seed = 12345u64;
+        let mut next = |m: usize| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as usize % m
+        };
+        let n = 60;
+        let lens: Vec<usize> = (0..n).map(|_| 1 + next(500)).collect();
+        let first: Vec<usize> = (0..n).map(|_| next(40)).collect();
+        let last: Vec<usize> = first.iter().map(|&f| f + next(15)).collect();
+        let (offs, top) = plan_memory_by_size(&lens, &first, &last, &[]);
+        for a in 0..n {
+            assert!(offs[a] + lens[a] <= top);
+            for b in a + 1..n {
+                let live = first[a] <= last[b] && first[b] <= last[a];
+                let overlap = offs[a] < offs[b] + lens[b] && offs[b] < offs[a] + lens[a];
+                assert!(!(live && overlap), "buffers {a} and {b} overlap while live");
+            }
+        }
+        // b1 is written by the step that reads b0 last: same range; b2 is
+        // live meanwhile elsewhere.
+        let lens = [64, 64, 64];
+        let (first, last) = ([0, 2, 0], [2, 4, 4]);
+        let (offs, top) = plan_memory_by_size(&lens, &first, &last, &[(0, 1)]);
+        assert_eq!(offs[0], offs[1]);
+        assert_ne!(offs[0], offs[2]);
+        assert_eq!(top, 128);
     }
 
     #[test]

@@ -66,16 +66,31 @@ enum Exec {
 }
 
 impl Exec {
-    fn new(g: Graph, target: &Target) -> Result<Exec> {
+    /// A forward and a backward graph, with the saved values of `handoff`
+    /// (forward output, backward input) kept in one shared arena on the CPU
+    /// (`GraphExec::new_pair`); on a device, two programs whose saved
+    /// values travel as tensors.
+    fn new_pair(
+        fwd: Graph,
+        bwd: Graph,
+        handoff: &[(usize, usize)],
+        target: &Target,
+    ) -> Result<(Exec, Exec)> {
         Ok(match target {
-            Target::Cpu => Exec::Cpu(GraphExec::new(g, false)?),
+            Target::Cpu => {
+                let (f, b) = GraphExec::new_pair(fwd, bwd, handoff)?;
+                (Exec::Cpu(f), Exec::Cpu(b))
+            }
             #[cfg(feature = "opencl")]
-            Target::OpenCl(ctx) => Exec::OpenCl(crate::opencl::ClGraphExec::new(ctx, g)?),
+            Target::OpenCl(ctx) => (
+                Exec::OpenCl(crate::opencl::ClGraphExec::new(ctx, fwd)?),
+                Exec::OpenCl(crate::opencl::ClGraphExec::new(ctx, bwd)?),
+            ),
         })
     }
 
-    /// f32 elements of the arena (0 on a device: its buffers are the
-    /// device program's).
+    /// f32 elements of the arena a call takes (0 on a device: its buffers
+    /// are the device program's).
     fn arena_len(&self) -> usize {
         match self {
             Exec::Cpu(e) => e.arena_len(),
@@ -91,19 +106,24 @@ impl Exec {
             Exec::OpenCl(e) => e.fallbacks(),
         }
     }
-}
 
-/// Runs one graph. The single place compiled training executes graphs.
-fn run(
-    exec: &Exec,
-    inputs: &[Tensor],
-    bindings: &dyn Fn(&InputKind) -> Result<Tensor>,
-) -> Result<Vec<Tensor>> {
-    no_grad(|| match exec {
-        Exec::Cpu(e) => e.run(inputs, bindings),
-        #[cfg(feature = "opencl")]
-        Exec::OpenCl(e) => e.run(inputs, bindings),
-    })
+    /// Runs the graph (in `arena` on the CPU). The single place compiled
+    /// training executes graphs.
+    fn run_in(
+        &self,
+        inputs: Vec<Tensor>,
+        bind: &dyn Fn(&InputKind) -> Result<Tensor>,
+        arena: &mut [f32],
+    ) -> Result<Vec<Tensor>> {
+        match self {
+            Exec::Cpu(e) => e.run_in(inputs, bind, arena),
+            #[cfg(feature = "opencl")]
+            Exec::OpenCl(e) => {
+                let _ = arena;
+                e.run(&inputs, bind)
+            }
+        }
+    }
 }
 
 /// What selects a compiled variant.
@@ -482,8 +502,11 @@ struct DiffFn {
     bwd_exec: Exec,
 }
 
-/// Differentiates `g` and compiles both graphs: (forward graph, joint,
-/// forward exec, backward exec).
+/// Differentiates `g` and compiles both graphs over one arena
+/// (`GraphExec::new_pair`): the saved values that live in the forward's
+/// arena stay there for the backward, which reuses their space after
+/// their last reader. Returns (forward graph, joint, forward exec,
+/// backward exec).
 fn diff_parts(
     g: &Graph,
     wants: &dyn Fn(&InputKind) -> bool,
@@ -494,8 +517,11 @@ fn diff_parts(
     let mut fwd = std::mem::take(&mut joint.forward);
     pm.run(&mut fwd)?;
     pm.run(&mut joint.backward)?;
-    let fwd_exec = Exec::new(fwd.clone(), target)?;
-    let bwd_exec = Exec::new(joint.backward.clone(), target)?;
+    let handoff: Vec<(usize, usize)> = (0..joint.num_saved)
+        .map(|j| (joint.num_outputs + j, joint.grad_outputs.len() + j))
+        .collect();
+    let (fwd_exec, bwd_exec) =
+        Exec::new_pair(fwd.clone(), joint.backward.clone(), &handoff, target)?;
     Ok((fwd, joint, fwd_exec, bwd_exec))
 }
 
@@ -508,7 +534,17 @@ impl DiffFn {
         inputs: &[Tensor],
         bind: &dyn Fn(&InputKind) -> Result<Tensor>,
     ) -> Result<Vec<Tensor>> {
-        let outs = run(&self.fwd_exec, inputs, bind)?;
+        // One arena for the forward and, when recorded, the backward: it
+        // holds the saved values between them (see `diff_parts`).
+        let mut arena = kiln_cpu::buffers::alloc_uninit::<f32>(self.fwd_exec.arena_len());
+        let outs = no_grad(|| self.fwd_exec.run_in(inputs.to_vec(), bind, &mut arena));
+        let outs = match outs {
+            Ok(o) => o,
+            Err(e) => {
+                kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(arena));
+                return Err(e);
+            }
+        };
         let j = &self.joint;
         let mut originals = Vec::with_capacity(j.num_outputs);
         let mut user_pos = Vec::new();
@@ -524,8 +560,17 @@ impl DiffFn {
         }
         let saved: Vec<Tensor> = outs.collect();
         if !is_grad_enabled() || j.grad_inputs.is_empty() || j.grad_outputs.is_empty() {
+            kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(arena));
             return Ok(originals);
         }
+        // Saved tensors are read in place (parameters and inputs are not
+        // copied): modifying one in place before the backward is an error,
+        // as in PyTorch.
+        let versions: Vec<u64> = saved.iter().map(|t| t.version()).collect();
+        let arena = Mutex::new(Some(arena));
+        // Without retain_graph the backward takes the saved tensors and
+        // drops each after its last reader.
+        let saved = Mutex::new(Some(saved));
         let diff_inputs: Vec<Tensor> = j
             .grad_inputs
             .iter()
@@ -541,20 +586,59 @@ impl DiffFn {
             .collect();
         let f = self.clone();
         let backward = move |gs: &[Option<Tensor>], needs: &[bool]| {
-            let mut bin: Vec<Tensor> = Vec::with_capacity(gs.len() + saved.len());
+            let mut bin: Vec<Tensor> = Vec::with_capacity(gs.len() + versions.len());
             for (g, ty) in gs.iter().zip(&out_types) {
                 bin.push(match g {
                     Some(g) => g.clone(),
                     None => Tensor::zeros(&ty.shape, ty.dtype),
                 });
             }
-            bin.extend(saved.iter().cloned());
-            let grads = run(&f.bwd_exec, &bin, &|k| {
-                Err(Error::Binding(format!(
-                    "the backward graph binds nothing by name ({k:?})"
-                )))
-            })
-            .map_err(|e| {
+            let retain = kiln_frontend::autograd::retains_graph();
+            let saved = if retain {
+                saved.lock().clone()
+            } else {
+                saved.lock().take()
+            }
+            .ok_or_else(|| {
+                kiln_frontend::Error::Autograd(
+                    "CompiledFunctionBackward: the saved values were freed by an earlier backward (use retain_graph=True to backward twice)".into(),
+                )
+            })?;
+            if saved.iter().zip(&versions).any(|(t, &v)| t.version() != v) {
+                return Err(kiln_frontend::Error::Autograd(
+                    "one of the variables needed for gradient computation has been modified by an inplace operation (CompiledFunctionBackward)".into(),
+                ));
+            }
+            // The backward overwrites saved values after their last
+            // reader: with retain_graph it runs on a copy of the arena.
+            bin.extend(saved);
+            let mut own = if retain {
+                arena.lock().as_ref().map(|a| {
+                    let mut c = kiln_cpu::buffers::alloc_uninit::<f32>(a.len());
+                    c.copy_from_slice(a);
+                    c
+                })
+            } else {
+                arena.lock().take()
+            }
+            .ok_or_else(|| {
+                kiln_frontend::Error::Autograd(
+                    "CompiledFunctionBackward: the saved values were freed by an earlier backward (use retain_graph=True to backward twice)".into(),
+                )
+            })?;
+            let grads = no_grad(|| {
+                f.bwd_exec.run_in(
+                    bin,
+                    &|k| {
+                        Err(Error::Binding(format!(
+                            "the backward graph binds nothing by name ({k:?})"
+                        )))
+                    },
+                    &mut own,
+                )
+            });
+            kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(own));
+            let grads = grads.map_err(|e| {
                 kiln_frontend::Error::Autograd(format!("CompiledFunctionBackward: {e}"))
             })?;
             Ok(grads

@@ -60,17 +60,18 @@ fn channel_sum<T: Float>(
 }
 
 /// `out[n, c, s] = f(c, x[n, c, s], g[n, c, s])` with per-channel
-/// coefficients; parallel over chunks of whole S-planes.
-fn map_channels<T: Float>(
+/// coefficients (out: x's length); parallel over chunks of whole S-planes.
+fn map_channels_into<T: Float>(
     x: &[T],
     g: Option<&[T]>,
     shape: [usize; 3],
     f: impl Fn(usize, T, T) -> T + Sync + Send,
-) -> Vec<T> {
+    out: &mut [T],
+) {
     let [_, c, s] = shape;
-    let mut out = crate::buffers::alloc_uninit::<T>(x.len());
+    assert_eq!(out.len(), x.len(), "batch_norm: output length");
     if out.is_empty() || s == 0 {
-        return out;
+        return;
     }
     if s == 1 {
         // [N, C] (BatchNorm1d): rows of C channels, one pass per row.
@@ -101,7 +102,7 @@ fn map_channels<T: Float>(
         } else {
             out.chunks_mut(chunk).enumerate().for_each(body);
         }
-        return out;
+        return;
     }
     let planes_per_chunk = (crate::PAR_THRESHOLD / 2 / s).max(1);
     let chunk = planes_per_chunk * s;
@@ -131,7 +132,6 @@ fn map_channels<T: Float>(
     } else {
         out.chunks_mut(chunk).enumerate().for_each(body);
     }
-    out
 }
 
 fn check_bn<T>(x: &[T], shape: [usize; 3], weight: Option<&[T]>, bias: Option<&[T]>) {
@@ -156,6 +156,21 @@ pub fn batch_norm_train<T: Float>(
     bias: Option<&[T]>,
     eps: f64,
 ) -> (Vec<T>, BatchNormStats<T>) {
+    let mut y = crate::buffers::alloc_uninit::<T>(x.len());
+    let st = batch_norm_train_into(x, shape, weight, bias, eps, Some(&mut y));
+    (y, st)
+}
+
+/// `batch_norm_train` writing y into `out` (x's length; every element
+/// overwritten), or only the statistics when `out` is None.
+pub fn batch_norm_train_into<T: Float>(
+    x: &[T],
+    shape: [usize; 3],
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    eps: f64,
+    out: Option<&mut [T]>,
+) -> BatchNormStats<T> {
     check_bn(x, shape, weight, bias);
     let [n, c, s] = shape;
     let count = n * s;
@@ -172,35 +187,36 @@ pub fn batch_norm_train<T: Float>(
     let var: Vec<T> = stats.iter().map(|&(_, v)| T::from_f64(v)).collect();
     let invstd64: Vec<f64> = stats.iter().map(|&(_, v)| 1.0 / (v + eps).sqrt()).collect();
     let invstd: Vec<T> = invstd64.iter().map(|&v| T::from_f64(v)).collect();
-    let y = normalize(
-        x,
-        shape,
-        &stats.iter().map(|&(m, _)| m).collect::<Vec<_>>(),
-        &invstd64,
-        weight,
-        bias,
-    );
-    (
-        y,
-        BatchNormStats {
-            mean,
-            var,
-            invstd,
-            count,
-        },
-    )
+    if let Some(out) = out {
+        normalize_into(
+            x,
+            shape,
+            &stats.iter().map(|&(m, _)| m).collect::<Vec<_>>(),
+            &invstd64,
+            weight,
+            bias,
+            out,
+        );
+    }
+    BatchNormStats {
+        mean,
+        var,
+        invstd,
+        count,
+    }
 }
 
 /// `y = (x - mean[c]) * invstd[c] * w[c] + b[c]`, folded into one
 /// multiply-add per element.
-fn normalize<T: Float>(
+fn normalize_into<T: Float>(
     x: &[T],
     shape: [usize; 3],
     mean: &[f64],
     invstd: &[f64],
     weight: Option<&[T]>,
     bias: Option<&[T]>,
-) -> Vec<T> {
+    out: &mut [T],
+) {
     let c = shape[1];
     let coef: Vec<(T, T)> = (0..c)
         .map(|ch| {
@@ -210,7 +226,7 @@ fn normalize<T: Float>(
             (T::from_f64(scale), T::from_f64(b - mean[ch] * scale))
         })
         .collect();
-    map_channels(x, None, shape, |ch, v, _| v * coef[ch].0 + coef[ch].1)
+    map_channels_into(x, None, shape, |ch, v, _| v * coef[ch].0 + coef[ch].1, out)
 }
 
 /// Eval-mode batch norm of x `[N, C, S]` with the running statistics.
@@ -338,6 +354,25 @@ pub fn batch_norm_backward<T: Float>(
     invstd: &[T],
     training: bool,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let mut gi = crate::buffers::alloc_uninit::<T>(x.len());
+    let (gw, gb) =
+        batch_norm_backward_into(grad_out, x, shape, weight, mean, invstd, training, &mut gi);
+    (gi, gw, gb)
+}
+
+/// `batch_norm_backward` writing grad_input into `gi` (x's length);
+/// returns `(grad_weight, grad_bias)`.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_backward_into<T: Float>(
+    grad_out: &[T],
+    x: &[T],
+    shape: [usize; 3],
+    weight: Option<&[T]>,
+    mean: &[T],
+    invstd: &[T],
+    training: bool,
+    gi: &mut [T],
+) -> (Vec<T>, Vec<T>) {
     check_bn(x, shape, weight, None);
     assert_eq!(
         grad_out.len(),
@@ -380,11 +415,17 @@ pub fn batch_norm_backward<T: Float>(
             }
         })
         .collect();
-    let gi = map_channels(x, Some(grad_out), shape, |ch, v, g| {
-        let (a, b, d) = coef[ch];
-        a * g + b * v + d
-    });
-    (gi, gw, gb)
+    map_channels_into(
+        x,
+        Some(grad_out),
+        shape,
+        |ch, v, g| {
+            let (a, b, d) = coef[ch];
+            a * g + b * v + d
+        },
+        gi,
+    );
+    (gw, gb)
 }
 
 /// Backward of eval-mode batch norm (statistics are constants).
@@ -532,6 +573,45 @@ pub fn layer_norm_backward<T: Float>(
     rstd: &[T],
     weight: Option<&[T]>,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let mut gi = vec![T::zero(); x.len()];
+    let (gw, gb) = layer_norm_backward_into(grad_out, x, k, mean, rstd, weight, &mut gi);
+    (gi, gw, gb)
+}
+
+/// The row statistics `layer_norm` returns (mean and rstd rounded to T),
+/// without writing y: the same arithmetic.
+pub fn layer_norm_stats<T: Float>(x: &[T], k: usize, eps: f64) -> (Vec<T>, Vec<T>) {
+    assert!(
+        k > 0 && x.len().is_multiple_of(k),
+        "layer_norm: length not a multiple of k"
+    );
+    let rows = x.len() / k;
+    let stat = |r: usize| {
+        let xr = &x[r * k..][..k];
+        let mu = xr.iter().map(|v| v.as_f64()).sum::<f64>() / k as f64;
+        let var = xr.iter().map(|v| (v.as_f64() - mu).powi(2)).sum::<f64>() / k as f64;
+        (T::from_f64(mu), T::from_f64(1.0 / (var + eps).sqrt()))
+    };
+    let st: Vec<(T, T)> = if x.len() >= crate::PAR_THRESHOLD {
+        (0..rows).into_par_iter().map(stat).collect()
+    } else {
+        (0..rows).map(stat).collect()
+    };
+    st.into_iter().unzip()
+}
+
+/// `layer_norm_backward` writing grad_input into `gi` (x's length);
+/// returns `(grad_weight, grad_bias)`.
+pub fn layer_norm_backward_into<T: Float>(
+    grad_out: &[T],
+    x: &[T],
+    k: usize,
+    mean: &[T],
+    rstd: &[T],
+    weight: Option<&[T]>,
+    gi: &mut [T],
+) -> (Vec<T>, Vec<T>) {
+    assert_eq!(gi.len(), x.len(), "layer_norm_backward: grad_input length");
     assert!(
         k > 0 && x.len().is_multiple_of(k),
         "layer_norm_backward: length not a multiple of k"
@@ -544,7 +624,6 @@ pub fn layer_norm_backward<T: Float>(
     let rows = x.len() / k;
     assert_eq!(mean.len(), rows, "layer_norm_backward: mean length");
     assert_eq!(rstd.len(), rows, "layer_norm_backward: rstd length");
-    let mut gi = vec![T::zero(); x.len()];
     let rpt = rows_per_task(k);
     // Each task: grad_input of its rows, and partial column sums
     // (sum g*xhat, sum g) in f64.
@@ -592,10 +671,10 @@ pub fn layer_norm_backward<T: Float>(
             .map(|(i, c)| task(c, i * rpt))
             .reduce(|| (vec![0.0; k], vec![0.0; k]), add)
     } else {
-        task(&mut gi, 0)
+        task(gi, 0)
     };
     let to = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect::<Vec<T>>();
-    (gi, to(gw), to(gb))
+    (to(gw), to(gb))
 }
 
 #[cfg(test)]
@@ -908,5 +987,165 @@ mod into_tests {
             let vec_form = batch_norm_eval(&x, shape, &mean, &var, Some(&w), Some(&b), 1e-5);
             assert_eq!(got, vec_form);
         }
+    }
+}
+
+/// Per channel of x and g `[N, C, S]`: the batch mean, the biased
+/// variance, Σg and Σg·(x - mean), each summed in f64 in exactly the order
+/// of `batch_norm_train` and `batch_norm_backward` (so the same values),
+/// in two reads instead of four: the sums of the second read are three
+/// independent chains in one loop.
+fn channel_moments<T: Float>(x: &[T], g: &[T], shape: [usize; 3], ch: usize) -> [f64; 4] {
+    let [n, c, s] = shape;
+    let count = (n * s) as f64;
+    let mean = channel_sum(x, None, shape, ch, |v, _| v) / count;
+    // The backward centres on the mean rounded to T (`BatchNormStats`).
+    let mt = T::from_f64(mean).as_f64();
+    let (mut ss, mut sg, mut sgx) = (0.0f64, 0.0f64, 0.0f64);
+    for b in 0..n {
+        let off = (b * c + ch) * s;
+        for (&xv, &gv) in x[off..off + s].iter().zip(&g[off..off + s]) {
+            let (v, gv) = (xv.as_f64(), gv.as_f64());
+            ss += (v - mean) * (v - mean);
+            sg += gv;
+            sgx += gv * (v - mt);
+        }
+    }
+    [mean, ss / count, sg, sgx]
+}
+
+/// `channel_moments` of every channel of x and g `[N, C]` (S = 1), row by
+/// row: each channel's sums still run over n in order (the same values),
+/// but the reads are contiguous and the C chains independent.
+fn channel_moments_rows<T: Float>(x: &[T], g: &[T], n: usize, c: usize) -> Vec<[f64; 4]> {
+    let count = n as f64;
+    let mut sx = vec![0.0f64; c];
+    for xr in x.chunks_exact(c) {
+        for (a, v) in sx.iter_mut().zip(xr) {
+            *a += v.as_f64();
+        }
+    }
+    let mean: Vec<f64> = sx.iter().map(|s| s / count).collect();
+    let mt: Vec<f64> = mean.iter().map(|&m| T::from_f64(m).as_f64()).collect();
+    let (mut ss, mut sg, mut sgx) = (vec![0.0f64; c], vec![0.0f64; c], vec![0.0f64; c]);
+    for (xr, gr) in x.chunks_exact(c).zip(g.chunks_exact(c)) {
+        for j in 0..c {
+            let (v, gv) = (xr[j].as_f64(), gr[j].as_f64());
+            ss[j] += (v - mean[j]) * (v - mean[j]);
+            sg[j] += gv;
+            sgx[j] += gv * (v - mt[j]);
+        }
+    }
+    (0..c)
+        .map(|j| [mean[j], ss[j] / count, sg[j], sgx[j]])
+        .collect()
+}
+
+/// Gradient of training-mode batch norm (compiled training's native
+/// step): the batch statistics recomputed from x and the gradient sums
+/// in two reads of x and g, then grad_input in one more; the same values
+/// as `batch_norm_train` followed by `batch_norm_backward`. Writes
+/// grad_input into `gi` (x's length); returns `(grad_weight, grad_bias)`.
+pub fn batch_norm_backward_train_fused<T: Float>(
+    grad_out: &[T],
+    x: &[T],
+    shape: [usize; 3],
+    weight: Option<&[T]>,
+    eps: f64,
+    gi: &mut [T],
+) -> (Vec<T>, Vec<T>) {
+    check_bn(x, shape, weight, None);
+    assert_eq!(
+        grad_out.len(),
+        x.len(),
+        "batch_norm_backward: grad_out length"
+    );
+    assert_eq!(gi.len(), x.len(), "batch_norm_backward: grad_input length");
+    let [n, c, s] = shape;
+    let count = (n * s) as f64;
+    assert!(
+        count > 0.0,
+        "batch_norm: expected more than 0 values per channel in training"
+    );
+    let m = if s == 1 {
+        channel_moments_rows(x, grad_out, n, c)
+    } else {
+        per_channel(c, x.len(), |ch| channel_moments(x, grad_out, shape, ch))
+    };
+    let mut gw = Vec::with_capacity(c);
+    let mut gb = Vec::with_capacity(c);
+    let coef: Vec<(T, T, T)> = m
+        .iter()
+        .enumerate()
+        .map(|(ch, &[mean, var, sg, sgx])| {
+            // `batch_norm_train`'s statistics rounded to T, used as
+            // `batch_norm_backward` uses them.
+            let is = T::from_f64(1.0 / (var + eps).sqrt()).as_f64();
+            let m = T::from_f64(mean).as_f64();
+            gw.push(T::from_f64(sgx * is));
+            gb.push(T::from_f64(sg));
+            let w = weight.map_or(1.0, |w| w[ch].as_f64());
+            let k = is * is * sgx / count;
+            let a = w * is;
+            (
+                T::from_f64(a),
+                T::from_f64(-a * k),
+                T::from_f64(a * (k * m - sg / count)),
+            )
+        })
+        .collect();
+    map_channels_into(
+        x,
+        Some(grad_out),
+        shape,
+        |ch, v, g| {
+            let (a, b, d) = coef[ch];
+            a * g + b * v + d
+        },
+        gi,
+    );
+    (gw, gb)
+}
+
+#[cfg(test)]
+mod fused_backward_tests {
+    use super::*;
+
+    #[test]
+    fn fused_batch_norm_backward_equals_the_four_pass_one() {
+        let shape = [3, 4, 7];
+        let len = 3 * 4 * 7;
+        let x: Vec<f32> = (0..len)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.3 + 0.5)
+            .collect();
+        let g: Vec<f32> = (0..len)
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.1)
+            .collect();
+        let w = [0.5f32, -1.0, 2.0, 1.5];
+        let st = batch_norm_train_into(&x, shape, None, None, 1e-5, None);
+        let (gi0, gw0, gb0) =
+            batch_norm_backward(&g, &x, shape, Some(&w), &st.mean, &st.invstd, true);
+        let mut gi = vec![0.0f32; len];
+        let (gw, gb) = batch_norm_backward_train_fused(&g, &x, shape, Some(&w), 1e-5, &mut gi);
+        // Bit for bit: the same sums in the same order.
+        assert_eq!(gi, gi0);
+        assert_eq!((gw, gb), (gw0, gb0));
+        // [N, C] (BatchNorm1d): the row-major path.
+        let shape = [21, 4, 1];
+        let st = batch_norm_train_into(&x[..84], shape, None, None, 1e-5, None);
+        let (gi0, gw0, gb0) = batch_norm_backward(
+            &g[..84],
+            &x[..84],
+            shape,
+            Some(&w),
+            &st.mean,
+            &st.invstd,
+            true,
+        );
+        let mut gi = vec![0.0f32; 84];
+        let (gw, gb) =
+            batch_norm_backward_train_fused(&g[..84], &x[..84], shape, Some(&w), 1e-5, &mut gi);
+        assert_eq!(gi, gi0);
+        assert_eq!((gw, gb), (gw0, gb0));
     }
 }

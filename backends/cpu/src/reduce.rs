@@ -322,3 +322,59 @@ mod into_tests {
         }
     }
 }
+
+/// Sum of a contiguous `[r1, k, r2]` buffer over r1 and r2 into `out`
+/// (`[k]`), accumulated in f64 (four interleaved partial sums per output,
+/// so the adds pipeline: the last bits may differ from `sum_rows` over the
+/// permuted input); parallel over outputs when large.
+pub fn sum_outer_inner_into<T: Float>(x: &[T], r1: usize, k: usize, r2: usize, out: &mut [T]) {
+    assert_eq!(x.len(), r1 * k * r2, "sum: input length");
+    assert_eq!(out.len(), k, "sum: output length");
+    let one = |j: usize| {
+        let mut acc = [0.0f64; 4];
+        for i in 0..r1 {
+            let row = &x[(i * k + j) * r2..][..r2];
+            let mut q = row.chunks_exact(4);
+            for c in &mut q {
+                for l in 0..4 {
+                    acc[l] += c[l].as_f64();
+                }
+            }
+            for &v in q.remainder() {
+                acc[0] += v.as_f64();
+            }
+        }
+        T::from_f64((acc[0] + acc[1]) + (acc[2] + acc[3]))
+    };
+    if x.len() >= crate::PAR_THRESHOLD && k > 1 {
+        out.par_iter_mut()
+            .enumerate()
+            .for_each(|(j, o)| *o = one(j));
+    } else {
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = one(j);
+        }
+    }
+}
+
+#[cfg(test)]
+mod outer_inner_tests {
+    use super::*;
+
+    #[test]
+    fn sum_outer_inner_matches_a_naive_sum() {
+        let (r1, k, r2) = (3, 5, 7);
+        let x: Vec<f32> = (0..r1 * k * r2)
+            .map(|i| (i % 11) as f32 * 0.25 - 1.0)
+            .collect();
+        let mut out = vec![0.0f32; k];
+        sum_outer_inner_into(&x, r1, k, r2, &mut out);
+        for (j, &o) in out.iter().enumerate() {
+            let want: f64 = (0..r1)
+                .flat_map(|i| (0..r2).map(move |t| (i, t)))
+                .map(|(i, t)| x[(i * k + j) * r2 + t] as f64)
+                .sum();
+            assert!((o as f64 - want).abs() < 1e-5, "{o} vs {want}");
+        }
+    }
+}

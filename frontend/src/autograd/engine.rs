@@ -59,6 +59,27 @@ fn accumulate(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
     Ok(())
 }
 
+thread_local! {
+    /// The `retain_graph` of the backward running on this thread.
+    static RETAIN_GRAPH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Restores the enclosing backward's `retain_graph` when dropped.
+struct RetainScope(bool);
+
+impl Drop for RetainScope {
+    fn drop(&mut self) {
+        RETAIN_GRAPH.with(|r| r.set(self.0));
+    }
+}
+
+/// Whether the backward now running on this thread keeps the graph
+/// (`retain_graph=True`): a function's backward may then run again, so it
+/// must not consume what it saved. False outside a backward.
+pub fn retains_graph() -> bool {
+    RETAIN_GRAPH.with(|r| r.get())
+}
+
 /// Runs backward from `roots` seeded with `grads`. With `capture`, returns
 /// the gradients reaching those tensors and accumulates into no `.grad`
 /// (that is `autograd::grad`); otherwise accumulates into leaves and
@@ -79,6 +100,7 @@ pub(crate) fn run_backward(
         ));
     }
     let _mode = GradMode(set_grad_enabled(create_graph));
+    let _retain = RetainScope(RETAIN_GRAPH.with(|r| r.replace(retain_graph)));
 
     // Root edges and their seed gradients.
     let mut buffers: HashMap<Key, Vec<Option<Tensor>>> = HashMap::new();

@@ -7,7 +7,7 @@
 
 mod engine;
 
-pub use engine::grad;
+pub use engine::{grad, retains_graph};
 
 use crate::error::{Error, Result};
 use crate::hooks::{next_hook_id, RemovableHandle};
