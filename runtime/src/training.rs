@@ -62,7 +62,7 @@ enum Exec {
     /// The graph rendered for an OpenCL device (ops without a device kernel
     /// run on the CPU, named by `fallbacks`).
     #[cfg(feature = "opencl")]
-    OpenCl(crate::opencl::ClGraphExec),
+    OpenCl(Box<crate::opencl::ClGraphExec>),
 }
 
 impl Exec {
@@ -83,8 +83,8 @@ impl Exec {
             }
             #[cfg(feature = "opencl")]
             Target::OpenCl(ctx) => (
-                Exec::OpenCl(crate::opencl::ClGraphExec::new(ctx, fwd)?),
-                Exec::OpenCl(crate::opencl::ClGraphExec::new(ctx, bwd)?),
+                Exec::OpenCl(Box::new(crate::opencl::ClGraphExec::new(ctx, fwd)?)),
+                Exec::OpenCl(Box::new(crate::opencl::ClGraphExec::new(ctx, bwd)?)),
             ),
         })
     }
