@@ -58,7 +58,7 @@ enum Exec {
     /// The compiled CPU program (JIT pointwise kernels, gemm/conv kernels,
     /// one arena; backward ops without a native lowering on the
     /// interpreter's kernels).
-    Cpu(GraphExec),
+    Cpu(Box<GraphExec>),
     /// The graph rendered for an OpenCL device (ops without a device kernel
     /// run on the CPU, named by `fallbacks`).
     #[cfg(feature = "opencl")]
@@ -79,7 +79,7 @@ impl Exec {
         Ok(match target {
             Target::Cpu => {
                 let (f, b) = GraphExec::new_pair(fwd, bwd, handoff)?;
-                (Exec::Cpu(f), Exec::Cpu(b))
+                (Exec::Cpu(Box::new(f)), Exec::Cpu(Box::new(b)))
             }
             #[cfg(feature = "opencl")]
             Target::OpenCl(ctx) => (
