@@ -10,8 +10,6 @@
 //! erf within 2e-7 absolute; gelu within 2e-7 * max(1, |x|) absolute.
 //! NaN propagates; exp saturates to +inf above 88.72 and to 0 below -103.9.
 
-use rayon::prelude::*;
-
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
@@ -231,14 +229,9 @@ pub fn map(f: FastFn, x: &[f32]) -> Vec<f32> {
 /// `f` over `x` into `out` (same length).
 pub fn map_into(f: FastFn, x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len(), "fastmath::map_into: lengths");
-    let c = crate::PAR_THRESHOLD / 2;
-    if x.len() >= crate::PAR_THRESHOLD {
-        out.par_chunks_mut(c)
-            .zip(x.par_chunks(c))
-            .for_each(|(o, i)| dispatch(f, i, o));
-    } else {
-        dispatch(f, x, out);
-    }
+    crate::par::chunks_mut(out, crate::PAR_THRESHOLD / 2, 16, |s, o| {
+        dispatch(f, &x[s..s + o.len()], o)
+    });
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod elementwise;
 pub mod fastmath;
 pub mod matmul;
 pub mod norm;
+pub mod par;
 pub mod pool;
 pub mod reduce;
 pub mod storage;
