@@ -177,7 +177,7 @@ unsafe fn inplace_avx2(f: FastFn, x: &mut [f32]) {
 pub fn apply_inplace(f: FastFn, x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if std::arch::is_x86_feature_detected!("avx512f") && std::env::var_os("KILN_NO512").is_none() {
             // SAFETY: the CPU supports AVX-512F (checked just above).
             return unsafe { inplace_avx512(f, x) };
         }
@@ -206,7 +206,7 @@ unsafe fn body_avx2(f: FastFn, x: &[f32], out: &mut [f32]) {
 fn dispatch(f: FastFn, x: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if std::arch::is_x86_feature_detected!("avx512f") && std::env::var_os("KILN_NO512").is_none() {
             // SAFETY: the CPU supports AVX-512F (checked just above).
             return unsafe { body_avx512(f, x, out) };
         }

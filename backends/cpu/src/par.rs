@@ -20,10 +20,16 @@
 
 use std::ops::Range;
 
-/// Number of parts `n` items are split into: one per rayon worker, fewer
-/// when a part would get less than `min_part` items (1 = run inline).
+/// Threads a job is split over: `rayon::current_num_threads()` (at most
+/// the pool's limit).
+pub fn threads() -> usize {
+    rayon::current_num_threads().clamp(1, pool::MAX_PARTS)
+}
+
+/// Number of parts `n` items are split into: one per thread, fewer when a
+/// part would get less than `min_part` items (1 = run inline).
 pub fn parts(n: usize, min_part: usize) -> usize {
-    let nt = rayon::current_num_threads().clamp(1, pool::MAX_PARTS);
+    let nt = threads();
     if nt == 1 || n < 2 * min_part.max(1) {
         return 1;
     }
@@ -258,6 +264,13 @@ mod pool {
     }
 }
 
+/// `f(t)` for every `t < tasks`: one task per thread when there are at
+/// most as many tasks as threads, else contiguous groups of tasks.
+pub fn for_each_task(tasks: usize, f: impl Fn(usize) + Sync) {
+    let p = tasks.min(threads()).max(1);
+    for_each_part(tasks, p, 1, |r| r.for_each(&f));
+}
+
 /// A raw pointer that may cross threads: the caller hands disjoint ranges
 /// of the pointee to different threads.
 struct SendPtr<T>(*mut T);
@@ -284,8 +297,19 @@ pub fn chunks_mut<U: Send>(
     align: usize,
     f: impl Fn(usize, &mut [U]) + Sync,
 ) {
-    let n = out.len();
-    let p = parts(n, min_part);
+    let p = parts(out.len(), min_part);
+    chunks_mut_in(out, p, align, f)
+}
+
+/// `f(start, &mut out[start..end])` over `parts` static parts of `out`
+/// split at multiples of `align`.
+pub fn chunks_mut_in<U: Send>(
+    out: &mut [U],
+    parts: usize,
+    align: usize,
+    f: impl Fn(usize, &mut [U]) + Sync,
+) {
+    let (n, p) = (out.len(), parts.clamp(1, pool::MAX_PARTS));
     if p <= 1 {
         f(0, out);
         return;

@@ -141,15 +141,12 @@ pub fn softmax_rows_into<T: Float>(x: &[T], k: usize, log: bool, out: &mut [T]) 
             }
         }
     };
-    if x.len() >= crate::PAR_THRESHOLD {
-        out.par_chunks_mut(k)
-            .zip(x.par_chunks(k))
-            .for_each(|(o, r)| body(o, r));
-    } else {
-        for (o, r) in out.chunks_mut(k).zip(x.chunks(k)) {
+    crate::par::chunks_mut(out, crate::PAR_THRESHOLD / 2, k, |s, o| {
+        let x = &x[s..s + o.len()];
+        for (o, r) in o.chunks_mut(k).zip(x.chunks(k)) {
             body(o, r);
         }
-    }
+    });
 }
 
 /// Backward of `softmax_rows(x, k, log)` given its output `y` and the
