@@ -15,6 +15,7 @@ pub mod norm;
 pub mod par;
 pub mod pool;
 pub mod reduce;
+pub mod simd;
 pub mod storage;
 pub mod strided;
 

@@ -78,8 +78,8 @@ mod pool {
     //! done by whoever gets there first. Idle workers spin for `SPIN`
     //! before sleeping on a condvar.
 
-    use parking_lot::{Condvar, Mutex};
     use std::cell::UnsafeCell;
+    use std::sync::{Condvar, Mutex};
     use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
     use std::sync::{Arc, OnceLock};
     use std::time::{Duration, Instant};
@@ -112,6 +112,8 @@ mod pool {
         /// Parts of the current job finished.
         finished: AtomicUsize,
         sleepers: AtomicUsize,
+        /// Workers that have started running.
+        started: AtomicUsize,
         panicked: AtomicBool,
         lock: Mutex<()>,
         wake: Condvar,
@@ -169,10 +171,14 @@ mod pool {
         gen: u64,
     }
 
+    // std's (futex) Mutex and Condvar: unlike parking_lot's they never
+    // allocate, so a worker going to sleep for the first time inside a
+    // counted call does not show up in the allocation tests.
     static DISPATCH: OnceLock<Mutex<Pool>> = OnceLock::new();
 
     /// `seen`: the generation when the worker was spawned.
     fn worker(shared: Arc<Shared>, index: usize, mut seen: u64) {
+        shared.started.fetch_add(1, SeqCst);
         loop {
             let start = Instant::now();
             let mut spins = 0u32;
@@ -181,10 +187,10 @@ mod pool {
                 std::hint::spin_loop();
                 spins += 1;
                 if spins % 256 == 0 && start.elapsed() > SPIN {
-                    let mut g = shared.lock.lock();
+                    let mut g = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
                     shared.sleepers.fetch_add(1, SeqCst);
                     while gen_of(shared.state.load(SeqCst)) == seen {
-                        shared.wake.wait(&mut g);
+                        g = shared.wake.wait(g).unwrap_or_else(|e| e.into_inner());
                     }
                     shared.sleepers.fetch_sub(1, SeqCst);
                 }
@@ -211,6 +217,7 @@ mod pool {
                     job: UnsafeCell::new(None),
                     finished: AtomicUsize::new(0),
                     sleepers: AtomicUsize::new(0),
+                    started: AtomicUsize::new(0),
                     panicked: AtomicBool::new(false),
                     lock: Mutex::new(()),
                     wake: Condvar::new(),
@@ -219,7 +226,7 @@ mod pool {
                 gen: 0,
             })
         });
-        let Some(mut pool) = cell.try_lock() else {
+        let Ok(mut pool) = cell.try_lock() else {
             return false;
         };
         while pool.workers + 1 < parts {
@@ -231,6 +238,11 @@ mod pool {
                 return false;
             }
             pool.workers += 1;
+            // Wait for it to run, so whatever a thread's start allocates
+            // is allocated now, not inside some later job.
+            while pool.shared.started.load(SeqCst) < pool.workers {
+                std::thread::yield_now();
+            }
         }
         pool.gen = (pool.gen + 1) & 0xffff_ffff;
         let gen = pool.gen;
@@ -242,7 +254,7 @@ mod pool {
         sh.finished.store(0, SeqCst);
         sh.state.store(pack(gen, parts, 0), SeqCst);
         if sh.sleepers.load(SeqCst) > 0 {
-            let _g = sh.lock.lock();
+            let _g = sh.lock.lock().unwrap_or_else(|e| e.into_inner());
             sh.wake.notify_all();
         }
         sh.help(gen, 0, parts);
@@ -271,9 +283,9 @@ pub fn for_each_task(tasks: usize, f: impl Fn(usize) + Sync) {
     for_each_part(tasks, p, 1, |r| r.for_each(&f));
 }
 
-/// A raw pointer that may cross threads: the caller hands disjoint ranges
-/// of the pointee to different threads.
-struct SendPtr<T>(*mut T);
+/// A raw pointer that may cross threads: the code using it hands disjoint
+/// ranges of the pointee to different threads.
+pub struct SendPtr<T>(*mut T);
 impl<T> Clone for SendPtr<T> {
     fn clone(&self) -> Self {
         *self
@@ -281,7 +293,10 @@ impl<T> Clone for SendPtr<T> {
 }
 impl<T> Copy for SendPtr<T> {}
 impl<T> SendPtr<T> {
-    fn get(self) -> *mut T {
+    pub fn new(p: *mut T) -> SendPtr<T> {
+        SendPtr(p)
+    }
+    pub fn get(self) -> *mut T {
         self.0
     }
 }
