@@ -74,10 +74,7 @@ fn map_channels<T: Float>(
     }
     if s == 1 {
         // [N, C] (BatchNorm1d): rows of C channels, one pass per row.
-        let rows_per_chunk = (crate::PAR_THRESHOLD / 2 / c.max(1)).max(1);
-        let chunk = rows_per_chunk * c;
-        let body = |(ci, o): (usize, &mut [T])| {
-            let start = ci * chunk;
+        let body = |start: usize, o: &mut [T]| {
             for (ri, orow) in o.chunks_mut(c).enumerate() {
                 let off = start + ri * c;
                 let xs = &x[off..off + c];
@@ -96,17 +93,10 @@ fn map_channels<T: Float>(
                 }
             }
         };
-        if x.len() >= crate::PAR_THRESHOLD {
-            out.par_chunks_mut(chunk).enumerate().for_each(body);
-        } else {
-            out.chunks_mut(chunk).enumerate().for_each(body);
-        }
+        crate::par::chunks_mut(&mut out, crate::PAR_THRESHOLD / 2, c, body);
         return out;
     }
-    let planes_per_chunk = (crate::PAR_THRESHOLD / 2 / s).max(1);
-    let chunk = planes_per_chunk * s;
-    let body = |(ci, o): (usize, &mut [T])| {
-        let start = ci * chunk;
+    let body = |start: usize, o: &mut [T]| {
         for (pi, op) in o.chunks_mut(s).enumerate() {
             let off = start + pi * s;
             let ch = (off / s) % c;
@@ -126,11 +116,7 @@ fn map_channels<T: Float>(
             }
         }
     };
-    if x.len() >= crate::PAR_THRESHOLD {
-        out.par_chunks_mut(chunk).enumerate().for_each(body);
-    } else {
-        out.chunks_mut(chunk).enumerate().for_each(body);
-    }
+    crate::par::chunks_mut(&mut out, crate::PAR_THRESHOLD / 2, s, body);
     out
 }
 
