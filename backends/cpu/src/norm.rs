@@ -262,10 +262,8 @@ pub fn batch_norm_eval_into<T: Float>(
         // block of channels are computed once per chunk of rows, on the
         // stack (a sqrt per element was 10x slower).
         const CB: usize = 64;
-        let rows_per_chunk = (crate::PAR_THRESHOLD / 2 / c.max(1)).max(1);
-        let chunk = rows_per_chunk * c;
-        let body = |(ci, o): (usize, &mut [T])| {
-            let xs = &x[ci * chunk..][..o.len()];
+        let body = |start: usize, o: &mut [T]| {
+            let xs = &x[start..][..o.len()];
             for c0 in (0..c).step_by(CB) {
                 let cn = CB.min(c - c0);
                 let mut ab = [(T::zero(), T::zero()); CB];
@@ -283,17 +281,10 @@ pub fn batch_norm_eval_into<T: Float>(
                 }
             }
         };
-        if x.len() >= crate::PAR_THRESHOLD {
-            out.par_chunks_mut(chunk).enumerate().for_each(body);
-        } else {
-            out.chunks_mut(chunk).enumerate().for_each(body);
-        }
+        crate::par::chunks_mut(out, crate::PAR_THRESHOLD / 2, c, body);
         return;
     }
-    let planes_per_chunk = (crate::PAR_THRESHOLD / 2 / s).max(1);
-    let chunk = planes_per_chunk * s;
-    let body = |(ci, o): (usize, &mut [T])| {
-        let start = ci * chunk;
+    let body = |start: usize, o: &mut [T]| {
         for (pi, op) in o.chunks_mut(s).enumerate() {
             let off = start + pi * s;
             let (a, b) = coef((off / s) % c);
@@ -303,11 +294,7 @@ pub fn batch_norm_eval_into<T: Float>(
             }
         }
     };
-    if x.len() >= crate::PAR_THRESHOLD {
-        out.par_chunks_mut(chunk).enumerate().for_each(body);
-    } else {
-        out.chunks_mut(chunk).enumerate().for_each(body);
-    }
+    crate::par::chunks_mut(out, crate::PAR_THRESHOLD / 2, s, body);
 }
 
 /// Backward of batch norm. `mean`/`invstd` are the ones the forward used:

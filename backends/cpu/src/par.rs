@@ -54,62 +54,88 @@ pub fn range(n: usize, parts: usize, t: usize, align: usize) -> Range<usize> {
 /// `parts` is 1, else part 0 on the calling thread and part `t` on pool
 /// worker `t` (all parts inline, in order, when the pool is busy).
 pub fn for_each_part(n: usize, parts: usize, align: usize, f: impl Fn(Range<usize>) + Sync) {
-    let run = |t: usize| {
-        let r = range(n, parts, t, align);
-        if !r.is_empty() {
-            f(r);
-        }
-    };
+    for_each_part_grained(n, parts, 1, align, f)
+}
+
+/// `for_each_part` with each part cut into `grain` chunks (`f` is called
+/// per chunk): a thread runs its own part's chunks in order, then takes
+/// chunks of parts whose thread has not reached them (a worker the OS has
+/// descheduled on a loaded machine delays the op by one chunk, not by its
+/// whole part).
+pub fn for_each_part_grained(
+    n: usize,
+    parts: usize,
+    grain: usize,
+    align: usize,
+    f: impl Fn(Range<usize>) + Sync,
+) {
     if parts <= 1 {
         f(0..n);
         return;
     }
-    if !pool::run(parts, &run) {
-        (0..parts).for_each(run);
+    let grain = grain.clamp(1, pool::MAX_CHUNKS / parts.min(pool::MAX_CHUNKS));
+    let chunks = parts * grain;
+    let run = |c: usize| {
+        let r = range(n, chunks, c, align);
+        if !r.is_empty() {
+            f(r);
+        }
+    };
+    if !pool::run(parts, grain, &run) {
+        (0..chunks).for_each(run);
     }
 }
 
 mod pool {
     //! The worker threads. A job is announced by a new generation in
-    //! `state`, which also holds the bitmask of the parts already claimed:
-    //! worker `t` claims part `t` first, then any part still unclaimed, and
-    //! the caller claims part 0 and then the rest, so a worker that the OS
-    //! has not scheduled (a loaded machine) delays nothing: its part is
-    //! done by whoever gets there first. Idle workers spin for `SPIN`
-    //! before sleeping on a condvar.
+    //! `state`, which also holds the job's thread and chunk counts and the
+    //! bitmask of the chunks already claimed: thread `t` (the caller is 0)
+    //! claims its own chunks `t*grain..(t+1)*grain` in order, then the
+    //! other threads' chunks from their ends, so an idle machine keeps the
+    //! static split and a descheduled worker delays nothing but the chunk
+    //! it is in. Idle workers spin for `SPIN` before sleeping on a condvar.
 
     use std::cell::UnsafeCell;
-    use std::sync::{Condvar, Mutex};
     use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
-    use std::sync::{Arc, OnceLock};
+    use std::sync::{Arc, Condvar, Mutex, OnceLock};
     use std::time::{Duration, Instant};
 
-    /// How long an idle worker spins before sleeping (GNU OpenMP, which
-    /// PyTorch's CPU kernels run on, spins for a comparable time).
-    const SPIN: Duration = Duration::from_micros(500);
-    /// Most parts of one job (bits of the claim mask).
+    /// How long an idle worker spins before sleeping: longer than the gap
+    /// between two eager ops (a few microseconds), short so that a spinning
+    /// worker does not hold a core for long from kernels that still run on
+    /// rayon (or other processes): at 500 us, seed_cnn's rayon-parallel
+    /// BatchNorm2d waited out the spin (0.02 -> 0.52 ms on 2 cores).
+    const SPIN: Duration = Duration::from_micros(100);
+    /// Most threads of one job.
     pub(super) const MAX_PARTS: usize = 24;
+    /// Most chunks of one job (bits of the claim mask).
+    pub(super) const MAX_CHUNKS: usize = 32;
 
     type Job = *const (dyn Fn(usize) + Sync);
 
-    /// `state`: generation << 32 | parts << 24 | claimed-parts mask.
-    fn pack(gen: u64, parts: usize, mask: u64) -> u64 {
-        (gen << 32) | ((parts as u64) << 24) | mask
+    /// `state`: generation << 44 | threads << 38 | grain << 32 | claimed
+    /// chunks. A claim is a compare-exchange of the whole word, so it can
+    /// only succeed on the job whose counts the claimer read.
+    fn pack(gen: u64, threads: usize, grain: usize) -> u64 {
+        ((gen & 0xf_ffff) << 44) | ((threads as u64) << 38) | ((grain as u64) << 32)
     }
     fn gen_of(s: u64) -> u64 {
-        s >> 32
+        s >> 44
     }
-    fn parts_of(s: u64) -> usize {
-        ((s >> 24) & 0xff) as usize
+    fn threads_of(s: u64) -> usize {
+        ((s >> 38) & 0x3f) as usize
+    }
+    fn grain_of(s: u64) -> usize {
+        ((s >> 32) & 0x3f) as usize
     }
 
     struct Shared {
         state: AtomicU64,
         /// The current job; written by the dispatcher before it publishes
-        /// a generation, read only by whoever claimed one of its parts
-        /// (the dispatcher does not return before every part finished).
+        /// a generation, read only by whoever claimed one of its chunks
+        /// (the dispatcher does not return before every chunk finished).
         job: UnsafeCell<Option<Job>>,
-        /// Parts of the current job finished.
+        /// Chunks of the current job finished.
         finished: AtomicUsize,
         sleepers: AtomicUsize,
         /// Workers that have started running.
@@ -119,22 +145,23 @@ mod pool {
         wake: Condvar,
     }
 
-    // SAFETY: see the field comments; `job` is only written while no part
+    // SAFETY: see the field comments; `job` is only written while no chunk
     // of a published job is unfinished.
     unsafe impl Sync for Shared {}
     unsafe impl Send for Shared {}
 
     impl Shared {
-        /// Claims part `t` of generation `gen`; false if taken or stale.
-        fn claim(&self, gen: u64, t: usize) -> bool {
+        /// Claims chunk `c` of the job announced by `seen` (a `state`
+        /// value); false if it is taken or the job is over.
+        fn claim(&self, seen: u64, c: usize) -> bool {
             let mut cur = self.state.load(Acquire);
             loop {
-                if gen_of(cur) != gen || t >= parts_of(cur) || cur & (1 << t) != 0 {
+                if cur >> 32 != seen >> 32 || cur & (1 << c) != 0 {
                     return false;
                 }
                 match self
                     .state
-                    .compare_exchange_weak(cur, cur | (1 << t), AcqRel, Acquire)
+                    .compare_exchange_weak(cur, cur | (1 << c), AcqRel, Acquire)
                 {
                     Ok(_) => return true,
                     Err(now) => cur = now,
@@ -142,24 +169,33 @@ mod pool {
             }
         }
 
-        /// Runs claimed part `t` of the current job.
-        fn run_part(&self, t: usize) {
-            // SAFETY: a claimed part keeps the job alive (the dispatcher
+        /// Runs claimed chunk `c` of the current job.
+        fn run_chunk(&self, c: usize) {
+            // SAFETY: a claimed chunk keeps the job alive (the dispatcher
             // waits for it to finish) and `job` is not written meanwhile.
             let job = unsafe { (*self.job.get()).expect("a published job") };
             let f = unsafe { &*job };
-            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(t))).is_err() {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(c))).is_err() {
                 self.panicked.store(true, Release);
             }
             self.finished.fetch_add(1, Release);
         }
 
-        /// Claims and runs parts of generation `gen`, `first` first.
-        fn help(&self, gen: u64, first: usize, parts: usize) {
-            for i in 0..parts {
-                let t = (first + i) % parts;
-                if self.claim(gen, t) {
-                    self.run_part(t);
+        /// Thread `t`'s share of the job announced by `seen`: its own
+        /// chunks in order, then everyone else's from their ends.
+        fn help(&self, seen: u64, t: usize) {
+            let (threads, grain) = (threads_of(seen), grain_of(seen));
+            for c in t * grain..(t + 1) * grain {
+                if self.claim(seen, c) {
+                    self.run_chunk(c);
+                }
+            }
+            for o in 1..threads {
+                let o = (t + o) % threads;
+                for c in (o * grain..(o + 1) * grain).rev() {
+                    if self.claim(seen, c) {
+                        self.run_chunk(c);
+                    }
                 }
             }
         }
@@ -197,17 +233,17 @@ mod pool {
                 s = shared.state.load(Acquire);
             }
             seen = gen_of(s);
-            let parts = parts_of(s);
-            if index < parts {
-                shared.help(seen, index, parts);
+            if index < threads_of(s) {
+                shared.help(s, index);
             }
         }
     }
 
-    /// Runs `f(t)` for `t` in `0..parts` (part 0 first on this thread);
-    /// false (nothing run) when the pool is in use or cannot grow.
-    pub(super) fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
-        if parts > MAX_PARTS {
+    /// Runs `f(c)` for every chunk `c < threads * grain` (see the module
+    /// comment); false (nothing run) when the pool is in use or cannot
+    /// grow.
+    pub(super) fn run(threads: usize, grain: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
+        if threads > MAX_PARTS || grain == 0 || threads * grain > MAX_CHUNKS {
             return false;
         }
         let cell = DISPATCH.get_or_init(|| {
@@ -229,7 +265,7 @@ mod pool {
         let Ok(mut pool) = cell.try_lock() else {
             return false;
         };
-        while pool.workers + 1 < parts {
+        while pool.workers + 1 < threads {
             let (shared, index, seen) = (pool.shared.clone(), pool.workers + 1, pool.gen);
             let spawned = std::thread::Builder::new()
                 .name(format!("kiln-par-{index}"))
@@ -244,22 +280,23 @@ mod pool {
                 std::thread::yield_now();
             }
         }
-        pool.gen = (pool.gen + 1) & 0xffff_ffff;
-        let gen = pool.gen;
+        pool.gen = (pool.gen + 1) & 0xf_ffff;
+        let state = pack(pool.gen, threads, grain);
         let sh = &*pool.shared;
         // SAFETY: erasing the lifetime is sound because we do not return
-        // before every part (each run by whoever claimed it) has finished.
+        // before every chunk (each run by whoever claimed it) has finished.
         let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(f) };
         unsafe { *sh.job.get() = Some(job) };
         sh.finished.store(0, SeqCst);
-        sh.state.store(pack(gen, parts, 0), SeqCst);
+        sh.state.store(state, SeqCst);
         if sh.sleepers.load(SeqCst) > 0 {
             let _g = sh.lock.lock().unwrap_or_else(|e| e.into_inner());
             sh.wake.notify_all();
         }
-        sh.help(gen, 0, parts);
+        sh.help(state, 0);
+        let total = threads * grain;
         let mut spins = 0u32;
-        while sh.finished.load(Acquire) < parts {
+        while sh.finished.load(Acquire) < total {
             std::hint::spin_loop();
             spins += 1;
             if spins > 1 << 12 {
@@ -313,7 +350,10 @@ pub fn chunks_mut<U: Send>(
     f: impl Fn(usize, &mut [U]) + Sync,
 ) {
     let p = parts(out.len(), min_part);
-    chunks_mut_in(out, p, align, f)
+    // Chunks of at least ~4K elements, up to 8 per part (see
+    // `for_each_part_grained`).
+    let grain = (out.len() / p.max(1) / 4096).clamp(1, 8);
+    chunks_mut_grained(out, p, grain, align, f)
 }
 
 /// `f(start, &mut out[start..end])` over `parts` static parts of `out`
@@ -324,13 +364,25 @@ pub fn chunks_mut_in<U: Send>(
     align: usize,
     f: impl Fn(usize, &mut [U]) + Sync,
 ) {
+    chunks_mut_grained(out, parts, 1, align, f)
+}
+
+/// `chunks_mut_in` with each part cut into `grain` chunks (see
+/// `for_each_part_grained`).
+pub fn chunks_mut_grained<U: Send>(
+    out: &mut [U],
+    parts: usize,
+    grain: usize,
+    align: usize,
+    f: impl Fn(usize, &mut [U]) + Sync,
+) {
     let (n, p) = (out.len(), parts.clamp(1, pool::MAX_PARTS));
     if p <= 1 {
         f(0, out);
         return;
     }
     let base = SendPtr(out.as_mut_ptr());
-    for_each_part(n, p, align, |r| {
+    for_each_part_grained(n, p, grain, align, |r| {
         // SAFETY: the ranges of distinct parts are disjoint and lie inside
         // `out`, which is exclusively borrowed for the whole call.
         let piece = unsafe { std::slice::from_raw_parts_mut(base.get().add(r.start), r.len()) };
