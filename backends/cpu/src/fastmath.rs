@@ -91,7 +91,11 @@ fn tanh_f<const F: bool>(x: f32) -> f32 {
     p = fma::<F>(p, z, -5.373_971_6e-2);
     p = fma::<F>(p, z, 1.333_144_2e-1);
     p = fma::<F>(p, z, -0.333_332_8);
-    let small = if F { fma::<F>(p * z, x, x) } else { p * z * x + x };
+    let small = if F {
+        fma::<F>(p * z, x, x)
+    } else {
+        p * z * x + x
+    };
     let big = 1.0 - 2.0 / (exp_f::<F>(2.0 * a) + 1.0);
     let big = if x < 0.0 { -big } else { big };
     if a < 0.625 {

@@ -12,7 +12,6 @@
 use crate::element::Float;
 use gemm::Parallelism;
 
-
 /// Where the matrices of a batched operand sit in its slice: element
 /// `(b, i, j)` is at `offset + b*batch_stride + i*row_stride + j*col_stride`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -536,9 +535,7 @@ fn matmul_via_ct<T: Float>(
         let rows = m.div_ceil(nth.max(1)).next_multiple_of(4);
         let used = (m - 1) * ldc + n;
         if nth > 1 && m * n >= 4 * crate::PAR_THRESHOLD && m > rows {
-            crate::par::chunks_mut_in(&mut c[..used], nth, rows * ldc, |s, cb| {
-                block(s / ldc, cb)
-            });
+            crate::par::chunks_mut_in(&mut c[..used], nth, rows * ldc, |s, cb| block(s / ldc, cb));
         } else {
             block(0, &mut c[..used]);
         }

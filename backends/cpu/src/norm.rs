@@ -425,7 +425,15 @@ pub fn layer_norm<T: Float>(
             )
         };
         let xc = &x[s..s + yc.len()];
-        crate::simd::dispatch!(layer_norm_rows(xc, k, weight, bias, eps, yc, Some((mc, rc))))
+        crate::simd::dispatch!(layer_norm_rows(
+            xc,
+            k,
+            weight,
+            bias,
+            eps,
+            yc,
+            Some((mc, rc))
+        ))
     });
     (y, mean, rstd)
 }

@@ -3,7 +3,6 @@
 //! view, and visiting the offsets of several operands that share an index
 //! space (broadcast operands have stride 0).
 
-
 /// How a tensor's elements sit in its storage: element `[i0, i1, ...]` is at
 /// `offset + i0*strides[0] + i1*strides[1] + ...`. Strides are in elements.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
