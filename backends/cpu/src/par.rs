@@ -108,6 +108,9 @@ mod pool {
     /// rayon (or other processes): at 500 us, seed_cnn's rayon-parallel
     /// BatchNorm2d waited out the spin (0.02 -> 0.52 ms on 2 cores).
     const SPIN: Duration = Duration::from_micros(100);
+    /// How long the dispatcher spins for the other threads' chunks to
+    /// finish before sleeping.
+    const WAIT_SPIN: Duration = Duration::from_micros(20);
     /// Most threads of one job.
     pub(super) const MAX_PARTS: usize = 24;
     /// Most chunks of one job (bits of the claim mask).
@@ -140,6 +143,13 @@ mod pool {
         /// Chunks of the current job finished.
         finished: AtomicUsize,
         sleepers: AtomicUsize,
+        /// The dispatcher sleeps on `done` (after a short spin) until the
+        /// last chunk finishes: spinning there kept a core from a worker
+        /// the OS had descheduled mid-chunk (another process on the
+        /// machine), and every op waited out a time slice.
+        caller_waiting: AtomicBool,
+        done_lock: Mutex<()>,
+        done: Condvar,
         /// Workers that have started running.
         started: AtomicUsize,
         panicked: AtomicBool,
@@ -171,8 +181,8 @@ mod pool {
             }
         }
 
-        /// Runs claimed chunk `c` of the current job.
-        fn run_chunk(&self, c: usize) {
+        /// Runs claimed chunk `c` of the current job (of `total` chunks).
+        fn run_chunk(&self, c: usize, total: usize) {
             // SAFETY: a claimed chunk keeps the job alive (the dispatcher
             // waits for it to finish) and `job` is not written meanwhile.
             let job = unsafe { (*self.job.get()).expect("a published job") };
@@ -180,23 +190,29 @@ mod pool {
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(c))).is_err() {
                 self.panicked.store(true, Release);
             }
-            self.finished.fetch_add(1, Release);
+            if self.finished.fetch_add(1, SeqCst) + 1 == total
+                && self.caller_waiting.load(SeqCst)
+            {
+                let _g = self.done_lock.lock().unwrap_or_else(|e| e.into_inner());
+                self.done.notify_all();
+            }
         }
 
         /// Thread `t`'s share of the job announced by `seen`: its own
         /// chunks in order, then everyone else's from their ends.
         fn help(&self, seen: u64, t: usize) {
             let (threads, grain) = (threads_of(seen), grain_of(seen));
+            let total = threads * grain;
             for c in t * grain..(t + 1) * grain {
                 if self.claim(seen, c) {
-                    self.run_chunk(c);
+                    self.run_chunk(c, total);
                 }
             }
             for o in 1..threads {
                 let o = (t + o) % threads;
                 for c in (o * grain..(o + 1) * grain).rev() {
                     if self.claim(seen, c) {
-                        self.run_chunk(c);
+                        self.run_chunk(c, total);
                     }
                 }
             }
@@ -255,6 +271,9 @@ mod pool {
                     job: UnsafeCell::new(None),
                     finished: AtomicUsize::new(0),
                     sleepers: AtomicUsize::new(0),
+                    caller_waiting: AtomicBool::new(false),
+                    done_lock: Mutex::new(()),
+                    done: Condvar::new(),
                     started: AtomicUsize::new(0),
                     panicked: AtomicBool::new(false),
                     lock: Mutex::new(()),
@@ -297,12 +316,18 @@ mod pool {
         }
         sh.help(state, 0);
         let total = threads * grain;
+        let start = Instant::now();
         let mut spins = 0u32;
         while sh.finished.load(Acquire) < total {
             std::hint::spin_loop();
             spins += 1;
-            if spins > 1 << 12 {
-                std::thread::yield_now();
+            if spins.is_multiple_of(64) && start.elapsed() > WAIT_SPIN {
+                let mut g = sh.done_lock.lock().unwrap_or_else(|e| e.into_inner());
+                sh.caller_waiting.store(true, SeqCst);
+                while sh.finished.load(SeqCst) < total {
+                    g = sh.done.wait(g).unwrap_or_else(|e| e.into_inner());
+                }
+                sh.caller_waiting.store(false, SeqCst);
             }
         }
         unsafe { *sh.job.get() = None };
