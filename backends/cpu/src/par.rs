@@ -190,9 +190,7 @@ mod pool {
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(c))).is_err() {
                 self.panicked.store(true, Release);
             }
-            if self.finished.fetch_add(1, SeqCst) + 1 == total
-                && self.caller_waiting.load(SeqCst)
-            {
+            if self.finished.fetch_add(1, SeqCst) + 1 == total && self.caller_waiting.load(SeqCst) {
                 let _g = self.done_lock.lock().unwrap_or_else(|e| e.into_inner());
                 self.done.notify_all();
             }
