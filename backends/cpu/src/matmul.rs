@@ -76,6 +76,14 @@ impl MatLayout {
 /// 1M MACs (10-15 us on one thread) a split can pay on an idle box.
 const GEMM_PAR_WORK: usize = 1 << 20;
 
+/// Whether a lone product is worth splitting across threads: enough
+/// multiply-adds, or (few output columns: 8192x50 @ 50x2 has 0.8M) enough
+/// memory to stream through A and C that one thread is bound by it (that
+/// product ran at 152 us on one thread, PyTorch splits it).
+fn worth_splitting(m: usize, k: usize, n: usize) -> bool {
+    m * k * n >= GEMM_PAR_WORK || (m >= 64 && m * (k + n) >= 8 * crate::PAR_THRESHOLD)
+}
+
 /// Multiply-adds per matrix below which a batch is split across threads
 /// by batch index rather than inside each gemm.
 const BATCH_PAR_WORK: usize = 192 * 192 * 192;
@@ -345,7 +353,7 @@ pub(crate) fn matmul_impl<T: Float>(
         return;
     }
 
-    if batch == 1 && nthreads > 1 && work >= GEMM_PAR_WORK && m.max(n) >= 2 * nthreads {
+    if batch == 1 && nthreads > 1 && worth_splitting(m, k, n) && m.max(n) >= 2 * nthreads {
         // A medium product: one single-threaded gemm per thread on a slice
         // of the larger of C's dimensions (cheaper than gemm's own
         // fork/join at these sizes). Each gemm packs all of the operand
@@ -762,7 +770,7 @@ pub fn matmul_epilogue<T: Float>(
         }
         return;
     }
-    if threads > 1 && work >= GEMM_PAR_WORK && m >= 8 {
+    if threads > 1 && worth_splitting(m, k, n) && m >= 8 {
         let rows = epilogue_rows(m, threads);
         crate::par::chunks_mut_in(c, m.div_ceil(rows), rows * n, |s, cb| {
             block(s / n, cb, Parallelism::None)
