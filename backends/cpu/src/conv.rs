@@ -389,9 +389,11 @@ fn im2col<T: Float>(x: &[T], nb: usize, g: &Geom, cols: &mut [T], parallel: bool
     };
     let cols = &mut cols[..g.c * g.kh * g.kw * ncols];
     if parallel && cols.len() >= crate::PAR_THRESHOLD {
-        cols.par_chunks_mut(ncols)
-            .enumerate()
-            .for_each(|(r, d)| row(r, d));
+        crate::par::chunks_mut(cols, crate::PAR_THRESHOLD / 2, ncols, |start, piece| {
+            for (i, d) in piece.chunks_mut(ncols).enumerate() {
+                row(start / ncols + i, d);
+            }
+        });
     } else {
         for (r, d) in cols.chunks_mut(ncols).enumerate() {
             row(r, d);
@@ -667,11 +669,11 @@ fn add_bias<T: Float>(y: &mut [T], bias: &[T], cout: usize, plane: usize) {
             *v += b;
         }
     };
-    if y.len() >= crate::PAR_THRESHOLD {
-        y.par_chunks_mut(plane).enumerate().for_each(body);
-    } else {
-        y.chunks_mut(plane).enumerate().for_each(body);
-    }
+    crate::par::chunks_mut(y, crate::PAR_THRESHOLD / 2, plane, |start, piece| {
+        for (i, p) in piece.chunks_mut(plane).enumerate() {
+            body((start / plane + i, p));
+        }
+    });
 }
 
 /// Reusable per-thread buffers (im2col matrix and a channels-major
@@ -766,11 +768,17 @@ fn for_blocks<T: Float, U: Send>(
         return;
     }
     if par_blocks {
-        out.par_chunks_mut(b * per_image)
-            .enumerate()
-            .for_each_init(Cached::take, |s, (i, chunk)| {
-                f(i * b, chunk.len() / per_image, chunk, s.s(), false)
-            });
+        // Contiguous runs of blocks, one per thread (the static pool: see
+        // `par`), each with its thread's scratch.
+        let blocks = n.div_ceil(b);
+        let parts = blocks.min(crate::par::threads());
+        crate::par::chunks_mut_in(out, parts, b * per_image, |start, piece| {
+            let mut s = Cached::take();
+            for (i, chunk) in piece.chunks_mut(b * per_image).enumerate() {
+                let n0 = start / per_image + i * b;
+                f(n0, chunk.len() / per_image, chunk, s.s(), false)
+            }
+        });
     } else {
         for (i, chunk) in out.chunks_mut(b * per_image).enumerate() {
             f(i * b, chunk.len() / per_image, chunk, outer, true);
@@ -969,9 +977,11 @@ fn conv_forward_into<T: Float>(
             // The whole batch came from one batched matmul: the epilogue
             // runs per image afterwards, images spread over the threads.
             if y.len() >= crate::PAR_THRESHOLD {
-                y.par_chunks_mut(per_image)
-                    .enumerate()
-                    .for_each(|(n, yi)| f(n, yi));
+                crate::par::chunks_mut(y, crate::PAR_THRESHOLD / 2, per_image, |start, piece| {
+                    for (i, yi) in piece.chunks_mut(per_image).enumerate() {
+                        f(start / per_image + i, yi);
+                    }
+                });
             } else {
                 epi_block(Some(f), 0, y, per_image);
             }

@@ -3,43 +3,29 @@
 //! the output is larger than `PAR_THRESHOLD`.
 
 use crate::element::{Element, Float};
-use crate::strided::{chunk_len, for_each_row, Layout};
+use crate::strided::{for_each_row, Layout};
 use crate::PAR_THRESHOLD;
 use kiln_ir::{BinaryOp, UnaryOp};
-use rayon::prelude::*;
 
 /// `f` applied to every element of a contiguous slice.
 pub fn map<T: Copy + Sync, U: Element>(x: &[T], f: impl Fn(T) -> U + Sync) -> Vec<U> {
     let mut out = crate::buffers::alloc_uninit::<U>(x.len());
-    if x.len() >= PAR_THRESHOLD {
-        out.par_chunks_mut(PAR_THRESHOLD / 2)
-            .zip(x.par_chunks(PAR_THRESHOLD / 2))
-            .for_each(|(o, i)| {
-                for (o, &i) in o.iter_mut().zip(i) {
-                    *o = f(i);
-                }
-            });
-    } else {
-        for (o, &i) in out.iter_mut().zip(x) {
+    crate::par::chunks_mut(&mut out, PAR_THRESHOLD / 2, 16, |start, o| {
+        let x = &x[start..start + o.len()];
+        for (o, &i) in o.iter_mut().zip(x) {
             *o = f(i);
         }
-    }
+    });
     out
 }
 
 /// `f` applied in place to every element of a contiguous slice.
 pub fn map_inplace<T: Copy + Send + Sync>(x: &mut [T], f: impl Fn(T) -> T + Sync) {
-    if x.len() >= PAR_THRESHOLD {
-        x.par_chunks_mut(PAR_THRESHOLD / 2).for_each(|c| {
-            for v in c {
-                *v = f(*v);
-            }
-        });
-    } else {
-        for v in x {
+    crate::par::chunks_mut(x, PAR_THRESHOLD / 2, 16, |_, c| {
+        for v in c {
             *v = f(*v);
         }
-    }
+    });
 }
 
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
@@ -290,19 +276,13 @@ pub fn zip_strided<T: Copy + Sync, U: Element>(
                 *o = f(x, y);
             }
         };
-        if n >= PAR_THRESHOLD {
-            let c = PAR_THRESHOLD / 2;
-            out.par_chunks_mut(c)
-                .zip(a.par_chunks(c).zip(b.par_chunks(c)))
-                .for_each(|(o, (a, b))| body(o, a, b));
-        } else {
-            body(&mut out, a, b);
-        }
+        crate::par::chunks_mut(&mut out, PAR_THRESHOLD / 2, 16, |s, o| {
+            let e = s + o.len();
+            body(o, &a[s..e], &b[s..e])
+        });
         return out;
     }
-    let chunk = chunk_len(&la.shape);
-    let work = |ci: usize, dst: &mut [U]| {
-        let start = ci * chunk;
+    let work = |start: usize, dst: &mut [U]| {
         let mut w = 0;
         for_each_row(
             &la.shape,
@@ -342,13 +322,8 @@ pub fn zip_strided<T: Copy + Sync, U: Element>(
             },
         );
     };
-    if n >= PAR_THRESHOLD {
-        out.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(ci, d)| work(ci, d));
-    } else {
-        work(0, &mut out);
-    }
+    let row = la.shape.last().copied().unwrap_or(1);
+    crate::par::chunks_mut(&mut out, PAR_THRESHOLD / 2, row, |s, d| work(s, d));
     out
 }
 

@@ -10,24 +10,17 @@
 //! erf within 2e-7 absolute; gelu within 2e-7 * max(1, |x|) absolute.
 //! NaN propagates; exp saturates to +inf above 88.72 and to 0 below -103.9.
 
-use rayon::prelude::*;
-
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 /// 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
-/// e^x (Cephes' expf polynomial with a split 2^n so the full range is exact).
+/// `a * b + c`: one fused multiply-add in the SIMD bodies (`F`, compiled
+/// where the CPU has FMA: half the instructions of the polynomials, and
+/// one rounding instead of two), two operations otherwise.
 #[inline(always)]
-pub fn exp(x: f32) -> f32 {
-    exp_f::<false>(x)
-}
-
-/// `a * b + c`, one fused multiply-add when `F` (the tile routines, built
-/// for FMA hardware: one rounding fewer, the same error bounds).
-#[inline(always)]
-fn madd<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
+fn fma<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
     if F {
         a.mul_add(b, c)
     } else {
@@ -35,23 +28,36 @@ fn madd<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
+/// e^x (Cephes' expf polynomial with a split 2^n so the full range is exact).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    exp_f::<false>(x)
+}
+
 #[inline(always)]
 fn exp_f<const F: bool>(x: f32) -> f32 {
     let x = x.clamp(-104.0, 88.73); // NaN stays NaN
-    let y = madd::<F>(x, LOG2E, ROUND_MAGIC);
+    let y = fma::<F>(x, LOG2E, ROUND_MAGIC);
     let n = y - ROUND_MAGIC;
     // n is an integer held in y's low mantissa bits: read it without a
     // float-to-int conversion (which would not vectorize).
     let ni = (y.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
-    let r = madd::<F>(-n, LN2_HI, x);
-    let r = madd::<F>(-n, LN2_LO, r);
+    let r = if F {
+        fma::<F>(-n, LN2_LO, fma::<F>(-n, LN2_HI, x))
+    } else {
+        x - n * LN2_HI - n * LN2_LO
+    };
     let mut p = 1.987_569_1e-4f32;
-    p = madd::<F>(p, r, 1.398_2e-3);
-    p = madd::<F>(p, r, 8.333_452e-3);
-    p = madd::<F>(p, r, 4.166_579_6e-2);
-    p = madd::<F>(p, r, 1.666_666_5e-1);
-    p = madd::<F>(p, r, 0.5);
-    let e = madd::<F>(p * r, r, r) + 1.0;
+    p = fma::<F>(p, r, 1.398_2e-3);
+    p = fma::<F>(p, r, 8.333_452e-3);
+    p = fma::<F>(p, r, 4.166_579_6e-2);
+    p = fma::<F>(p, r, 1.666_666_5e-1);
+    p = fma::<F>(p, r, 0.5);
+    let e = if F {
+        fma::<F>(p, r * r, r) + 1.0
+    } else {
+        p * r * r + r + 1.0
+    };
     let n1 = ni >> 1;
     let n2 = ni - n1;
     let s1 = f32::from_bits(((n1 + 127) as u32) << 23);
@@ -81,11 +87,15 @@ fn tanh_f<const F: bool>(x: f32) -> f32 {
     let a = x.abs();
     let z = x * x;
     let mut p = -5.704_988_7e-3f32;
-    p = madd::<F>(p, z, 2.063_909e-2);
-    p = madd::<F>(p, z, -5.373_971_6e-2);
-    p = madd::<F>(p, z, 1.333_144_2e-1);
-    p = madd::<F>(p, z, -0.333_332_8);
-    let small = madd::<F>(p * z, x, x);
+    p = fma::<F>(p, z, 2.063_909e-2);
+    p = fma::<F>(p, z, -5.373_971_6e-2);
+    p = fma::<F>(p, z, 1.333_144_2e-1);
+    p = fma::<F>(p, z, -0.333_332_8);
+    let small = if F {
+        fma::<F>(p * z, x, x)
+    } else {
+        p * z * x + x
+    };
     let big = 1.0 - 2.0 / (exp_f::<F>(2.0 * a) + 1.0);
     let big = if x < 0.0 { -big } else { big };
     if a < 0.625 {
@@ -108,23 +118,27 @@ fn erf_f<const F: bool>(x: f32) -> f32 {
     let z = x * x;
     // 2/sqrt(pi) * (x - x^3/3 + x^5/10 - x^7/42 + x^9/216 - x^11/1320)
     let mut p = -1.0f32 / 1320.0;
-    p = madd::<F>(p, z, 1.0 / 216.0);
-    p = madd::<F>(p, z, -1.0 / 42.0);
-    p = madd::<F>(p, z, 1.0 / 10.0);
-    p = madd::<F>(p, z, -1.0 / 3.0);
-    let small = madd::<F>(p * z, x, x) * std::f32::consts::FRAC_2_SQRT_PI;
+    p = fma::<F>(p, z, 1.0 / 216.0);
+    p = fma::<F>(p, z, -1.0 / 42.0);
+    p = fma::<F>(p, z, 1.0 / 10.0);
+    p = fma::<F>(p, z, -1.0 / 3.0);
+    let small = if F {
+        fma::<F>(p * z, x, x) * std::f32::consts::FRAC_2_SQRT_PI
+    } else {
+        (p * z * x + x) * std::f32::consts::FRAC_2_SQRT_PI
+    };
     // erfc(|x|) by Numerical Recipes' Chebyshev fit (relative error < 1.2e-7).
-    let t = 1.0 / madd::<F>(0.5, a, 1.0);
+    let t = 1.0 / fma::<F>(0.5, a, 1.0);
     let mut q = 0.170_872_77f32;
-    q = madd::<F>(q, t, -0.822_152_23);
-    q = madd::<F>(q, t, 1.488_515_9);
-    q = madd::<F>(q, t, -1.135_204);
-    q = madd::<F>(q, t, 0.278_868_07);
-    q = madd::<F>(q, t, -0.186_288_06);
-    q = madd::<F>(q, t, 0.096_784_18);
-    q = madd::<F>(q, t, 0.374_091_96);
-    q = madd::<F>(q, t, 1.000_023_7);
-    q = madd::<F>(q, t, -1.265_512_2);
+    q = fma::<F>(q, t, -0.822_152_23);
+    q = fma::<F>(q, t, 1.488_515_9);
+    q = fma::<F>(q, t, -1.135_204);
+    q = fma::<F>(q, t, 0.278_868_07);
+    q = fma::<F>(q, t, -0.186_288_06);
+    q = fma::<F>(q, t, 0.096_784_18);
+    q = fma::<F>(q, t, 0.374_091_96);
+    q = fma::<F>(q, t, 1.000_023_7);
+    q = fma::<F>(q, t, -1.265_512_2);
     let big = 1.0 - t * exp_f::<F>(q - z);
     let big = if x < 0.0 { -big } else { big };
     if a < 0.5 {
@@ -151,7 +165,7 @@ pub fn gelu_tanh(x: f32) -> f32 {
 
 #[inline(always)]
 fn gelu_tanh_f<const F: bool>(x: f32) -> f32 {
-    let inner = 0.797_884_6 * (x + 0.044_715 * x * x * x);
+    let inner = 0.797_884_6 * fma::<F>(0.044_715 * x * x, x, x);
     0.5 * x * (1.0 + tanh_f::<F>(inner))
 }
 
@@ -167,7 +181,7 @@ pub enum FastFn {
 }
 
 #[inline(always)]
-fn body(f: FastFn, x: &[f32], out: &mut [f32]) {
+fn body<const F: bool>(f: FastFn, x: &[f32], out: &mut [f32]) {
     macro_rules! go {
         ($g:path) => {
             for (o, &v) in out.iter_mut().zip(x) {
@@ -176,17 +190,17 @@ fn body(f: FastFn, x: &[f32], out: &mut [f32]) {
         };
     }
     match f {
-        FastFn::Exp => go!(exp),
-        FastFn::Sigmoid => go!(sigmoid),
-        FastFn::Tanh => go!(tanh),
-        FastFn::Erf => go!(erf),
-        FastFn::Gelu => go!(gelu),
-        FastFn::GeluTanh => go!(gelu_tanh),
+        FastFn::Exp => go!(exp_f::<F>),
+        FastFn::Sigmoid => go!(sigmoid_f::<F>),
+        FastFn::Tanh => go!(tanh_f::<F>),
+        FastFn::Erf => go!(erf_f::<F>),
+        FastFn::Gelu => go!(gelu_f::<F>),
+        FastFn::GeluTanh => go!(gelu_tanh_f::<F>),
     }
 }
 
 #[inline(always)]
-fn body_inplace(f: FastFn, x: &mut [f32]) {
+fn body_inplace<const F: bool>(f: FastFn, x: &mut [f32]) {
     macro_rules! go {
         ($g:path) => {
             for v in x.iter_mut() {
@@ -195,25 +209,25 @@ fn body_inplace(f: FastFn, x: &mut [f32]) {
         };
     }
     match f {
-        FastFn::Exp => go!(exp),
-        FastFn::Sigmoid => go!(sigmoid),
-        FastFn::Tanh => go!(tanh),
-        FastFn::Erf => go!(erf),
-        FastFn::Gelu => go!(gelu),
-        FastFn::GeluTanh => go!(gelu_tanh),
+        FastFn::Exp => go!(exp_f::<F>),
+        FastFn::Sigmoid => go!(sigmoid_f::<F>),
+        FastFn::Tanh => go!(tanh_f::<F>),
+        FastFn::Erf => go!(erf_f::<F>),
+        FastFn::Gelu => go!(gelu_f::<F>),
+        FastFn::GeluTanh => go!(gelu_tanh_f::<F>),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,fma")]
 unsafe fn inplace_avx512(f: FastFn, x: &mut [f32]) {
-    body_inplace(f, x)
+    body_inplace::<true>(f, x)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn inplace_avx2(f: FastFn, x: &mut [f32]) {
-    body_inplace(f, x)
+    body_inplace::<true>(f, x)
 }
 
 /// `f` applied in place to a slice, on the calling thread, with the widest
@@ -231,19 +245,19 @@ pub fn apply_inplace(f: FastFn, x: &mut [f32]) {
             return unsafe { inplace_avx2(f, x) };
         }
     }
-    body_inplace(f, x)
+    body_inplace::<false>(f, x)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,fma")]
 unsafe fn body_avx512(f: FastFn, x: &[f32], out: &mut [f32]) {
-    body(f, x, out)
+    body::<true>(f, x, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn body_avx2(f: FastFn, x: &[f32], out: &mut [f32]) {
-    body(f, x, out)
+    body::<true>(f, x, out)
 }
 
 /// Runs `f` over a chunk with the widest SIMD the CPU has.
@@ -260,7 +274,7 @@ fn dispatch(f: FastFn, x: &[f32], out: &mut [f32]) {
             return unsafe { body_avx2(f, x, out) };
         }
     }
-    body(f, x, out)
+    body::<false>(f, x, out)
 }
 
 /// `f` over a contiguous slice, split across rayon threads when large.
@@ -273,14 +287,9 @@ pub fn map(f: FastFn, x: &[f32]) -> Vec<f32> {
 /// `f` over `x` into `out` (same length).
 pub fn map_into(f: FastFn, x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len(), "fastmath::map_into: lengths");
-    let c = crate::PAR_THRESHOLD / 2;
-    if x.len() >= crate::PAR_THRESHOLD {
-        out.par_chunks_mut(c)
-            .zip(x.par_chunks(c))
-            .for_each(|(o, i)| dispatch(f, i, o));
-    } else {
-        dispatch(f, x, out);
-    }
+    crate::par::chunks_mut(out, crate::PAR_THRESHOLD / 2, 16, |s, o| {
+        dispatch(f, &x[s..s + o.len()], o)
+    });
 }
 
 /// A tile routine for JIT-compiled code: `f` over `n` f32 read from `src`
@@ -299,7 +308,7 @@ macro_rules! tile_entries {
         /// AVX-512F present; `src` readable and `dst` writable for `n`
         /// f32, not overlapping.
         #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx512f")]
+        #[target_feature(enable = "avx512f,fma")]
         unsafe extern "C" fn $a512(src: *const f32, dst: *mut f32, n: usize) {
             // SAFETY: the caller's contract.
             let (x, o) = unsafe {
@@ -452,6 +461,12 @@ mod tests {
 
     #[test]
     fn exp_sigmoid_tanh_within_3_ulp() {
+        exp_sigmoid_tanh::<false>();
+        exp_sigmoid_tanh::<true>();
+    }
+
+    fn exp_sigmoid_tanh<const F: bool>() {
+        let (exp, sigmoid, tanh, erf) = (exp_f::<F>, sigmoid_f::<F>, tanh_f::<F>, erf_f::<F>);
         for &x in &grid() {
             let xd = x as f64;
             assert!(
@@ -479,6 +494,12 @@ mod tests {
 
     #[test]
     fn erf_and_gelu_absolute_error() {
+        erf_and_gelu::<false>();
+        erf_and_gelu::<true>();
+    }
+
+    fn erf_and_gelu<const F: bool>() {
+        let (erf, gelu, gelu_tanh) = (erf_f::<F>, gelu_f::<F>, gelu_tanh_f::<F>);
         for &x in &grid() {
             let xd = x as f64;
             let e = libm::erf(xd);
@@ -514,7 +535,18 @@ mod tests {
         ] {
             let v = map(f, &x);
             let mut s = vec![0.0; x.len()];
-            body(f, &x, &mut s);
+            // The SIMD bodies use fused multiply-adds where the CPU has them.
+            #[cfg(target_arch = "x86_64")]
+            let fused = std::arch::is_x86_feature_detected!("avx512f")
+                || (std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma"));
+            #[cfg(not(target_arch = "x86_64"))]
+            let fused = false;
+            if fused {
+                body::<true>(f, &x, &mut s);
+            } else {
+                body::<false>(f, &x, &mut s);
+            }
             for (a, b) in v.iter().zip(&s) {
                 assert!(
                     a == b

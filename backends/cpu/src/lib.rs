@@ -12,8 +12,10 @@ pub mod elementwise;
 pub mod fastmath;
 pub mod matmul;
 pub mod norm;
+pub mod par;
 pub mod pool;
 pub mod reduce;
+pub mod simd;
 pub mod storage;
 pub mod strided;
 

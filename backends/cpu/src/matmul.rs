@@ -11,7 +11,6 @@
 
 use crate::element::Float;
 use gemm::Parallelism;
-use rayon::prelude::*;
 
 /// Where the matrices of a batched operand sit in its slice: element
 /// `(b, i, j)` is at `offset + b*batch_stride + i*row_stride + j*col_stride`.
@@ -77,9 +76,13 @@ impl MatLayout {
 /// 1M MACs (10-15 us on one thread) a split can pay on an idle box.
 const GEMM_PAR_WORK: usize = 1 << 20;
 
-/// Multiply-adds below which a lone product is split by rows across the
-/// threads (single-threaded gemm each) rather than parallelized inside gemm.
-const ROW_SPLIT_WORK: usize = 32 << 20;
+/// Whether a lone product is worth splitting across threads: enough
+/// multiply-adds, or (few output columns: 8192x50 @ 50x2 has 0.8M) enough
+/// memory to stream through A and C that one thread is bound by it (that
+/// product ran at 152 us on one thread, PyTorch splits it).
+fn worth_splitting(m: usize, k: usize, n: usize) -> bool {
+    m * k * n >= GEMM_PAR_WORK || (m >= 64 && m * (k + n) >= 8 * crate::PAR_THRESHOLD)
+}
 
 /// Multiply-adds per matrix below which a batch is split across threads
 /// by batch index rather than inside each gemm.
@@ -311,10 +314,9 @@ pub(crate) fn matmul_impl<T: Float>(
         let pc = SendPtr(c.as_mut_ptr());
         let (pa, pb) = (SendPtr(pa as *mut T), SendPtr(pb as *mut T));
         let min_len = (GEMM_PAR_WORK / work.max(1)).max(1);
-        (0..batch)
-            .into_par_iter()
-            .with_min_len(min_len)
-            .for_each(|bi| {
+        let parts = (batch / min_len).clamp(1, nthreads);
+        crate::par::for_each_part(batch, parts, 1, |range| {
+            for bi in range {
                 let (pc, pa, pb) = (&pc, &pa, &pb);
                 // SAFETY: bounds checked above; batch index bi's C matrix
                 // is disjoint from every other one (batch stride >= extent).
@@ -334,7 +336,8 @@ pub(crate) fn matmul_impl<T: Float>(
                         Parallelism::None,
                     );
                 }
-            });
+            }
+        });
         return;
     }
 
@@ -350,11 +353,7 @@ pub(crate) fn matmul_impl<T: Float>(
         return;
     }
 
-    if batch == 1
-        && nthreads > 1
-        && (GEMM_PAR_WORK..ROW_SPLIT_WORK).contains(&work)
-        && m.max(n) >= 2 * nthreads
-    {
+    if batch == 1 && nthreads > 1 && worth_splitting(m, k, n) && m.max(n) >= 2 * nthreads {
         // A medium product: one single-threaded gemm per thread on a slice
         // of the larger of C's dimensions (cheaper than gemm's own
         // fork/join at these sizes). Each gemm packs all of the operand
@@ -365,7 +364,7 @@ pub(crate) fn matmul_impl<T: Float>(
         let (r, cl) = split_block(m, n, nthreads);
         let pc = SendPtr(c.as_mut_ptr());
         let (pa, pb) = (SendPtr(pa as *mut T), SendPtr(pb as *mut T));
-        (0..nthreads).into_par_iter().for_each(|t| {
+        crate::par::for_each_task(nthreads, |t| {
             let (r0, mr) = if r < m {
                 (t * r, r.min(m.saturating_sub(t * r)))
             } else {
@@ -530,11 +529,7 @@ fn matmul_via_ct<T: Float>(
                 );
             }
         };
-        if nth > 1 {
-            (0..nth).into_par_iter().for_each(part);
-        } else {
-            part(0);
-        }
+        crate::par::for_each_task(nth, part);
         let tmp = &*tmp;
         let block = |r0: usize, cb: &mut [T]| {
             let rows = (m - r0).min(cb.len().div_ceil(ldc));
@@ -548,10 +543,7 @@ fn matmul_via_ct<T: Float>(
         let rows = m.div_ceil(nth.max(1)).next_multiple_of(4);
         let used = (m - 1) * ldc + n;
         if nth > 1 && m * n >= 4 * crate::PAR_THRESHOLD && m > rows {
-            c[..used]
-                .par_chunks_mut(rows * ldc)
-                .enumerate()
-                .for_each(|(bi, cb)| block(bi * rows, cb));
+            crate::par::chunks_mut_in(&mut c[..used], nth, rows * ldc, |s, cb| block(s / ldc, cb));
         } else {
             block(0, &mut c[..used]);
         }
@@ -750,7 +742,7 @@ pub fn matmul_epilogue<T: Float>(
         matmul_via_ct(c, n, a, la, b, lb, m, k, n, nth, Some(&finish));
         return;
     }
-    if threads > 1 && (GEMM_PAR_WORK..ROW_SPLIT_WORK).contains(&work) && m < n && n >= 32 {
+    if threads > 1 && work >= GEMM_PAR_WORK && m < n && n >= 32 {
         // Fewer rows than columns: row blocks would each pack all of B,
         // so the product is split by columns (as `matmul_into` does) and
         // the bias and epilogue run afterwards on row blocks, in parallel
@@ -772,19 +764,17 @@ pub fn matmul_epilogue<T: Float>(
         );
         let rows = m.div_ceil(threads).next_multiple_of(4);
         if m * n >= 4 * crate::PAR_THRESHOLD && m > rows {
-            c.par_chunks_mut(rows * n)
-                .enumerate()
-                .for_each(|(i, cb)| finish(i * rows, cb));
+            crate::par::chunks_mut_in(c, threads, rows * n, |s, cb| finish(s / n, cb));
         } else {
             finish(0, c);
         }
         return;
     }
-    if threads > 1 && work >= GEMM_PAR_WORK && m >= 8 {
+    if threads > 1 && worth_splitting(m, k, n) && m >= 8 {
         let rows = epilogue_rows(m, threads);
-        c.par_chunks_mut(rows * n)
-            .enumerate()
-            .for_each(|(i, cb)| block(i * rows, cb, Parallelism::None));
+        crate::par::chunks_mut_in(c, m.div_ceil(rows), rows * n, |s, cb| {
+            block(s / n, cb, Parallelism::None)
+        });
     } else if threads > 1 && work >= GEMM_PAR_WORK {
         block(0, c, Parallelism::Rayon(threads));
     } else {
@@ -1044,7 +1034,8 @@ pub(crate) mod tests {
 mod row_split_tests {
     use super::*;
 
-    /// A medium product (row-split path) with a transposed B and beta = 1.
+    /// A product split by rows or columns across threads, with a
+    /// transposed B and beta = 1.
     #[test]
     fn row_split_matches_naive() {
         for (m, k, n) in [(67, 253, 71), (71, 253, 67), (9, 1700, 300)] {
@@ -1053,7 +1044,7 @@ mod row_split_tests {
     }
 
     fn split_case(m: usize, k: usize, n: usize) {
-        assert!((GEMM_PAR_WORK..ROW_SPLIT_WORK).contains(&(m * k * n)));
+        assert!(m * k * n >= GEMM_PAR_WORK);
         let a: Vec<f64> = (0..m * k).map(|i| ((i * 7) % 13) as f64 - 6.0).collect();
         let bt: Vec<f64> = (0..n * k).map(|i| ((i * 5) % 11) as f64 - 5.0).collect();
         let mut c: Vec<f64> = (0..m * n).map(|i| (i % 3) as f64).collect();

@@ -75,10 +75,7 @@ fn map_channels_into<T: Float>(
     }
     if s == 1 {
         // [N, C] (BatchNorm1d): rows of C channels, one pass per row.
-        let rows_per_chunk = (crate::PAR_THRESHOLD / 2 / c.max(1)).max(1);
-        let chunk = rows_per_chunk * c;
-        let body = |(ci, o): (usize, &mut [T])| {
-            let start = ci * chunk;
+        let body = |start: usize, o: &mut [T]| {
             for (ri, orow) in o.chunks_mut(c).enumerate() {
                 let off = start + ri * c;
                 let xs = &x[off..off + c];
@@ -97,17 +94,10 @@ fn map_channels_into<T: Float>(
                 }
             }
         };
-        if x.len() >= crate::PAR_THRESHOLD {
-            out.par_chunks_mut(chunk).enumerate().for_each(body);
-        } else {
-            out.chunks_mut(chunk).enumerate().for_each(body);
-        }
+        crate::par::chunks_mut(out, crate::PAR_THRESHOLD / 2, c, body);
         return;
     }
-    let planes_per_chunk = (crate::PAR_THRESHOLD / 2 / s).max(1);
-    let chunk = planes_per_chunk * s;
-    let body = |(ci, o): (usize, &mut [T])| {
-        let start = ci * chunk;
+    let body = |start: usize, o: &mut [T]| {
         for (pi, op) in o.chunks_mut(s).enumerate() {
             let off = start + pi * s;
             let ch = (off / s) % c;
@@ -127,11 +117,7 @@ fn map_channels_into<T: Float>(
             }
         }
     };
-    if x.len() >= crate::PAR_THRESHOLD {
-        out.par_chunks_mut(chunk).enumerate().for_each(body);
-    } else {
-        out.chunks_mut(chunk).enumerate().for_each(body);
-    }
+    crate::par::chunks_mut(out, crate::PAR_THRESHOLD / 2, s, body);
 }
 
 fn check_bn<T>(x: &[T], shape: [usize; 3], weight: Option<&[T]>, bias: Option<&[T]>) {
@@ -292,10 +278,8 @@ pub fn batch_norm_eval_into<T: Float>(
         // block of channels are computed once per chunk of rows, on the
         // stack (a sqrt per element was 10x slower).
         const CB: usize = 64;
-        let rows_per_chunk = (crate::PAR_THRESHOLD / 2 / c.max(1)).max(1);
-        let chunk = rows_per_chunk * c;
-        let body = |(ci, o): (usize, &mut [T])| {
-            let xs = &x[ci * chunk..][..o.len()];
+        let body = |start: usize, o: &mut [T]| {
+            let xs = &x[start..][..o.len()];
             for c0 in (0..c).step_by(CB) {
                 let cn = CB.min(c - c0);
                 let mut ab = [(T::zero(), T::zero()); CB];
@@ -313,17 +297,10 @@ pub fn batch_norm_eval_into<T: Float>(
                 }
             }
         };
-        if x.len() >= crate::PAR_THRESHOLD {
-            out.par_chunks_mut(chunk).enumerate().for_each(body);
-        } else {
-            out.chunks_mut(chunk).enumerate().for_each(body);
-        }
+        crate::par::chunks_mut(out, crate::PAR_THRESHOLD / 2, c, body);
         return;
     }
-    let planes_per_chunk = (crate::PAR_THRESHOLD / 2 / s).max(1);
-    let chunk = planes_per_chunk * s;
-    let body = |(ci, o): (usize, &mut [T])| {
-        let start = ci * chunk;
+    let body = |start: usize, o: &mut [T]| {
         for (pi, op) in o.chunks_mut(s).enumerate() {
             let off = start + pi * s;
             let (a, b) = coef((off / s) % c);
@@ -333,11 +310,7 @@ pub fn batch_norm_eval_into<T: Float>(
             }
         }
     };
-    if x.len() >= crate::PAR_THRESHOLD {
-        out.par_chunks_mut(chunk).enumerate().for_each(body);
-    } else {
-        out.chunks_mut(chunk).enumerate().for_each(body);
-    }
+    crate::par::chunks_mut(out, crate::PAR_THRESHOLD / 2, s, body);
 }
 
 /// Backward of batch norm. `mean`/`invstd` are the ones the forward used:
@@ -472,31 +445,66 @@ pub fn layer_norm<T: Float>(
         assert_eq!(b.len(), k, "layer_norm: bias length");
     }
     let rows = x.len() / k;
-    let mut y = vec![T::zero(); x.len()];
+    // Every element of y is written.
+    let mut y = crate::buffers::alloc_uninit::<T>(x.len());
     let mut mean = vec![T::zero(); rows];
     let mut rstd = vec![T::zero(); rows];
-    let rpt = rows_per_task(k);
-    let body = |(yc, (mc, rc)): (&mut [T], (&mut [T], &mut [T])), start: usize| {
-        for (r, (yr, (m, rs))) in yc
-            .chunks_mut(k)
-            .zip(mc.iter_mut().zip(rc.iter_mut()))
-            .enumerate()
-        {
-            let xr = &x[(start + r) * k..][..k];
-            let (mu, is) = layer_norm_row(xr, weight, bias, eps, yr);
-            *m = T::from_f64(mu);
-            *rs = T::from_f64(is);
-        }
-    };
-    if x.len() >= crate::PAR_THRESHOLD {
-        y.par_chunks_mut(rpt * k)
-            .zip(mean.par_chunks_mut(rpt).zip(rstd.par_chunks_mut(rpt)))
-            .enumerate()
-            .for_each(|(i, t)| body(t, i * rpt));
-    } else {
-        body((&mut y, (&mut mean, &mut rstd)), 0);
-    }
+    // Static parts of whole rows (see `par`), each in the widest SIMD copy.
+    let parts = crate::par::parts(x.len(), crate::PAR_THRESHOLD / 2);
+    let (pm, pr) = (
+        crate::par::SendPtr::new(mean.as_mut_ptr()),
+        crate::par::SendPtr::new(rstd.as_mut_ptr()),
+    );
+    crate::par::chunks_mut_in(&mut y, parts, k, |s, yc| {
+        let (r0, nr) = (s / k, yc.len() / k);
+        // SAFETY: rows [r0, r0+nr) of mean/rstd belong to this part only
+        // (parts are disjoint row ranges of y).
+        let (mc, rc) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(pm.get().add(r0), nr),
+                std::slice::from_raw_parts_mut(pr.get().add(r0), nr),
+            )
+        };
+        let xc = &x[s..s + yc.len()];
+        crate::simd::dispatch!(layer_norm_rows(
+            xc,
+            k,
+            weight,
+            bias,
+            eps,
+            yc,
+            Some((mc, rc))
+        ))
+    });
     (y, mean, rstd)
+}
+
+/// Layer norm of consecutive rows, writing each row's mean and rstd when
+/// `stats` is given. Inlined into `simd::dispatch!`'s per-ISA copies.
+#[inline(always)]
+fn layer_norm_rows<T: Float>(
+    x: &[T],
+    k: usize,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    eps: f64,
+    y: &mut [T],
+    stats: Option<(&mut [T], &mut [T])>,
+) {
+    match stats {
+        Some((mc, rc)) => {
+            for (((yr, xr), m), rs) in y.chunks_mut(k).zip(x.chunks(k)).zip(mc).zip(rc) {
+                let (mu, is) = layer_norm_row(xr, weight, bias, eps, yr);
+                *m = T::from_f64(mu);
+                *rs = T::from_f64(is);
+            }
+        }
+        None => {
+            for (yr, xr) in y.chunks_mut(k).zip(x.chunks(k)) {
+                layer_norm_row(xr, weight, bias, eps, yr);
+            }
+        }
+    }
 }
 
 /// Layer norm of each contiguous row of `k` elements of x into `out`
@@ -521,22 +529,14 @@ pub fn layer_norm_into<T: Float>(
         assert_eq!(b.len(), k, "layer_norm: bias length");
     }
     assert_eq!(out.len(), x.len(), "layer_norm: output length");
-    let rpt = rows_per_task(k);
-    let body = |(i, yc): (usize, &mut [T])| {
-        for (r, yr) in yc.chunks_mut(k).enumerate() {
-            let xr = &x[(i * rpt + r) * k..][..k];
-            layer_norm_row(xr, weight, bias, eps, yr);
-        }
-    };
-    if x.len() >= crate::PAR_THRESHOLD {
-        out.par_chunks_mut(rpt * k).enumerate().for_each(body);
-    } else {
-        out.chunks_mut(rpt * k).enumerate().for_each(body);
-    }
+    crate::par::chunks_mut(out, crate::PAR_THRESHOLD / 2, k, |s, yc| {
+        let xc = &x[s..s + yc.len()];
+        crate::simd::dispatch!(layer_norm_rows(xc, k, weight, bias, eps, yc, None))
+    });
 }
 
 /// One row of layer norm; returns `(mean, rstd)` (in f64).
-#[inline]
+#[inline(always)]
 fn layer_norm_row<T: Float>(
     xr: &[T],
     weight: Option<&[T]>,
@@ -545,19 +545,34 @@ fn layer_norm_row<T: Float>(
     yr: &mut [T],
 ) -> (f64, f64) {
     let k = xr.len();
-    let mu = xr.iter().map(|v| v.as_f64()).sum::<f64>() / k as f64;
-    let var = xr.iter().map(|v| (v.as_f64() - mu).powi(2)).sum::<f64>() / k as f64;
+    let mu = crate::reduce::lanes_sum_f64(xr) / k as f64;
+    let var = crate::reduce::lanes_sq_dev_f64(xr, mu) / k as f64;
     let is = 1.0 / (var + eps).sqrt();
     let (mu_t, is_t) = (T::from_f64(mu), T::from_f64(is));
-    for (j, (o, &v)) in yr.iter_mut().zip(xr).enumerate() {
-        let mut t = (v - mu_t) * is_t;
-        if let Some(w) = weight {
-            t *= w[j];
+    // One loop per case, so none tests an Option per element (and each
+    // vectorizes); the arithmetic is the same in every case.
+    let yr = &mut yr[..k];
+    match (weight, bias) {
+        (Some(w), Some(b)) => {
+            for (((o, &v), &w), &b) in yr.iter_mut().zip(xr).zip(&w[..k]).zip(&b[..k]) {
+                *o = (v - mu_t) * is_t * w + b;
+            }
         }
-        if let Some(b) = bias {
-            t += b[j];
+        (Some(w), None) => {
+            for ((o, &v), &w) in yr.iter_mut().zip(xr).zip(&w[..k]) {
+                *o = (v - mu_t) * is_t * w;
+            }
         }
-        *o = t;
+        (None, Some(b)) => {
+            for ((o, &v), &b) in yr.iter_mut().zip(xr).zip(&b[..k]) {
+                *o = (v - mu_t) * is_t + b;
+            }
+        }
+        (None, None) => {
+            for (o, &v) in yr.iter_mut().zip(xr) {
+                *o = (v - mu_t) * is_t;
+            }
+        }
     }
     (mu, is)
 }

@@ -2,10 +2,9 @@
 //! backward, with PyTorch's output sizes (ceil_mode), padding semantics
 //! (-inf for max, count_include_pad / divisor_override for avg) and
 //! `return_indices` convention (flat index into each input H*W plane).
-//! Work is split across rayon threads by (n, c) plane.
+//! Forward work is split by (n, c) plane over the static thread pool (`par`).
 
 use crate::element::Float;
-use rayon::prelude::*;
 
 /// Kernel, stride, padding, dilation as `(h, w)` pairs (stride defaults to
 /// the kernel in PyTorch; the frontend fills it in).
@@ -78,9 +77,13 @@ fn per_plane<U: Send>(
         return;
     }
     if work >= crate::PAR_THRESHOLD {
-        out.par_chunks_mut(plane)
-            .enumerate()
-            .for_each(|(i, o)| f(i, o));
+        // Static runs of planes, one per thread (see `par`).
+        let parts = (out.len() / plane).min(crate::par::threads());
+        crate::par::chunks_mut_in(out, parts, plane, |start, piece| {
+            for (i, o) in piece.chunks_mut(plane).enumerate() {
+                f(start / plane + i, o);
+            }
+        });
     } else {
         out.chunks_mut(plane).enumerate().for_each(|(i, o)| f(i, o));
     }
@@ -210,10 +213,17 @@ pub fn max_pool2d<T: Float>(
         }
     };
     if x.len() + vals.len() * kh * kw >= crate::PAR_THRESHOLD {
-        vals.par_chunks_mut(chunk)
-            .zip(idx.par_chunks_mut(chunk))
-            .enumerate()
-            .for_each(|(ci, (vo, io))| task(ci, vo, io));
+        // Static runs of whole tasks, one per thread (see `par`); the
+        // indices follow the values' ranges.
+        let pidx = crate::par::SendPtr::new(idx.as_mut_ptr());
+        let parts = vals.len().div_ceil(chunk).min(crate::par::threads());
+        crate::par::chunks_mut_in(&mut vals, parts, chunk, |start, vo| {
+            // SAFETY: idx has vals' length; parts are disjoint ranges.
+            let io = unsafe { std::slice::from_raw_parts_mut(pidx.get().add(start), vo.len()) };
+            for (k, (v, i)) in vo.chunks_mut(chunk).zip(io.chunks_mut(chunk)).enumerate() {
+                task(start / chunk + k, v, i);
+            }
+        });
     } else {
         task(0, &mut vals, &mut idx);
     }
@@ -291,9 +301,13 @@ pub fn max_pool2d_into<T: Float>(x: &[T], x_shape: [usize; 4], p: &MaxPool2dPara
         }
     };
     if x.len() + out.len() * kh * kw >= crate::PAR_THRESHOLD {
-        out.par_chunks_mut(per_task * plane_out)
-            .enumerate()
-            .for_each(task);
+        let chunk = per_task * plane_out;
+        let parts = out.len().div_ceil(chunk).min(crate::par::threads());
+        crate::par::chunks_mut_in(out, parts, chunk, |start, piece| {
+            for (k, vo) in piece.chunks_mut(chunk).enumerate() {
+                task((start / chunk + k, vo));
+            }
+        });
     } else {
         out.chunks_mut(per_task * plane_out)
             .enumerate()

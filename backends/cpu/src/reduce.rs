@@ -20,9 +20,7 @@ pub fn sum_rows<T: Float>(x: &[T], outer: usize, k: usize) -> Vec<T> {
     if k == 0 {
         return vec![T::zero(); outer];
     }
-    rows(x, k, |r| {
-        T::from_f64(r.iter().map(|v| v.as_f64()).sum::<f64>())
-    })
+    rows(x, k, |r| T::from_f64(lanes_sum_f64(r)))
 }
 
 pub fn prod_rows<T: Float>(x: &[T], outer: usize, k: usize) -> Vec<T> {
@@ -38,8 +36,8 @@ pub fn var_rows<T: Float>(x: &[T], outer: usize, k: usize, correction: usize) ->
         return vec![T::nan(); outer];
     }
     rows(x, k, |r| {
-        let mean = r.iter().map(|v| v.as_f64()).sum::<f64>() / k as f64;
-        let ss: f64 = r.iter().map(|v| (v.as_f64() - mean).powi(2)).sum();
+        let mean = lanes_sum_f64(r) / k as f64;
+        let ss: f64 = lanes_sq_dev_f64(r, mean);
         let denom = k as f64 - correction as f64;
         T::from_f64(if denom <= 0.0 { f64::NAN } else { ss / denom })
     })
@@ -67,6 +65,7 @@ pub fn argmax_rows<T: Float>(x: &[T], k: usize, min: bool) -> Vec<(T, i64)> {
 
 /// Max of a slice with 8 independent lanes (so it vectorizes); NaN is
 /// ignored here and propagates through the exp that follows.
+#[inline(always)]
 fn lanes_max<T: Float>(r: &[T]) -> T {
     let mut acc = [T::neg_infinity(); 8];
     let mut chunks = r.chunks_exact(8);
@@ -77,17 +76,58 @@ fn lanes_max<T: Float>(r: &[T]) -> T {
             }
         }
     }
-    let mut m = T::neg_infinity();
-    for &v in acc.iter().chain(chunks.remainder()) {
-        if v > m {
-            m = v;
-        }
+    let mx = |a: T, b: T| if b > a { b } else { a };
+    let mut m = mx(
+        mx(mx(acc[0], acc[4]), mx(acc[2], acc[6])),
+        mx(mx(acc[1], acc[5]), mx(acc[3], acc[7])),
+    );
+    for &v in chunks.remainder() {
+        m = mx(m, v);
     }
     m
 }
 
+/// Sum in f64 of a slice with 8 independent accumulators, so the loop
+/// vectorizes (a single f64 accumulator is a chain of dependent adds: 256
+/// elements took ~1000 cycles).
+#[inline(always)]
+pub(crate) fn lanes_sum_f64<T: Float>(r: &[T]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let mut chunks = r.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v.as_f64();
+        }
+    }
+    let mut s = 0.0;
+    for &v in chunks.remainder() {
+        s += v.as_f64();
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + s
+}
+
+/// Sum in f64 of `(v - mu)^2` over a slice, 8 accumulators.
+#[inline(always)]
+pub(crate) fn lanes_sq_dev_f64<T: Float>(r: &[T], mu: f64) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let mut chunks = r.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            let d = v.as_f64() - mu;
+            *a += d * d;
+        }
+    }
+    let mut s = 0.0;
+    for &v in chunks.remainder() {
+        let d = v.as_f64() - mu;
+        s += d * d;
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + s
+}
+
 /// Sum of a slice with 8 independent accumulators (vectorizes; pairwise-like
 /// accuracy).
+#[inline(always)]
 fn lanes_sum<T: Float>(r: &[T]) -> T {
     let mut acc = [T::zero(); 8];
     let mut chunks = r.chunks_exact(8);
@@ -96,8 +136,10 @@ fn lanes_sum<T: Float>(r: &[T]) -> T {
             *a += v;
         }
     }
-    let mut s = T::zero();
-    for &v in acc.iter().chain(chunks.remainder()) {
+    // A tree over the lanes (a chain of 8 dependent adds cost about a
+    // quarter of a 128-wide softmax row).
+    let mut s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    for &v in chunks.remainder() {
         s += v;
     }
     s
@@ -122,7 +164,17 @@ pub fn softmax_rows_into<T: Float>(x: &[T], k: usize, log: bool, out: &mut [T]) 
         x.len().is_multiple_of(k),
         "softmax: length not a multiple of the row length"
     );
-    let body = |o: &mut [T], r: &[T]| {
+    crate::par::chunks_mut(out, crate::PAR_THRESHOLD / 2, k, |s, o| {
+        let x = &x[s..s + o.len()];
+        crate::simd::dispatch!(softmax_rows_body::<T>(x, k, log, o))
+    });
+}
+
+/// The rows of softmax: max, exp of the differences, sum, scale (or the
+/// log form). Inlined into `simd::dispatch!`'s per-ISA copies.
+#[inline(always)]
+fn softmax_rows_body<T: Float>(x: &[T], k: usize, log: bool, out: &mut [T]) {
+    for (o, r) in out.chunks_mut(k).zip(x.chunks(k)) {
         let m = lanes_max(r);
         for (o, &v) in o.iter_mut().zip(r) {
             *o = v - m;
@@ -139,15 +191,6 @@ pub fn softmax_rows_into<T: Float>(x: &[T], k: usize, log: bool, out: &mut [T]) 
             for o in o.iter_mut() {
                 *o *= inv;
             }
-        }
-    };
-    if x.len() >= crate::PAR_THRESHOLD {
-        out.par_chunks_mut(k)
-            .zip(x.par_chunks(k))
-            .for_each(|(o, r)| body(o, r));
-    } else {
-        for (o, r) in out.chunks_mut(k).zip(x.chunks(k)) {
-            body(o, r);
         }
     }
 }

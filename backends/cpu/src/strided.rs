@@ -3,8 +3,6 @@
 //! view, and visiting the offsets of several operands that share an index
 //! space (broadcast operands have stride 0).
 
-use rayon::prelude::*;
-
 /// How a tensor's elements sit in its storage: element `[i0, i1, ...]` is at
 /// `offset + i0*strides[0] + i1*strides[1] + ...`. Strides are in elements.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -114,14 +112,6 @@ pub fn for_each_row<const K: usize>(
     }
 }
 
-/// Number of output elements per parallel task: whole rows, about
-/// `PAR_THRESHOLD / 2` elements.
-pub(crate) fn chunk_len(shape: &[usize]) -> usize {
-    let row = shape.last().copied().unwrap_or(1).max(1);
-    let target = crate::PAR_THRESHOLD / 2;
-    row * (target / row).max(1)
-}
-
 /// Copies the strided view `layout` of `src` into a new contiguous Vec.
 pub fn gather<T: crate::Element>(src: &[T], layout: &Layout) -> Vec<T> {
     let n = layout.numel();
@@ -133,9 +123,7 @@ pub fn gather<T: crate::Element>(src: &[T], layout: &Layout) -> Vec<T> {
         out.copy_from_slice(&src[layout.offset..layout.offset + n]);
         return out;
     }
-    let chunk = chunk_len(&layout.shape);
-    let work = |ci: usize, dst: &mut [T]| {
-        let start = ci * chunk;
+    let work = |start: usize, dst: &mut [T]| {
         let mut w = 0;
         for_each_row(
             &layout.shape,
@@ -155,13 +143,9 @@ pub fn gather<T: crate::Element>(src: &[T], layout: &Layout) -> Vec<T> {
             },
         );
     };
-    if n >= crate::PAR_THRESHOLD {
-        out.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(ci, d)| work(ci, d));
-    } else {
-        work(0, &mut out);
-    }
+    // Static parts of whole rows (see `par`).
+    let row = layout.shape.last().copied().unwrap_or(1);
+    crate::par::chunks_mut(&mut out, crate::PAR_THRESHOLD / 2, row, work);
     out
 }
 

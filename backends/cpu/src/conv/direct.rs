@@ -174,9 +174,14 @@ pub(super) fn forward(
             }
         });
     } else if parallel && g.n > 1 {
-        y.par_chunks_mut(per_image)
-            .enumerate()
-            .for_each_init(Cached::take, |s, (n, yi)| image(n, yi, s.s()));
+        // Contiguous runs of images, one per thread (the static pool).
+        let parts = g.n.min(crate::par::threads());
+        crate::par::chunks_mut_in(y, parts, per_image, |start, piece| {
+            let mut s = Cached::<f32>::take();
+            for (i, yi) in piece.chunks_mut(per_image).enumerate() {
+                image(start / per_image + i, yi, s.s());
+            }
+        });
     } else {
         let mut s = Cached::<f32>::take();
         for (n, yi) in y.chunks_mut(per_image).enumerate() {
