@@ -1,6 +1,6 @@
 //! kiln-cranelift: lowers the fused kernels of a fusion plan (from kiln-ir)
 //! to Cranelift IR and JIT-compiles them into machine code, with f32x4 SIMD
-//! loops, a scalar tail and rayon-parallel chunks. It depends on kiln-ir
+//! loops, a scalar tail and parallel chunks (kiln-cpu's static pool). It depends on kiln-ir
 //! and on kiln-cpu's `fastmath` tile routines (never on the frontend or the
 //! runtime).
 //!
@@ -36,7 +36,7 @@
 //!   vector `[C]` over `[N, C]`, a per-channel `[1, C, 1, 1]` over
 //!   `[N, C, H, W]`, any block of consecutive output dims).
 //! * [`PointwiseKernel::run`] checks the slice lengths and runs the kernel,
-//!   split across rayon threads above [`PointwiseKernel::par_threshold`]
+//!   split across threads above [`PointwiseKernel::par_threshold`]
 //!   elements (derived from the kernel's estimated cost and [`PAR_WORK`]).
 //!
 //! Supported ops (f32 values, bool masks from comparisons): add, sub, mul,
@@ -56,10 +56,9 @@ pub use codegen::TILE;
 use codegen::KernelFn;
 use cranelift_jit::JITModule;
 use kiln_ir::{DType, Graph, Kernel, KernelKind, Value};
-use rayon::prelude::*;
 use std::fmt;
 
-/// A kernel is split into chunks run in parallel with rayon when
+/// A kernel is split into chunks run in parallel (kiln-cpu's `par` pool) when
 /// `elements * cost_per_element >= PAR_WORK` (cost units of ~0.12 ns, see
 /// `codegen::cost_per_element`); [`PointwiseKernel::par_threshold`] gives
 /// the resulting element count.
@@ -348,7 +347,7 @@ impl PointwiseKernel {
     }
 
     /// As [`run`](Self::run) but on the calling thread only (for callers
-    /// already inside a rayon task, and to measure [`PAR_WORK`]).
+    /// already inside a parallel task, and to measure [`PAR_WORK`]).
     pub fn run_single_thread(
         &self,
         inputs: &[&[f32]],
@@ -357,7 +356,7 @@ impl PointwiseKernel {
         self.run_with_threshold(inputs, outputs, usize::MAX)
     }
 
-    /// As [`run`](Self::run), split across rayon threads when the kernel
+    /// As [`run`](Self::run), split across threads when the kernel
     /// has at least `threshold` elements (`run` uses [`Self::par_threshold`]).
     pub fn run_with_threshold(
         &self,
@@ -422,7 +421,7 @@ impl PointwiseKernel {
     }
 
     /// Runs the kernel on raw pointers (the compiled runtime's arena), split
-    /// across rayon threads from `threshold` elements.
+    /// across threads from `threshold` elements.
     ///
     /// # Safety
     /// `ins[j]` must be valid for reads of `self.inputs()[j].numel`
@@ -441,20 +440,24 @@ impl PointwiseKernel {
         // [0, n) (`InputAccess` indices stay below `numel` of the input); the
         // start of every range is a multiple of 4 as the vector loop's
         // broadcast loads need; chunks write disjoint output ranges.
-        if n >= threshold && rayon::current_num_threads() > 1 {
-            let parts = rayon::current_num_threads() * 4;
-            // Whole tiles per chunk where the kernel is tiled.
+        let threads = kiln_cpu::par::threads();
+        if n >= threshold && threads > 1 {
+            // kiln-cpu's static pool, as the eager kernels and gemm/conv
+            // splits use (one part per thread, the caller taking part 0,
+            // each part cut into 4 chunks an idle thread may take over):
+            // no rayon wake-up, and no contention with that pool's spinning
+            // workers. Whole tiles per chunk where the kernel is tiled.
             let q = if self.tiled { TILE } else { 64 };
-            let chunk = n.div_ceil(parts).div_ceil(q) * q;
-            (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
-                let s = c * chunk;
-                let e = (s + chunk).min(n);
+            kiln_cpu::par::for_each_part_grained(n, threads, 4, q, |r| {
+                if r.is_empty() {
+                    return;
+                }
                 unsafe {
                     f(
                         ip as *const *const f32,
                         op as *const *mut f32,
-                        s as u64,
-                        e as u64,
+                        r.start as u64,
+                        r.end as u64,
                     )
                 };
             });
