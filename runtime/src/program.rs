@@ -851,6 +851,29 @@ impl<'g> Builder<'g> {
         true
     }
 
+    /// A norm backward's operands (grad_out, x, the optional weight, made
+    /// contiguous) and its three outputs (grad input, weight, bias).
+    #[allow(clippy::type_complexity)]
+    fn norm_bwd_spans(
+        &mut self,
+        ops: &[Value],
+        outs: &[Value],
+        has_weight: bool,
+    ) -> std::result::Result<(Span, Span, Option<Span>, [Span; 3]), String> {
+        let g = self.contiguous(ops[0]).ok_or("no home")?;
+        let x = self.contiguous(ops[1]).ok_or("no home")?;
+        let w = match has_weight {
+            true => Some(self.contiguous(ops[2]).ok_or("no home")?),
+            false => None,
+        };
+        let o = [
+            self.output(outs[0]),
+            self.output(outs[1]),
+            self.output(outs[2]),
+        ];
+        Ok((g, x, w, o))
+    }
+
     /// A view op as a new `Loc` over the operand's base (no copy).
     fn view(&mut self, n: NodeId) -> std::result::Result<(), String> {
         let node = self.g.node(n);
@@ -1212,15 +1235,7 @@ impl<'g> Builder<'g> {
         {
             return Err("shapes".into());
         }
-        let g = self.contiguous(ops[0]).ok_or("no home")?;
-        let x = self.contiguous(ops[1]).ok_or("no home")?;
-        let w = match has_weight {
-            true => Some(self.contiguous(ops[2]).ok_or("no home")?),
-            false => None,
-        };
-        let gi = self.output(outs[0]);
-        let gw = self.output(outs[1]);
-        let gb = self.output(outs[2]);
+        let (g, x, w, [gi, gw, gb]) = self.norm_bwd_spans(&ops, &outs, has_weight)?;
         let mut reads = vec![g, x];
         reads.extend(w.iter());
         self.push(
@@ -1319,15 +1334,7 @@ impl<'g> Builder<'g> {
                 if outs.len() != 3 || ops.len() != 2 + has_weight as usize {
                     return Err("operands".into());
                 }
-                let g = self.contiguous(ops[0]).ok_or("no home")?;
-                let x = self.contiguous(ops[1]).ok_or("no home")?;
-                let w = match has_weight {
-                    true => Some(self.contiguous(ops[2]).ok_or("no home")?),
-                    false => None,
-                };
-                let gi = self.output(outs[0]);
-                let gw = self.output(outs[1]);
-                let gb = self.output(outs[2]);
+                let (g, x, w, [gi, gw, gb]) = self.norm_bwd_spans(&ops, &outs, has_weight)?;
                 let mut reads = vec![g, x];
                 reads.extend(w.iter());
                 self.push(
