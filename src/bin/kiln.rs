@@ -190,19 +190,19 @@ fn main() -> ExitCode {
                 Backend::Cpu => kiln::bench::Backend::Cpu,
                 Backend::Opencl => kiln::bench::Backend::Eager,
             };
+            // Like torch.set_num_threads: this thread and n - 1 workers.
+            if let Some(n) = threads {
+                if let Err(e) = kiln::set_num_threads(n) {
+                    eprintln!("kiln bench: --threads {n}: {e}");
+                    return ExitCode::from(2);
+                }
+            }
             if train {
-                bench_train(large, threads, models.unwrap_or_default(), min_time)
+                bench_train(large, models.unwrap_or_default(), min_time)
             } else if backend == Backend::Opencl {
                 opencl::bench(large, models.unwrap_or_default(), min_time, device)
             } else {
-                bench(
-                    b,
-                    large,
-                    threads,
-                    json,
-                    models.unwrap_or_default(),
-                    min_time,
-                )
+                bench(b, large, json, models.unwrap_or_default(), min_time)
             }
         }
         Command::Export {
@@ -258,14 +258,10 @@ fn export(
 fn bench(
     backend: kiln::bench::Backend,
     large: bool,
-    threads: Option<usize>,
     json: Option<PathBuf>,
     models: Vec<String>,
     min_time: f64,
 ) -> Result<(), String> {
-    if let Some(n) = threads {
-        kiln::set_num_threads(n).map_err(|e| format!("--threads {n}: {e}"))?;
-    }
     let rows = kiln::bench::bench(&models, large, backend, min_time).map_err(|e| e.to_string())?;
     print!("{}", kiln::bench::format_table(&rows));
     if let Some(path) = json {
@@ -275,15 +271,7 @@ fn bench(
     Ok(())
 }
 
-fn bench_train(
-    large: bool,
-    threads: Option<usize>,
-    models: Vec<String>,
-    min_time: f64,
-) -> Result<(), String> {
-    if let Some(n) = threads {
-        kiln::set_num_threads(n).map_err(|e| format!("--threads {n}: {e}"))?;
-    }
+fn bench_train(large: bool, models: Vec<String>, min_time: f64) -> Result<(), String> {
     let rows =
         kiln::bench_train::bench_train(&models, large, min_time).map_err(|e| e.to_string())?;
     print!("{}", kiln::bench_train::format_train_table(&rows));
