@@ -374,23 +374,36 @@ pub fn batch_norm_backward_into<T: Float>(
             let is = invstd[ch].as_f64();
             let m = mean[ch].as_f64();
             if training && count > 0.0 {
-                // gi = w*is * (g - sg/M - (x-m) * is^2 * sgx/M)
                 let (sg, sgx) = sums[ch];
-                let k = is * is * sgx / count;
-                let a = w * is;
-                (
-                    T::from_f64(a),
-                    T::from_f64(-a * k),
-                    T::from_f64(a * (k * m - sg / count)),
-                )
+                train_coef(w, is, m, sg, sgx, count)
             } else {
                 (T::from_f64(w * is), T::zero(), T::zero())
             }
         })
         .collect();
+    apply_coef(x, grad_out, shape, &coef, gi);
+    (gw, gb)
+}
+
+/// Training batch norm's grad_input per channel as `a*g + b*x + d`:
+/// `gi = w*is * (g - sg/M - (x-m) * is^2 * sgx/M)` from the weight `w`, the
+/// inverse std `is`, the mean `m`, `sg = sum(g)`, `sgx = sum(g*(x-m))` and
+/// the count `M`.
+fn train_coef<T: Float>(w: f64, is: f64, m: f64, sg: f64, sgx: f64, count: f64) -> (T, T, T) {
+    let k = is * is * sgx / count;
+    let a = w * is;
+    (
+        T::from_f64(a),
+        T::from_f64(-a * k),
+        T::from_f64(a * (k * m - sg / count)),
+    )
+}
+
+/// `gi[n, c, s] = a_c * g + b_c * x + d_c` for per-channel `(a, b, d)`.
+fn apply_coef<T: Float>(x: &[T], g: &[T], shape: [usize; 3], coef: &[(T, T, T)], gi: &mut [T]) {
     map_channels_into(
         x,
-        Some(grad_out),
+        Some(g),
         shape,
         |ch, v, g| {
             let (a, b, d) = coef[ch];
@@ -398,7 +411,6 @@ pub fn batch_norm_backward_into<T: Float>(
         },
         gi,
     );
-    (gw, gb)
 }
 
 /// Backward of eval-mode batch norm (statistics are constants).
@@ -1100,25 +1112,10 @@ pub fn batch_norm_backward_train_fused<T: Float>(
             gw.push(T::from_f64(sgx * is));
             gb.push(T::from_f64(sg));
             let w = weight.map_or(1.0, |w| w[ch].as_f64());
-            let k = is * is * sgx / count;
-            let a = w * is;
-            (
-                T::from_f64(a),
-                T::from_f64(-a * k),
-                T::from_f64(a * (k * m - sg / count)),
-            )
+            train_coef(w, is, m, sg, sgx, count)
         })
         .collect();
-    map_channels_into(
-        x,
-        Some(grad_out),
-        shape,
-        |ch, v, g| {
-            let (a, b, d) = coef[ch];
-            a * g + b * v + d
-        },
-        gi,
-    );
+    apply_coef(x, grad_out, shape, &coef, gi);
     (gw, gb)
 }
 
