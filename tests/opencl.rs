@@ -11,7 +11,7 @@ use common::{fixtures, model, rel};
 use kiln::nn::prelude::*;
 use kiln::runtime::opencl::{compile_opencl, OpenClModule};
 use kiln::{zoo, Tensor};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 impl Compiled for OpenClModule {
@@ -160,16 +160,7 @@ fn every_zoo_fixture_on_opencl_matches_pytorch() {
 fn hooks_registered_before_compile_run_live_and_replace_values() {
     let (m, x) = model("simple_net");
     m.eval();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let c2 = calls.clone();
-    let relu = m.get_submodule("relu").unwrap().arc().unwrap();
-    let _h1 = relu.register_forward_hook(move |_, _, y| {
-        c2.fetch_add(1, Ordering::SeqCst);
-        Ok(Some(y.add_scalar(1.0)?))
-    });
-    let layer2 = m.get_submodule("layer2").unwrap().arc().unwrap();
-    let _h2 = layer2.register_forward_pre_hook(|_, x| Ok(Some(x.mul_scalar(2.0)?)));
-    let _h3 = m.register_forward_hook(|_, _, y| Ok(Some(y.mul_scalar(3.0)?)));
+    let (calls, _handles) = scenarios::three_replacing_hooks(&m);
     let c = compile_opencl(&m, &[x.clone()], None).unwrap();
     assert_eq!(c.first().module_calls(), ["relu", "layer2"]);
     assert!(c.fallbacks().is_empty(), "{:?}", c.fallbacks());

@@ -8,6 +8,25 @@ use kiln::{DType, Tensor};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+/// On simple_net: a forward hook on `relu` that counts its calls and adds
+/// 1, a forward pre-hook on `layer2` doubling its input, a root forward
+/// hook tripling the output. Returns the call counter and the handles.
+pub fn three_replacing_hooks(
+    m: &Arc<dyn Module>,
+) -> (Arc<AtomicUsize>, Vec<kiln::hooks::RemovableHandle>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = calls.clone();
+    let relu = m.get_submodule("relu").unwrap().arc().unwrap();
+    let h1 = relu.register_forward_hook(move |_, _, y| {
+        c2.fetch_add(1, Ordering::SeqCst);
+        Ok(Some(y.add_scalar(1.0)?))
+    });
+    let layer2 = m.get_submodule("layer2").unwrap().arc().unwrap();
+    let h2 = layer2.register_forward_pre_hook(|_, x| Ok(Some(x.mul_scalar(2.0)?)));
+    let h3 = m.register_forward_hook(|_, _, y| Ok(Some(y.mul_scalar(3.0)?)));
+    (calls, vec![h1, h2, h3])
+}
+
 /// Compiles a model for the inputs like the given one.
 pub type CompileFn<'a> = &'a dyn Fn(&Arc<dyn Module>, &Tensor) -> Box<dyn Compiled>;
 
