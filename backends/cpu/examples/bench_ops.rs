@@ -5,7 +5,7 @@
 
 use kiln_cpu::conv::{
     conv2d, conv2d_backward_input, conv2d_backward_weight, conv2d_into, force_avx2, force_direct,
-    Conv2dParams,
+    force_winograd, Conv2dParams,
 };
 use kiln_cpu::elementwise::{map, unary, zip_strided};
 use kiln_cpu::matmul::{matmul, matmul_epilogue, MatLayout};
@@ -97,7 +97,19 @@ fn zoo_convs(reps: usize) {
         ("resnet 64->64 3x3", [1, 64, 56, 56], [64, 64, 3, 3], 1, 2),
         ("resnet 64->64 3x3", [1, 64, 112, 112], [64, 64, 3, 3], 1, 1),
     ];
+    // `--only TEXT`: the cases whose name contains TEXT; `--algo A`: one
+    // algorithm (winograd, direct, im2col, auto, ...).
+    let args: Vec<String> = std::env::args().collect();
+    let opt = |k: &str| {
+        args.iter()
+            .position(|a| a == k)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let (only, algo_only) = (opt("--only"), opt("--algo"));
     for (name, xs1, ws, pad, big) in cases {
+        if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+            continue;
+        }
         for n in [8, big] {
             let xs = [n, xs1[1], xs1[2], xs1[3]];
             let p = Conv2dParams {
@@ -111,18 +123,29 @@ fn zoo_convs(reps: usize) {
             let flops = 2.0 * (n * ws[0] * ho * wo * ws[1] * ws[2] * ws[3]) as f64;
             let mut out = vec![0.0f32; n * ws[0] * ho * wo];
             for (algo, force, threads) in [
+                ("winograd", Some(true), 0),
                 ("direct", Some(true), 0),
                 ("direct avx2", Some(true), 0),
                 ("im2col", Some(false), 0),
                 ("auto", None, 0),
                 ("auto 1 thread", None, 1),
+                ("winograd 1 thread", Some(true), 1),
+                ("direct 1 thread", Some(true), 1),
             ] {
+                if algo_only.as_ref().is_some_and(|a| a != algo) {
+                    continue;
+                }
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .build()
                     .expect("pool");
                 let t = pool.install(|| {
                     force_direct(force);
+                    force_winograd(match algo {
+                        "winograd" | "winograd 1 thread" => Some(true),
+                        "direct" | "direct avx2" | "im2col" | "direct 1 thread" => Some(false),
+                        _ => None,
+                    });
                     force_avx2(algo == "direct avx2");
                     time(reps, || {
                         conv2d_into(&x, xs, &w, ws, Some(&b), &p, &mut out, None);

@@ -320,7 +320,7 @@ fn image_forward(
 /// `w` holds `cin*offs.len()*CO`, the tile `CO` rows of `N*L` from `out`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn micro<const N: usize>(
+pub(super) unsafe fn micro<const N: usize>(
     x: *const f32,
     plane: usize,
     cin: usize,

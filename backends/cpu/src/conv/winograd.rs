@@ -1,0 +1,494 @@
+//! Winograd F(2x2, 3x3) f32 convolution (Lavin & Gray) for 3x3 kernels,
+//! stride 1, dilation 1, one group, any padding, on AVX-512 machines.
+//!
+//! Each 2x2 output tile is `A^T [(G g G^T) . (B^T d B)] A` with `d` the
+//! 4x4 input patch and `g` the 3x3 kernel: 16 multiplies per tile and
+//! input/output channel pair instead of 36, so the multiply stage does
+//! 2.25x fewer multiply-adds than the direct kernel (plus the junk of
+//! tiles that overhang an odd output size). The stages, per group of tile
+//! rows (all images of the part laid end to end):
+//! - input transform, vectorized over 16 tiles of a tile row: the four
+//!   input rows of a tile row are loaded with masks (the padding is never
+//!   materialised), split into even/odd columns with two permutes, and
+//!   combined into `V[xi][ci][t]` (16 matrices, tiles contiguous);
+//! - 16 products `M[xi] = U[xi] V[xi]` (`U` = the transformed weights,
+//!   packed by 8 output channels) with the direct kernel's 8-channel x
+//!   48-pixel register block (one "tap", channels as the reduction);
+//! - output transform over 16 tiles at once, bias added, the 2x2 results
+//!   interleaved into two output rows with masked stores.
+//!
+//! Numerics: the transforms only add, subtract and halve; the result
+//! differs from the direct sum by rounding (tested against the direct
+//! kernel at 1e-5 of the output's magnitude). Where it is used is decided
+//! by `applies` and measured in `conv::use_winograd`.
+
+use super::direct::micro;
+use super::{Cached, Geom, ImageEpilogue, Scratch};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// Output channels per weight block (the direct kernel's register block).
+const CO: usize = 8;
+/// Lanes of one vector (tiles per vector).
+const L: usize = 16;
+/// Tiles per group of tile rows: the group's `V` and `M` (16 matrices of
+/// `cin` and `cout` rows) should stay in L2.
+const TARGET_TILES: usize = 160;
+
+/// Whether the Winograd path can run `g` (f32 is checked by the caller).
+pub(super) fn applies(g: &Geom) -> bool {
+    g.p.groups == 1
+        && (g.kh, g.kw) == (3, 3)
+        && g.p.stride == (1, 1)
+        && g.p.dilation == (1, 1)
+        && g.howo() > 0
+        && g.c > 0
+        && avx512()
+}
+
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Transformed weights of recent calls, most recent first: the key is
+/// the weights' bits (a call with equal weights, e.g. the next forward of
+/// a compiled model, skips the transform; an optimizer step changes the
+/// bits and misses). Comparing 64x128x3x3 weights costs about a fifth of
+/// transforming them.
+struct UCache {
+    entries: Vec<Arc<UEntry>>,
+}
+
+struct UEntry {
+    cout: usize,
+    bits: Vec<u32>,
+    u: Vec<f32>,
+}
+
+/// Entries kept, and the most weight elements kept over all entries.
+const UCACHE_ENTRIES: usize = 16;
+const UCACHE_ELEMS: usize = 1 << 24;
+
+static UCACHE: Mutex<UCache> = Mutex::new(UCache {
+    entries: Vec::new(),
+});
+
+/// The transformed weights for `w`, from the cache or computed (and
+/// cached, the least recently used entries making room).
+fn transformed(w: &[f32], g: &Geom, nblk: usize) -> Arc<UEntry> {
+    let same = |e: &UEntry| {
+        e.cout == g.cout
+            && e.bits.len() == w.len()
+            && e.bits.iter().zip(w).all(|(&b, &v)| b == v.to_bits())
+    };
+    let mut c = UCACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(i) = c.entries.iter().position(|e| same(e)) {
+        let e = c.entries.remove(i);
+        c.entries.insert(0, e.clone());
+        return e;
+    }
+    // Reuse the buffers of an evicted entry nobody holds any more.
+    let mut total: usize = c.entries.iter().map(|e| e.bits.len()).sum();
+    let mut spare = None;
+    while !c.entries.is_empty()
+        && (c.entries.len() >= UCACHE_ENTRIES || total + w.len() > UCACHE_ELEMS)
+    {
+        let e = c.entries.pop().expect("not empty");
+        total -= e.bits.len();
+        spare = Arc::try_unwrap(e).ok();
+    }
+    drop(c);
+    let mut e = spare.unwrap_or(UEntry {
+        cout: 0,
+        bits: Vec::new(),
+        u: Vec::new(),
+    });
+    e.cout = g.cout;
+    e.bits.clear();
+    e.bits.extend(w.iter().map(|v| v.to_bits()));
+    transform_weights(w, g, nblk, &mut e.u);
+    let e = Arc::new(e);
+    if w.len() <= UCACHE_ELEMS {
+        let mut c = UCACHE.lock().unwrap_or_else(|p| p.into_inner());
+        c.entries.insert(0, e.clone());
+    }
+    e
+}
+
+/// Tile counts of one image.
+#[derive(Clone, Copy)]
+struct Tiles {
+    /// Tile rows (`ceil(ho/2)`).
+    th: usize,
+    /// Tiles per row (`ceil(wo/2)`).
+    tw: usize,
+    /// Weight blocks of `CO` output channels.
+    nblk: usize,
+}
+
+impl Tiles {
+    fn new(g: &Geom) -> Tiles {
+        Tiles {
+            th: g.ho.div_ceil(2),
+            tw: g.wo.div_ceil(2),
+            nblk: g.cout.div_ceil(CO),
+        }
+    }
+}
+
+/// `U = G g G^T` for every (output, input) channel pair, stored as
+/// `[16][nblk][cin][CO]` (zero rows for the channels past `cout`).
+fn transform_weights(w: &[f32], g: &Geom, nblk: usize, out: &mut Vec<f32>) {
+    let cin = g.c;
+    out.clear();
+    out.resize(16 * nblk * cin * CO, 0.0);
+    for co in 0..g.cout {
+        let (b, c) = (co / CO, co % CO);
+        for ci in 0..cin {
+            let k = &w[(co * cin + ci) * 9..][..9];
+            // t = G g (4x3), then u = t G^T (4x4).
+            let mut t = [[0.0f32; 3]; 4];
+            for j in 0..3 {
+                let (g0, g1, g2) = (k[j], k[3 + j], k[6 + j]);
+                t[0][j] = g0;
+                t[1][j] = 0.5 * (g0 + g1 + g2);
+                t[2][j] = 0.5 * (g0 - g1 + g2);
+                t[3][j] = g2;
+            }
+            for (i, r) in t.iter().enumerate() {
+                let u = [
+                    r[0],
+                    0.5 * (r[0] + r[1] + r[2]),
+                    0.5 * (r[0] - r[1] + r[2]),
+                    r[2],
+                ];
+                for (j, &v) in u.iter().enumerate() {
+                    out[(((i * 4 + j) * nblk + b) * cin + ci) * CO + c] = v;
+                }
+            }
+        }
+    }
+}
+
+/// `y = conv(x, w) + bias` on the Winograd path; `epi(n, y_n)` runs on
+/// each image's output once it is complete. `y` holds `n*cout*ho*wo`.
+pub(super) fn forward(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &Geom,
+    y: &mut [f32],
+    epi: Option<ImageEpilogue<'_, f32>>,
+) {
+    assert!(applies(g), "conv2d: Winograd path does not apply");
+    let per_image = g.cout * g.howo();
+    assert_eq!(y.len(), g.n * per_image, "conv2d: output length");
+    if g.n == 0 {
+        return;
+    }
+    let tl = Tiles::new(g);
+    let ue = transformed(w, g, tl.nblk);
+    let u = &ue.u;
+    let xlen = g.c * g.hw();
+    let threads = rayon::current_num_threads();
+    let parallel = threads > 1 && g.macs_per_image() * g.n >= super::PAR_MACS;
+    let run =
+        |n0: usize, nimg: usize, b0: usize, b1: usize, yp: &mut [f32], s: &mut Scratch<f32>| {
+            let xs = &x[n0 * xlen..][..nimg * xlen];
+            // SAFETY: applies() checked AVX-512; the slices are sized above.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                part(xs, nimg, u, bias, g, tl, (b0, b1), yp, s, &mut |i, yi| {
+                    if let Some(f) = epi {
+                        f(n0 + i, yi)
+                    }
+                });
+            }
+        };
+    if parallel && g.n < threads && tl.nblk > 1 {
+        // Fewer images than threads: each image's channel blocks are split
+        // too (each part transforms the image's input itself).
+        let parts = (threads / g.n).clamp(1, tl.nblk);
+        let bpp = tl.nblk.div_ceil(parts);
+        let howo = g.howo();
+        y.par_chunks_mut(per_image).enumerate().for_each(|(n, yi)| {
+            yi.par_chunks_mut(bpp * CO * howo)
+                .enumerate()
+                .for_each_init(Cached::take, |s, (pi, ys)| {
+                    let b0 = pi * bpp;
+                    let b1 = (b0 + bpp).min(tl.nblk);
+                    let xs = &x[n * xlen..][..xlen];
+                    // SAFETY: as above.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        part(xs, 1, u, bias, g, tl, (b0, b1), ys, s.s(), &mut |_, _| {});
+                    }
+                });
+            if let Some(f) = epi {
+                f(n, yi);
+            }
+        });
+    } else if parallel && g.n > 1 {
+        let parts = g.n.min(crate::par::threads());
+        crate::par::chunks_mut_in(y, parts, per_image, |start, piece| {
+            let mut s = Cached::<f32>::take();
+            run(
+                start / per_image,
+                piece.len() / per_image,
+                0,
+                tl.nblk,
+                piece,
+                s.s(),
+            );
+        });
+    } else {
+        let mut s = Cached::<f32>::take();
+        run(0, g.n, 0, tl.nblk, y, s.s());
+    }
+}
+
+/// Images `0..nimg` of `x` and output channel blocks `b0..b1` into `y`
+/// (`[nimg][channels of the blocks][ho*wo]`), in groups of tile rows;
+/// `done(i, y_i)` is called once image `i`'s outputs are all written.
+///
+/// Safety: AVX-512F; `x` holds `nimg` images, `u` the packed weights.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn part(
+    x: &[f32],
+    nimg: usize,
+    u: &[f32],
+    bias: Option<&[f32]>,
+    g: &Geom,
+    tl: Tiles,
+    (b0, b1): (usize, usize),
+    y: &mut [f32],
+    s: &mut Scratch<f32>,
+    done: &mut dyn FnMut(usize, &mut [f32]),
+) {
+    let cin = g.c;
+    let ych = (b1 * CO).min(g.cout) - b0 * CO;
+    let per_image = ych * g.howo();
+    debug_assert_eq!(y.len(), nimg * per_image);
+    let rows = nimg * tl.th;
+    let groups = rows.div_ceil((TARGET_TILES / tl.tw).max(1));
+    let rpg = rows.div_ceil(groups);
+    let tstride = (rpg * tl.tw).div_ceil(L) * L + L;
+    let nbp = b1 - b0;
+    let (vs, ms) = (xi_stride(cin, tstride), xi_stride(nbp * CO, tstride));
+    let v = super::grow(&mut s.cols, 16 * vs);
+    let m = super::grow(&mut s.tmp, 16 * ms);
+    let mut next_done = 0;
+    let mut r0 = 0;
+    while r0 < rows {
+        let r1 = (r0 + rpg).min(rows);
+        input_transform(x, g, tl, r0, r1, v, tstride);
+        let nq = ((r1 - r0) * tl.tw).div_ceil(L);
+        for xi in 0..16 {
+            let vx = v.as_ptr().add(xi * vs);
+            let mx = m.as_mut_ptr().add(xi * ms);
+            let mut q = 0;
+            while q < nq {
+                let nv = (nq - q).min(3);
+                for b in b0..b1 {
+                    let w = u.as_ptr().add((xi * tl.nblk + b) * cin * CO);
+                    let (xo, to) = (vx.add(q * L), mx.add((b - b0) * CO * tstride + q * L));
+                    match nv {
+                        3 => micro::<3>(xo, tstride, cin, &[0], w, to, tstride),
+                        2 => micro::<2>(xo, tstride, cin, &[0], w, to, tstride),
+                        _ => micro::<1>(xo, tstride, cin, &[0], w, to, tstride),
+                    }
+                }
+                q += nv;
+            }
+        }
+        output_transform(m, bias, g, tl, r0, r1, (b0, ych), y, tstride);
+        while next_done < nimg && (next_done + 1) * tl.th <= r1 {
+            done(next_done, &mut y[next_done * per_image..][..per_image]);
+            next_done += 1;
+        }
+        r0 = r1;
+    }
+}
+
+/// Elements from one of the 16 matrices to the next: `rows*tstride` plus
+/// one cache line, so that the 16 streams the transforms read or write at
+/// once do not all fall into one L1 set (`rows*tstride` is often a
+/// multiple of 4 KiB: 64 channels x 96 tiles made the transforms 10x
+/// slower than the products).
+fn xi_stride(rows: usize, tstride: usize) -> usize {
+    rows * tstride + L
+}
+
+/// Lane mask of the 16 columns `c..c+16` of a row of `w` that lie in
+/// `[0, w)`.
+#[inline]
+fn col_mask(c: isize, w: usize) -> u16 {
+    let lo = (-c).clamp(0, 16) as u32;
+    let hi = (w as isize - c).clamp(0, 16) as u32;
+    if hi <= lo {
+        return 0;
+    }
+    let upto = if hi == 16 { u16::MAX } else { (1u16 << hi) - 1 };
+    upto & !((1u16 << lo) - 1)
+}
+
+/// `V[xi][ci][t] = (B^T d B)[xi]` for tile rows `r0..r1` (image-major
+/// across the part's images), `t` counting tiles from row `r0`.
+///
+/// Safety: AVX-512F; `v` holds `16*cin*tstride` with
+/// `tstride >= (r1-r0)*tw + 16`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn input_transform(
+    x: &[f32],
+    g: &Geom,
+    tl: Tiles,
+    r0: usize,
+    r1: usize,
+    v: &mut [f32],
+    tstride: usize,
+) {
+    use std::arch::x86_64::*;
+    let (ph, pw) = (g.p.padding.0 as isize, g.p.padding.1 as isize);
+    let (cin, hw) = (g.c, g.hw());
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let xs = xi_stride(cin, tstride);
+    assert!(v.len() >= 16 * xs && tstride >= (r1 - r0) * tl.tw + L);
+    let vp = v.as_mut_ptr();
+    for ci in 0..cin {
+        for r in r0..r1 {
+            let (img, th) = (r / tl.th, r % tl.th);
+            let plane = x[(img * cin + ci) * hw..][..hw].as_ptr();
+            let t0 = (r - r0) * tl.tw;
+            let mut tw0 = 0;
+            while tw0 < tl.tw {
+                let c0 = 2 * tw0 as isize - pw;
+                let masks = [
+                    col_mask(c0, g.w),
+                    col_mask(c0 + 16, g.w),
+                    col_mask(c0 + 2, g.w),
+                    col_mask(c0 + 18, g.w),
+                ];
+                let mut t = [[_mm512_setzero_ps(); 4]; 4];
+                for (i, ti) in t.iter_mut().enumerate() {
+                    let ir = (2 * th + i) as isize - ph;
+                    if ir < 0 || ir >= g.h as isize {
+                        continue;
+                    }
+                    let row = plane.wrapping_offset(ir * g.w as isize);
+                    // Masked-off lanes are not read (no fault), so the
+                    // pointers may point outside the row.
+                    let ld = |k: usize, off: isize| {
+                        _mm512_maskz_loadu_ps(masks[k], row.wrapping_offset(c0 + off))
+                    };
+                    let (lo, hi, lo2, hi2) = (ld(0, 0), ld(1, 16), ld(2, 2), ld(3, 18));
+                    let e = _mm512_permutex2var_ps(lo, even, hi);
+                    let o = _mm512_permutex2var_ps(lo, odd, hi);
+                    let e1 = _mm512_permutex2var_ps(lo2, even, hi2);
+                    let o1 = _mm512_permutex2var_ps(lo2, odd, hi2);
+                    *ti = [
+                        _mm512_sub_ps(e, e1),
+                        _mm512_add_ps(o, e1),
+                        _mm512_sub_ps(e1, o),
+                        _mm512_sub_ps(o, o1),
+                    ];
+                }
+                let at = ci * tstride + t0 + tw0;
+                for j in 0..4 {
+                    let vs = [
+                        _mm512_sub_ps(t[0][j], t[2][j]),
+                        _mm512_add_ps(t[1][j], t[2][j]),
+                        _mm512_sub_ps(t[2][j], t[1][j]),
+                        _mm512_sub_ps(t[1][j], t[3][j]),
+                    ];
+                    for (i, &vv) in vs.iter().enumerate() {
+                        _mm512_storeu_ps(vp.add((i * 4 + j) * xs + at), vv);
+                    }
+                }
+                tw0 += L;
+            }
+        }
+    }
+}
+
+/// `y = A^T M A + bias` for tile rows `r0..r1` and the `ych` output
+/// channels from block `b0` on (`M` is `[16][blocks*CO][tstride]`).
+///
+/// Safety: AVX-512F; `m` holds the group's products.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn output_transform(
+    m: &[f32],
+    bias: Option<&[f32]>,
+    g: &Geom,
+    tl: Tiles,
+    r0: usize,
+    r1: usize,
+    (b0, ych): (usize, usize),
+    y: &mut [f32],
+    tstride: usize,
+) {
+    use std::arch::x86_64::*;
+    let lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let howo = g.howo();
+    let ms = xi_stride(ych.div_ceil(CO) * CO, tstride);
+    assert!(m.len() >= 16 * ms);
+    assert!(y.len() >= (r1 - 1) / tl.th * ych * howo + ych * howo);
+    let yp = y.as_mut_ptr();
+    let mask = |n: isize| -> u16 {
+        match n {
+            n if n >= 16 => u16::MAX,
+            n if n <= 0 => 0,
+            n => (1u16 << n) - 1,
+        }
+    };
+    for c in 0..ych {
+        let bv = _mm512_set1_ps(bias.map_or(0.0, |b| b[b0 * CO + c]));
+        let mc = m.as_ptr().add(c * tstride);
+        for r in r0..r1 {
+            let (img, th) = (r / tl.th, r % tl.th);
+            let t0 = (r - r0) * tl.tw;
+            let yc = yp.add((img * ych + c) * howo);
+            let mut tw0 = 0;
+            while tw0 < tl.tw {
+                let mv: [__m512; 16] =
+                    std::array::from_fn(|xi| _mm512_loadu_ps(mc.add(xi * ms + t0 + tw0)));
+                let mut s0 = [_mm512_setzero_ps(); 4];
+                let mut s1 = [_mm512_setzero_ps(); 4];
+                for j in 0..4 {
+                    s0[j] = _mm512_add_ps(_mm512_add_ps(mv[j], mv[4 + j]), mv[8 + j]);
+                    s1[j] = _mm512_sub_ps(_mm512_sub_ps(mv[4 + j], mv[8 + j]), mv[12 + j]);
+                }
+                let cols = g.wo as isize - 2 * tw0 as isize;
+                for (a, s) in [s0, s1].iter().enumerate() {
+                    let oh = 2 * th + a;
+                    if oh >= g.ho {
+                        break;
+                    }
+                    let y0 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(s[0], s[1]), s[2]), bv);
+                    let y1 = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(s[1], s[2]), s[3]), bv);
+                    let lo = _mm512_permutex2var_ps(y0, lo_idx, y1);
+                    let hi = _mm512_permutex2var_ps(y0, hi_idx, y1);
+                    let dst = yc.add(oh * g.wo + 2 * tw0);
+                    _mm512_mask_storeu_ps(dst, mask(cols), lo);
+                    if cols > 16 {
+                        _mm512_mask_storeu_ps(dst.add(16), mask(cols - 16), hi);
+                    }
+                }
+                tw0 += L;
+            }
+        }
+    }
+}
