@@ -341,11 +341,88 @@ fn col_mask(c: isize, w: usize) -> u16 {
     upto & !((1u16 << lo) - 1)
 }
 
+/// Tile rows per 16-lane vector: rows of at most 3 tiles go four to a
+/// vector, of at most 7 two to a vector (tiles packed without gaps, so
+/// the products see no junk columns), wider rows one per vector (in
+/// chunks of 16 tiles).
+fn rows_per_vector(tw: usize) -> usize {
+    match tw {
+        0..=3 => 4,
+        4..=7 => 2,
+        _ => 1,
+    }
+}
+
+/// The lane tables of a packed vector of `rpv` rows of `tw` tiles: for
+/// `k` in 0..4, lane `l` (tile `l % tw` of row `l / tw`) takes element
+/// `2*(l % tw) + k` of that row's source, where the sources are two
+/// 16-lane registers (two rows, or four rows of 8 lanes each).
+fn packed_index(rpv: usize, tw: usize, k: usize) -> [i32; 16] {
+    std::array::from_fn(|l| {
+        let (row, t) = (l / tw, l % tw);
+        if row >= rpv {
+            return 0;
+        }
+        let base = if rpv == 2 {
+            row * 16
+        } else {
+            (row / 2) * 16 + (row % 2) * 8
+        };
+        (base + 2 * t + k) as i32
+    })
+}
+
+/// `(B^T d B)` rows for one input row offset: `[d0-d2, d1+d2, d2-d1, d1-d3]`
+/// from the even/odd column vectors `e=d0`, `o=d1`, `e1=d2`, `o1=d3`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn row_transform(
+    e: std::arch::x86_64::__m512,
+    o: std::arch::x86_64::__m512,
+    e1: std::arch::x86_64::__m512,
+    o1: std::arch::x86_64::__m512,
+) -> [std::arch::x86_64::__m512; 4] {
+    use std::arch::x86_64::*;
+    [
+        _mm512_sub_ps(e, e1),
+        _mm512_add_ps(o, e1),
+        _mm512_sub_ps(e1, o),
+        _mm512_sub_ps(o, o1),
+    ]
+}
+
+/// Combines the four row transforms into the 16 `V` vectors and stores
+/// them at `at` of each matrix (`xs` apart).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_v(t: &[[std::arch::x86_64::__m512; 4]; 4], vp: *mut f32, xs: usize, at: usize) {
+    use std::arch::x86_64::*;
+    for (j, ((&t0, &t1), (&t2, &t3))) in t[0]
+        .iter()
+        .zip(&t[1])
+        .zip(t[2].iter().zip(&t[3]))
+        .enumerate()
+    {
+        let vs = [
+            _mm512_sub_ps(t0, t2),
+            _mm512_add_ps(t1, t2),
+            _mm512_sub_ps(t2, t1),
+            _mm512_sub_ps(t1, t3),
+        ];
+        for (i, &vv) in vs.iter().enumerate() {
+            _mm512_storeu_ps(vp.add((i * 4 + j) * xs + at), vv);
+        }
+    }
+}
+
 /// `V[xi][ci][t] = (B^T d B)[xi]` for tile rows `r0..r1` (image-major
-/// across the part's images), `t` counting tiles from row `r0`.
+/// across the part's images), `t` counting tiles from row `r0`, rows
+/// packed as `rows_per_vector` says.
 ///
-/// Safety: AVX-512F; `v` holds `16*cin*tstride` with
-/// `tstride >= (r1-r0)*tw + 16`.
+/// Safety: AVX-512F; `v` holds `16` matrices `xi_stride(cin, tstride)`
+/// apart with `tstride >= (r1-r0)*tw + 16`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn input_transform(
@@ -360,15 +437,69 @@ unsafe fn input_transform(
     use std::arch::x86_64::*;
     let (ph, pw) = (g.p.padding.0 as isize, g.p.padding.1 as isize);
     let (cin, hw) = (g.c, g.hw());
-    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     let xs = xi_stride(cin, tstride);
     assert!(v.len() >= 16 * xs && tstride >= (r1 - r0) * tl.tw + L);
     let vp = v.as_mut_ptr();
+    // Padded input row `i` of tile row `r`, as a pointer to its input
+    // row, or None where it is padding (or past the group).
+    let row_at = |plane0: *const f32, r: usize, i: usize| -> Option<*const f32> {
+        if r >= r1 {
+            return None;
+        }
+        let (img, th) = (r / tl.th, r % tl.th);
+        let ir = (2 * th + i) as isize - ph;
+        if ir < 0 || ir >= g.h as isize {
+            return None;
+        }
+        Some(
+            plane0
+                .wrapping_add(img * cin * hw)
+                .wrapping_offset(ir * g.w as isize),
+        )
+    };
+    let rpv = rows_per_vector(tl.tw);
+    if rpv > 1 {
+        let idx: [__m512i; 4] = std::array::from_fn(|k| {
+            _mm512_loadu_si512(packed_index(rpv, tl.tw, k).as_ptr().cast())
+        });
+        // Columns -pw.. of each row: 16 (two rows per vector) or 8.
+        let mask = col_mask(-pw, g.w) & if rpv == 2 { u16::MAX } else { 0xff };
+        // Masked-off lanes are not read (no fault), so the pointers may
+        // point outside the row.
+        let ld = |p: Option<*const f32>| match p {
+            Some(p) => _mm512_maskz_loadu_ps(mask, p.wrapping_offset(-pw)),
+            None => _mm512_setzero_ps(),
+        };
+        for ci in 0..cin {
+            let plane0 = x.as_ptr().add(ci * hw);
+            let mut r = r0;
+            while r < r1 {
+                let mut t = [[_mm512_setzero_ps(); 4]; 4];
+                for (i, ti) in t.iter_mut().enumerate() {
+                    let (a, b) = if rpv == 2 {
+                        (ld(row_at(plane0, r, i)), ld(row_at(plane0, r + 1, i)))
+                    } else {
+                        let q: [__m512; 4] = std::array::from_fn(|k| ld(row_at(plane0, r + k, i)));
+                        (
+                            _mm512_shuffle_f32x4::<0x44>(q[0], q[1]),
+                            _mm512_shuffle_f32x4::<0x44>(q[2], q[3]),
+                        )
+                    };
+                    let p: [__m512; 4] =
+                        std::array::from_fn(|k| _mm512_permutex2var_ps(a, idx[k], b));
+                    *ti = row_transform(p[0], p[1], p[2], p[3]);
+                }
+                store_v(&t, vp, xs, ci * tstride + (r - r0) * tl.tw);
+                r += rpv;
+            }
+        }
+        return;
+    }
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     for ci in 0..cin {
+        let plane0 = x.as_ptr().add(ci * hw);
         for r in r0..r1 {
-            let (img, th) = (r / tl.th, r % tl.th);
-            let plane = x[(img * cin + ci) * hw..][..hw].as_ptr();
             let t0 = (r - r0) * tl.tw;
             let mut tw0 = 0;
             while tw0 < tl.tw {
@@ -381,40 +512,21 @@ unsafe fn input_transform(
                 ];
                 let mut t = [[_mm512_setzero_ps(); 4]; 4];
                 for (i, ti) in t.iter_mut().enumerate() {
-                    let ir = (2 * th + i) as isize - ph;
-                    if ir < 0 || ir >= g.h as isize {
+                    let Some(row) = row_at(plane0, r, i) else {
                         continue;
-                    }
-                    let row = plane.wrapping_offset(ir * g.w as isize);
-                    // Masked-off lanes are not read (no fault), so the
-                    // pointers may point outside the row.
+                    };
                     let ld = |k: usize, off: isize| {
                         _mm512_maskz_loadu_ps(masks[k], row.wrapping_offset(c0 + off))
                     };
                     let (lo, hi, lo2, hi2) = (ld(0, 0), ld(1, 16), ld(2, 2), ld(3, 18));
-                    let e = _mm512_permutex2var_ps(lo, even, hi);
-                    let o = _mm512_permutex2var_ps(lo, odd, hi);
-                    let e1 = _mm512_permutex2var_ps(lo2, even, hi2);
-                    let o1 = _mm512_permutex2var_ps(lo2, odd, hi2);
-                    *ti = [
-                        _mm512_sub_ps(e, e1),
-                        _mm512_add_ps(o, e1),
-                        _mm512_sub_ps(e1, o),
-                        _mm512_sub_ps(o, o1),
-                    ];
+                    *ti = row_transform(
+                        _mm512_permutex2var_ps(lo, even, hi),
+                        _mm512_permutex2var_ps(lo, odd, hi),
+                        _mm512_permutex2var_ps(lo2, even, hi2),
+                        _mm512_permutex2var_ps(lo2, odd, hi2),
+                    );
                 }
-                let at = ci * tstride + t0 + tw0;
-                for j in 0..4 {
-                    let vs = [
-                        _mm512_sub_ps(t[0][j], t[2][j]),
-                        _mm512_add_ps(t[1][j], t[2][j]),
-                        _mm512_sub_ps(t[2][j], t[1][j]),
-                        _mm512_sub_ps(t[1][j], t[3][j]),
-                    ];
-                    for (i, &vv) in vs.iter().enumerate() {
-                        _mm512_storeu_ps(vp.add((i * 4 + j) * xs + at), vv);
-                    }
-                }
+                store_v(&t, vp, xs, ci * tstride + t0 + tw0);
                 tw0 += L;
             }
         }
@@ -422,7 +534,8 @@ unsafe fn input_transform(
 }
 
 /// `y = A^T M A + bias` for tile rows `r0..r1` and the `ych` output
-/// channels from block `b0` on (`M` is `[16][blocks*CO][tstride]`).
+/// channels from block `b0` on (`M` is 16 matrices of `blocks*CO` rows of
+/// `tstride`, packed like `V`).
 ///
 /// Safety: AVX-512F; `m` holds the group's products.
 #[cfg(target_arch = "x86_64")]
@@ -440,8 +553,6 @@ unsafe fn output_transform(
     tstride: usize,
 ) {
     use std::arch::x86_64::*;
-    let lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    let hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     let howo = g.howo();
     let ms = xi_stride(ych.div_ceil(CO) * CO, tstride);
     assert!(m.len() >= 16 * ms);
@@ -454,41 +565,58 @@ unsafe fn output_transform(
             n => (1u16 << n) - 1,
         }
     };
+    let rpv = rows_per_vector(tl.tw);
+    // Interleave tables: row `rho` of a packed vector, tiles `rho*tw..`,
+    // as `[y0[t], y1[t], ...]` (all 16 lanes when rows are not packed).
+    let inter: [__m512i; 4] = std::array::from_fn(|rho| {
+        let base = if rpv == 1 { 0 } else { rho * tl.tw };
+        let t: [i32; 16] = std::array::from_fn(|l| ((l % 2) * 16 + (base + l / 2) % 16) as i32);
+        _mm512_loadu_si512(t.as_ptr().cast())
+    });
+    let hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     for c in 0..ych {
         let bv = _mm512_set1_ps(bias.map_or(0.0, |b| b[b0 * CO + c]));
         let mc = m.as_ptr().add(c * tstride);
-        for r in r0..r1 {
-            let (img, th) = (r / tl.th, r % tl.th);
+        let mut r = r0;
+        while r < r1 {
             let t0 = (r - r0) * tl.tw;
-            let yc = yp.add((img * ych + c) * howo);
             let mut tw0 = 0;
             while tw0 < tl.tw {
                 let mv: [__m512; 16] =
                     std::array::from_fn(|xi| _mm512_loadu_ps(mc.add(xi * ms + t0 + tw0)));
-                let mut s0 = [_mm512_setzero_ps(); 4];
-                let mut s1 = [_mm512_setzero_ps(); 4];
-                for j in 0..4 {
-                    s0[j] = _mm512_add_ps(_mm512_add_ps(mv[j], mv[4 + j]), mv[8 + j]);
-                    s1[j] = _mm512_sub_ps(_mm512_sub_ps(mv[4 + j], mv[8 + j]), mv[12 + j]);
+                let mut ys = [[_mm512_setzero_ps(); 2]; 2];
+                for (a, ya) in ys.iter_mut().enumerate() {
+                    let s: [__m512; 4] = std::array::from_fn(|j| {
+                        if a == 0 {
+                            _mm512_add_ps(_mm512_add_ps(mv[j], mv[4 + j]), mv[8 + j])
+                        } else {
+                            _mm512_sub_ps(_mm512_sub_ps(mv[4 + j], mv[8 + j]), mv[12 + j])
+                        }
+                    });
+                    ya[0] = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(s[0], s[1]), s[2]), bv);
+                    ya[1] = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(s[1], s[2]), s[3]), bv);
                 }
                 let cols = g.wo as isize - 2 * tw0 as isize;
-                for (a, s) in [s0, s1].iter().enumerate() {
-                    let oh = 2 * th + a;
-                    if oh >= g.ho {
-                        break;
-                    }
-                    let y0 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(s[0], s[1]), s[2]), bv);
-                    let y1 = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(s[1], s[2]), s[3]), bv);
-                    let lo = _mm512_permutex2var_ps(y0, lo_idx, y1);
-                    let hi = _mm512_permutex2var_ps(y0, hi_idx, y1);
-                    let dst = yc.add(oh * g.wo + 2 * tw0);
-                    _mm512_mask_storeu_ps(dst, mask(cols), lo);
-                    if cols > 16 {
-                        _mm512_mask_storeu_ps(dst.add(16), mask(cols - 16), hi);
+                for (rho, idx) in inter.iter().enumerate().take(rpv.min(r1 - r)) {
+                    let (img, th) = ((r + rho) / tl.th, (r + rho) % tl.th);
+                    let yc = yp.add((img * ych + c) * howo);
+                    for (a, ya) in ys.iter().enumerate() {
+                        let oh = 2 * th + a;
+                        if oh >= g.ho {
+                            break;
+                        }
+                        let dst = yc.add(oh * g.wo + 2 * tw0);
+                        let lo = _mm512_permutex2var_ps(ya[0], *idx, ya[1]);
+                        _mm512_mask_storeu_ps(dst, mask(cols), lo);
+                        if cols > 16 {
+                            let hi = _mm512_permutex2var_ps(ya[0], hi_idx, ya[1]);
+                            _mm512_mask_storeu_ps(dst.add(16), mask(cols - 16), hi);
+                        }
                     }
                 }
                 tw0 += L;
             }
+            r += rpv;
         }
     }
 }
