@@ -261,16 +261,7 @@ pub fn max_pool2d_into<T: Float>(x: &[T], x_shape: [usize; 4], p: &MaxPool2dPara
     let pick = |best: T, v: T| if v > best || v.is_nan() { v } else { best };
     let plane_fn = |xp: &[T], vo: &mut [T]| {
         if simple2 {
-            for (oh, vo) in vo.chunks_exact_mut(wo).enumerate() {
-                let r0 = 2 * oh * w;
-                let (a, b) = (&xp[r0..r0 + 2 * wo], &xp[r0 + w..r0 + w + 2 * wo]);
-                for (ow, o) in vo.iter_mut().enumerate() {
-                    let m = pick(T::neg_infinity(), a[2 * ow]);
-                    let m = pick(m, a[2 * ow + 1]);
-                    let m = pick(m, b[2 * ow]);
-                    *o = pick(m, b[2 * ow + 1]);
-                }
-            }
+            crate::simd::dispatch!(max_pool2x2_plane(xp, w, wo, vo));
             return;
         }
         for (oh, vo) in vo.chunks_exact_mut(wo).enumerate() {
@@ -312,6 +303,35 @@ pub fn max_pool2d_into<T: Float>(x: &[T], x_shape: [usize; 4], p: &MaxPool2dPara
         out.chunks_mut(per_task * plane_out)
             .enumerate()
             .for_each(task);
+    }
+}
+
+/// One plane of a 2x2/stride-2 max pool (no padding): per output row, the
+/// elementwise max of the two input rows, then of the column pairs, in
+/// runs of 64 outputs so both steps are contiguous loops the compiler
+/// vectorizes (inlined into `simd::dispatch!`'s copies). NaN propagates as
+/// in PyTorch; of two equal values the first of the window is kept, as
+/// PyTorch does, except that for -0.0 and 0.0 in different rows either
+/// may come out. test_net's 16x28x28 planes: the scalar window loop took
+/// 35% of the model's time.
+#[inline(always)]
+fn max_pool2x2_plane<T: Float>(xp: &[T], w: usize, wo: usize, vo: &mut [T]) {
+    let pick = |best: T, v: T| if v > best || v.is_nan() { v } else { best };
+    const RUN: usize = 64;
+    let mut tmp = [T::zero(); 2 * RUN];
+    for (oh, vo) in vo.chunks_exact_mut(wo).enumerate() {
+        let r0 = 2 * oh * w;
+        let (a, b) = (&xp[r0..r0 + 2 * wo], &xp[r0 + w..r0 + w + 2 * wo]);
+        for (k, o) in vo.chunks_mut(RUN).enumerate() {
+            let n = o.len();
+            let t = &mut tmp[..2 * n];
+            for ((t, &x), &y) in t.iter_mut().zip(&a[2 * k * RUN..]).zip(&b[2 * k * RUN..]) {
+                *t = pick(x, y);
+            }
+            for (o, p) in o.iter_mut().zip(t.chunks_exact(2)) {
+                *o = pick(p[0], p[1]);
+            }
+        }
     }
 }
 

@@ -83,11 +83,10 @@ static UCACHE: Mutex<UCache> = Mutex::new(UCache {
 /// The transformed weights for `w`, from the cache or computed (and
 /// cached, the least recently used entries making room).
 fn transformed(w: &[f32], g: &Geom, nblk: usize) -> Arc<UEntry> {
-    let same = |e: &UEntry| {
-        e.cout == g.cout
-            && e.bits.len() == w.len()
-            && e.bits.iter().zip(w).all(|(&b, &v)| b == v.to_bits())
-    };
+    // SAFETY: f32 and u32 have the same size and alignment; every bit
+    // pattern is a valid u32.
+    let wbits = unsafe { std::slice::from_raw_parts(w.as_ptr().cast::<u32>(), w.len()) };
+    let same = |e: &UEntry| e.cout == g.cout && e.bits[..] == wbits[..];
     let mut c = UCACHE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(i) = c.entries.iter().position(|e| same(e)) {
         let e = c.entries.remove(i);
@@ -112,7 +111,7 @@ fn transformed(w: &[f32], g: &Geom, nblk: usize) -> Arc<UEntry> {
     });
     e.cout = g.cout;
     e.bits.clear();
-    e.bits.extend(w.iter().map(|v| v.to_bits()));
+    e.bits.extend_from_slice(wbits);
     transform_weights(w, g, nblk, &mut e.u);
     let e = Arc::new(e);
     if w.len() <= UCACHE_ELEMS {
