@@ -47,6 +47,7 @@ use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
 mod direct;
+mod wcache;
 mod winograd;
 
 #[doc(hidden)]

@@ -21,7 +21,6 @@
 
 use super::{Cached, Geom, Scratch};
 use rayon::prelude::*;
-use std::cell::RefCell;
 
 /// Output channels per register block.
 const CO: usize = 8;
@@ -99,11 +98,6 @@ fn pad_geom(g: &Geom) -> Pad {
     }
 }
 
-thread_local! {
-    /// The packed weights of the current call, kept between calls.
-    static WPACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
 /// Weights `[cout, cin, kh, kw]` as `[cout/CO (rounded up), cin, kh*kw, CO]`,
 /// zero-padded to a whole number of channel blocks.
 fn pack_weights(w: &[f32], g: &Geom, out: &mut Vec<f32>) {
@@ -139,8 +133,9 @@ pub(super) fn forward(
     if g.n == 0 {
         return;
     }
-    let mut wp = WPACK.with(|c| c.take());
-    pack_weights(w, g, &mut wp);
+    let wp = super::wcache::get(super::wcache::Kind::Direct, w, g.cout, |out| {
+        pack_weights(w, g, out)
+    });
     let pd = pad_geom(g);
     let isa = isa().expect("checked by applies");
     let xlen = g.c * g.hw();
@@ -188,12 +183,6 @@ pub(super) fn forward(
             image(n, yi, s.s());
         }
     }
-    WPACK.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.capacity() < wp.capacity() {
-            *c = wp;
-        }
-    });
 }
 
 /// One image (or the channel blocks from `b0` on that `y` covers): pad,

@@ -25,7 +25,6 @@
 use super::direct::micro;
 use super::{Cached, Geom, ImageEpilogue, Scratch};
 use rayon::prelude::*;
-use std::sync::{Arc, Mutex};
 
 /// Output channels per weight block (the direct kernel's register block).
 const CO: usize = 8;
@@ -55,70 +54,6 @@ fn avx512() -> bool {
     {
         false
     }
-}
-
-/// Transformed weights of recent calls, most recent first: the key is
-/// the weights' bits (a call with equal weights, e.g. the next forward of
-/// a compiled model, skips the transform; an optimizer step changes the
-/// bits and misses). Comparing 64x128x3x3 weights costs about a fifth of
-/// transforming them.
-struct UCache {
-    entries: Vec<Arc<UEntry>>,
-}
-
-struct UEntry {
-    cout: usize,
-    bits: Vec<u32>,
-    u: Vec<f32>,
-}
-
-/// Entries kept, and the most weight elements kept over all entries.
-const UCACHE_ENTRIES: usize = 16;
-const UCACHE_ELEMS: usize = 1 << 24;
-
-static UCACHE: Mutex<UCache> = Mutex::new(UCache {
-    entries: Vec::new(),
-});
-
-/// The transformed weights for `w`, from the cache or computed (and
-/// cached, the least recently used entries making room).
-fn transformed(w: &[f32], g: &Geom, nblk: usize) -> Arc<UEntry> {
-    // SAFETY: f32 and u32 have the same size and alignment; every bit
-    // pattern is a valid u32.
-    let wbits = unsafe { std::slice::from_raw_parts(w.as_ptr().cast::<u32>(), w.len()) };
-    let same = |e: &UEntry| e.cout == g.cout && e.bits[..] == wbits[..];
-    let mut c = UCACHE.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(i) = c.entries.iter().position(|e| same(e)) {
-        let e = c.entries.remove(i);
-        c.entries.insert(0, e.clone());
-        return e;
-    }
-    // Reuse the buffers of an evicted entry nobody holds any more.
-    let mut total: usize = c.entries.iter().map(|e| e.bits.len()).sum();
-    let mut spare = None;
-    while !c.entries.is_empty()
-        && (c.entries.len() >= UCACHE_ENTRIES || total + w.len() > UCACHE_ELEMS)
-    {
-        let e = c.entries.pop().expect("not empty");
-        total -= e.bits.len();
-        spare = Arc::try_unwrap(e).ok();
-    }
-    drop(c);
-    let mut e = spare.unwrap_or(UEntry {
-        cout: 0,
-        bits: Vec::new(),
-        u: Vec::new(),
-    });
-    e.cout = g.cout;
-    e.bits.clear();
-    e.bits.extend_from_slice(wbits);
-    transform_weights(w, g, nblk, &mut e.u);
-    let e = Arc::new(e);
-    if w.len() <= UCACHE_ELEMS {
-        let mut c = UCACHE.lock().unwrap_or_else(|p| p.into_inner());
-        c.entries.insert(0, e.clone());
-    }
-    e
 }
 
 /// Tile counts of one image.
@@ -193,8 +128,10 @@ pub(super) fn forward(
         return;
     }
     let tl = Tiles::new(g);
-    let ue = transformed(w, g, tl.nblk);
-    let u = &ue.u;
+    let ue = super::wcache::get(super::wcache::Kind::Winograd, w, g.cout, |out| {
+        transform_weights(w, g, tl.nblk, out)
+    });
+    let u = &ue[..];
     let xlen = g.c * g.hw();
     let threads = rayon::current_num_threads();
     let parallel = threads > 1 && g.macs_per_image() * g.n >= super::PAR_MACS;
