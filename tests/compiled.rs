@@ -153,3 +153,28 @@ fn verify_reports_a_diverging_trace() {
     assert!(r.max_rel > 1.0, "{r}");
     assert_eq!(r.first_mismatch, None, "{r}");
 }
+
+/// A max_pool2d right after a conv2d runs inside the conv step (each image
+/// pooled as it is finished) and still equals eager, at batch sizes that
+/// take each of the conv's thread splits (one image: channel blocks split;
+/// several: images split).
+#[test]
+fn max_pool_after_conv_is_fused_and_equals_eager() {
+    for name in ["test_net", "seed_cnn"] {
+        for batch in [1, 3, 8] {
+            let (m, _) = model(name);
+            m.eval();
+            let x = Tensor::randn(&[batch, 1, 28, 28], kiln::DType::F32);
+            let c = jit::compile(&m, &[x.clone()]).unwrap();
+            let steps = c.first().step_names();
+            assert!(
+                !steps.iter().any(|s| s.contains("max_pool")),
+                "{name}: pool not fused: {steps:?}"
+            );
+            let eager = kiln::no_grad(|| m.call(&x)).unwrap();
+            let got = kiln::no_grad(|| c.forward(&[x.clone()])).unwrap();
+            let e = rel(&got[0], &eager);
+            assert!(e <= 1e-5, "{name} batch {batch}: compiled vs eager {e:.2e}");
+        }
+    }
+}

@@ -261,6 +261,18 @@ pub fn max_pool2d_into<T: Float>(x: &[T], x_shape: [usize; 4], p: &MaxPool2dPara
     let pick = |best: T, v: T| if v > best || v.is_nan() { v } else { best };
     let plane_fn = |xp: &[T], vo: &mut [T]| {
         if simple2 {
+            #[cfg(target_arch = "x86_64")]
+            if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+                && crate::simd::level() >= 3
+            {
+                // SAFETY: T is f32 (identity casts); AVX-512F detected.
+                unsafe {
+                    let xf = std::slice::from_raw_parts(xp.as_ptr() as *const f32, xp.len());
+                    let of = std::slice::from_raw_parts_mut(vo.as_mut_ptr() as *mut f32, vo.len());
+                    max_pool2x2_plane_avx512(xf, w, wo, of);
+                }
+                return;
+            }
             crate::simd::dispatch!(max_pool2x2_plane(xp, w, wo, vo));
             return;
         }
@@ -331,6 +343,61 @@ fn max_pool2x2_plane<T: Float>(xp: &[T], w: usize, wo: usize, vo: &mut [T]) {
             for (o, p) in o.iter_mut().zip(t.chunks_exact(2)) {
                 *o = pick(p[0], p[1]);
             }
+        }
+    }
+}
+
+/// `max_pool2x2_plane` for f32 with AVX-512: per 16 outputs, the
+/// NaN-propagating max of the two rows' 32 inputs, then of the even and
+/// odd lanes (two permutes); masked loads and stores for the row tail.
+/// test_net (16x28x28 planes, batch 256, one thread): the
+/// compiler-vectorized loop took 17% of the forward.
+///
+/// Safety: AVX-512F; `xp` holds the plane (`2*wo <= w`, rows `2*ho`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn max_pool2x2_plane_avx512(xp: &[f32], w: usize, wo: usize, vo: &mut [f32]) {
+    use std::arch::x86_64::*;
+    // max(a, b) with a NaN in either operand giving a NaN (maxps returns
+    // its second operand when either is NaN).
+    #[inline(always)]
+    unsafe fn nanmax(a: __m512, b: __m512) -> __m512 {
+        let m = _mm512_max_ps(a, b);
+        _mm512_mask_mov_ps(m, _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, a), a)
+    }
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let mask = |n: usize| -> u16 {
+        if n >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << n) - 1
+        }
+    };
+    let ho = vo.len() / wo.max(1);
+    assert!(xp.len() >= 2 * ho * w && 2 * wo <= w);
+    for oh in 0..ho {
+        let a = xp.as_ptr().add(2 * oh * w);
+        let b = a.add(w);
+        let o = vo.as_mut_ptr().add(oh * wo);
+        let mut k = 0;
+        while k < wo {
+            let n = (wo - k).min(16);
+            let (m0, m1) = (mask(2 * n), mask((2 * n).saturating_sub(16)));
+            let v0 = nanmax(
+                _mm512_maskz_loadu_ps(m0, a.add(2 * k)),
+                _mm512_maskz_loadu_ps(m0, b.add(2 * k)),
+            );
+            let v1 = nanmax(
+                _mm512_maskz_loadu_ps(m1, a.add(2 * k + 16)),
+                _mm512_maskz_loadu_ps(m1, b.add(2 * k + 16)),
+            );
+            let r = nanmax(
+                _mm512_permutex2var_ps(v0, even, v1),
+                _mm512_permutex2var_ps(v0, odd, v1),
+            );
+            _mm512_mask_storeu_ps(o.add(k), mask(n), r);
+            k += 16;
         }
     }
 }
@@ -681,6 +748,52 @@ mod tests {
         assert_eq!(i, vec![3]);
         let (o, i) = max_pool2d(&[1.0f32, 1.0, 0.0, 1.0], [1, 1, 2, 2], &p);
         assert_eq!((o, i), (vec![1.0], vec![0]));
+    }
+
+    /// The 2x2/stride-2 fast paths (`max_pool2d_into`, f32 AVX-512 or
+    /// the dispatched loop; f64 the loop) against a plain window max:
+    /// odd widths and heights, rows of more than 16 outputs, NaNs.
+    #[test]
+    fn max_pool_2x2_fast_path_matches_window_max() {
+        let p = mp((2, 2), (2, 2), (0, 0), (1, 1), false);
+        for (k, &(n, c, h, w)) in [(2, 3, 28, 28), (1, 2, 7, 9), (1, 1, 70, 67), (3, 2, 2, 33)]
+            .iter()
+            .enumerate()
+        {
+            let mut x: Vec<f32> = rand_vec(n * c * h * w, 40 + k as u64);
+            for i in (k..x.len()).step_by(37) {
+                x[i] = f32::NAN;
+            }
+            let (ho, wo) = (h / 2, w / 2);
+            let mut got = vec![0.0f32; n * c * ho * wo];
+            max_pool2d_into(&x, [n, c, h, w], &p, &mut got);
+            let got64 = {
+                let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+                let mut o = vec![0.0f64; got.len()];
+                max_pool2d_into(&x64, [n, c, h, w], &p, &mut o);
+                o
+            };
+            for pl in 0..n * c {
+                for oh in 0..ho {
+                    for ow in 0..wo {
+                        let at = |i: usize, j: usize| x[pl * h * w + (2 * oh + i) * w + 2 * ow + j];
+                        let win = [at(0, 0), at(0, 1), at(1, 0), at(1, 1)];
+                        let want = if win.iter().any(|v| v.is_nan()) {
+                            f32::NAN
+                        } else {
+                            win.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+                        };
+                        let i = (pl * ho + oh) * wo + ow;
+                        for (g, what) in [(got[i], "f32"), (got64[i] as f32, "f64")] {
+                            assert!(
+                                g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                                "case {k} {what} plane {pl} ({oh}, {ow}): {g} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     fn check_avg<T: Float>(tol: f64) {

@@ -292,11 +292,51 @@ fn image_forward(
             let bv = bias.map_or(0.0, |bb| bb[co]);
             let trow = &tile[c * tstride..];
             let yrow = &mut y[(co - b0 * CO) * howo..][..howo];
-            for (oh, yr) in yrow.chunks_exact_mut(g.wo).enumerate() {
-                for (d, &v) in yr.iter_mut().zip(&trow[oh * pd.wp..][..g.wo]) {
-                    *d = v + bv;
-                }
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx512 {
+                // SAFETY: AVX-512F (`isa`); the tile holds `ho` rows of
+                // pitch `wp >= wo`.
+                unsafe { copy_out_avx512(trow, pd.wp, yrow, g.wo, bv) };
+                continue;
             }
+            crate::simd::dispatch!(copy_out(trow, pd.wp, yrow, g.wo, bv));
+        }
+    }
+}
+
+/// The valid columns of one channel's tile rows (pitch `wp`) plus the
+/// bias into `y` (rows of `wo`), inlined into `simd::dispatch!`'s copies.
+#[inline(always)]
+fn copy_out(trow: &[f32], wp: usize, y: &mut [f32], wo: usize, bias: f32) {
+    for (oh, yr) in y.chunks_exact_mut(wo).enumerate() {
+        for (d, &v) in yr.iter_mut().zip(&trow[oh * wp..][..wo]) {
+            *d = v + bias;
+        }
+    }
+}
+
+/// `copy_out` with 16-lane masked loads and stores: rows of 28 (test_net)
+/// or 13 (seed_cnn) are one or two vectors with no scalar tail. The
+/// baseline-compiled loop (SSE, scalar tail) was 40% of test_net's batch-256
+/// forward on one thread.
+///
+/// Safety: AVX-512F; `trow` holds `y.len() / wo` rows of pitch `wp`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn copy_out_avx512(trow: &[f32], wp: usize, y: &mut [f32], wo: usize, bias: f32) {
+    use std::arch::x86_64::*;
+    let rows = y.len() / wo.max(1);
+    assert!(wo <= wp && (rows == 0 || trow.len() >= (rows - 1) * wp + wo));
+    let bv = _mm512_set1_ps(bias);
+    for oh in 0..rows {
+        let (src, dst) = (trow.as_ptr().add(oh * wp), y.as_mut_ptr().add(oh * wo));
+        let mut k = 0;
+        while k < wo {
+            let n = wo - k;
+            let m = if n >= L { u16::MAX } else { (1u16 << n) - 1 };
+            let v = _mm512_maskz_loadu_ps(m, src.add(k));
+            _mm512_mask_storeu_ps(dst.add(k), m, _mm512_add_ps(v, bv));
+            k += L;
         }
     }
 }
