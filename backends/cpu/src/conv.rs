@@ -928,11 +928,13 @@ fn use_winograd<T: Float>(g: &Geom) -> bool {
 /// `bench_ops -- 200 --zoo-conv --algo winograd|direct` (2-core AVX-512
 /// box, 2 threads): seed_cnn's 32->64 and 64->64 on 13x13 and 64->128 on
 /// 6x6 ran 1.6-1.7x faster at n=8 and n=128 (0.141 vs 0.225 ms, 0.259 vs
-/// 0.446, 0.138 vs 0.237 at n=8); complex_net's 16->32 on 8x8 (3 tiles
-/// per row, 16 channels: the transforms outweigh the saved products) ran
-/// 1.4-2x slower.
-const WINOGRAD_MIN_CIN: usize = 32;
-const WINOGRAD_MIN_COUT: usize = 32;
+/// 0.446, 0.138 vs 0.237 at n=8). complex_net's 16->32 on 8x8 ran 1.4-2x
+/// slower with the first transforms (one tile row per vector), 1.25x
+/// faster once narrow rows were packed (one thread: 2.01 vs 2.51 ms at
+/// n=1024, 0.017 vs 0.019 at n=8); its 3->16 stays direct (0.615 vs
+/// 1.235 ms: three input channels leave the products too small).
+const WINOGRAD_MIN_CIN: usize = 16;
+const WINOGRAD_MIN_COUT: usize = 16;
 
 thread_local! {
     static WINOGRAD_FORCE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
