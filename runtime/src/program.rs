@@ -2446,15 +2446,14 @@ impl Program {
                         p,
                         out,
                     } => {
-                        let y = kiln_cpu::conv::conv2d_backward_input(
+                        kiln_cpu::conv::conv2d_backward_input_into(
                             ctx.slice(g),
                             ctx.slice(w),
                             *ws,
                             *xs,
                             p,
+                            ctx.slice_mut(out),
                         );
-                        ctx.slice_mut(out).copy_from_slice(&y);
-                        kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(y));
                     }
                     Step::ConvBwdWeight {
                         x,
@@ -2464,15 +2463,14 @@ impl Program {
                         p,
                         out,
                     } => {
-                        let y = kiln_cpu::conv::conv2d_backward_weight(
+                        kiln_cpu::conv::conv2d_backward_weight_into(
                             ctx.slice(x),
                             *xs,
                             ctx.slice(g),
                             *ws,
                             p,
+                            ctx.slice_mut(out),
                         );
-                        ctx.slice_mut(out).copy_from_slice(&y);
-                        kiln_cpu::buffers::recycle(kiln_cpu::CpuStorage::F32(y));
                     }
                     Step::MaxPool { x, xs, p, out } => {
                         kiln_cpu::pool::max_pool2d_into(ctx.slice(x), *xs, p, ctx.slice_mut(out));
