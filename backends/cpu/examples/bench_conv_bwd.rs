@@ -98,11 +98,17 @@ fn main() {
         let gy = data(xs[0] * ws[0] * ho * wo, 6);
         // The im2col + gemm path and the direct kernel, alternating.
         let mut rows = vec![];
-        // With the direct kernel allowed (the default rule) and forbidden.
-        for direct in [true, false, true, false] {
-            force_wgrad_direct(if direct { None } else { Some(false) });
+        // The direct kernel by the default rule, forced and forbidden.
+        for (force, what) in [
+            (None, "weight"),
+            (Some(true), "weight direct"),
+            (Some(false), "weight im2col"),
+            (None, "weight"),
+            (Some(true), "weight direct"),
+            (Some(false), "weight im2col"),
+        ] {
+            force_wgrad_direct(force);
             let t = time(reps, || conv2d_backward_weight(&x, xs, &gy, ws, &p));
-            let what = if direct { "weight" } else { "weight im2col" };
             rows.push((what.to_string(), t));
         }
         force_wgrad_direct(None);

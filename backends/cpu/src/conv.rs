@@ -1188,16 +1188,6 @@ fn conv_backward_input_into<T: Float>(gy: &[T], w: &[T], g: &Geom, dx: &mut [T])
     );
 }
 
-/// Largest per-group weight gradient (`Cout/groups * Cin/groups * Kh*Kw`
-/// elements) computed by the direct kernel (`wgrad.rs`) rather than by
-/// im2col + gemm: below it each block's gemm is too small to pay for its
-/// packing. Measured with the bench_conv_bwd example (2-core AVX-512 box,
-/// shared, ms direct vs im2col in one run): complex_net 3->16 3x3 on 10x10
-/// n=1024 (432 elements) 1.50 vs 2.29; seed_cnn 1->32 5x5 on 28x28 n=128
-/// (800) 2.65 vs 2.47; complex_net 16->32 3x3 (4608) 7.9 vs 7.7; seed_cnn
-/// 32->64 and 64->64 3x3 on 13x13: 12.0 vs 7.3 and 20.9 vs 15.0.
-const WGRAD_DIRECT_MAX_OUT: usize = 512;
-
 thread_local! {
     static WGRAD_FORCE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
@@ -1229,12 +1219,16 @@ fn conv_backward_weight_into<T: Float>(x: &[T], gy: &[T], g: &Geom, dw: &mut [T]
     if dw.is_empty() || g.n == 0 || howo == 0 {
         return;
     }
+    // The direct kernel wherever it applies. Measured with the
+    // bench_conv_bwd example (2-core AVX-512 box, ms direct vs im2col +
+    // gemm in one run): complex_net 3->16 3x3 on 10x10 n=1024 0.54 vs
+    // 1.24, 16->32 on 8x8 1.57 vs 4.1; seed_cnn n=128 1->32 5x5 on 28x28
+    // 1.32 vs 1.33, 3x3 p1 32->64 and 64->64 on 13x13 3.0 vs 3.6 and 5.7
+    // vs 7.6, 64->128 on 6x6 3.17 vs 3.47.
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
         && !g.is_pointwise()
         && wgrad::applies(g)
-        && WGRAD_FORCE
-            .with(|f| f.get())
-            .unwrap_or(g.coutg() * g.kg() <= WGRAD_DIRECT_MAX_OUT)
+        && WGRAD_FORCE.with(|f| f.get()).unwrap_or(true)
     {
         // SAFETY: T is f32 (checked above): identity casts.
         let (xf, gf, dwf) = unsafe {

@@ -1,39 +1,50 @@
-//! Direct (im2col-free) f32 weight gradient of a stride-1 convolution with
-//! an AVX-512 micro-kernel chosen at run time. As in `direct.rs`, each
+//! Direct (im2col-free) f32 weight gradient of a stride-1, one-group
+//! convolution with an AVX-512 micro-kernel chosen at run time. Each
 //! image's input planes are copied once into zero-padded planes of pitch
-//! `Wp = W + 2*pw`, and grad_output is copied into planes of the same pitch
-//! whose junk columns (`ow >= Wo`, and the tail up to a whole vector) are
-//! zero. Then `dw[co, ci, i, j]` is the dot product of grad_output plane
-//! `co` with input plane `ci` shifted by `i*dh*Wp + j*dw`, over every image:
-//! the kernel keeps 4 output channels x up to 3 taps of 16-lane partial
-//! sums in 12 zmm registers, runs over all the images of a block, and
-//! reduces each register once per block. That replaces im2col (Kh*Kw
-//! copies of the input) by one padded copy of it.
+//! `Wp = W + 2*pw` (as in `direct.rs`), and grad_output is transposed to
+//! pixel-major `[Ho*Wo, Cout]` (channels padded to whole vectors with
+//! zeros). `dw[co, r]` for an im2col row `r = (ci, i, j)` is then the sum
+//! over images and output pixels `(oh, ow)` of `gy[pixel][co]` times the
+//! padded input at `ci*plane + (oh + i*dh)*Wp + ow + j*dw`: an outer
+//! product per pixel of up to 32 channels (two vectors) and up to 12 rows
+//! (broadcast input values), accumulated in 24 zmm registers over every
+//! pixel of every image of a block. That replaces im2col (Kh*Kw copies of
+//! the input) by one padded copy of it and one transpose of grad_output.
 //!
-//! Junk columns multiply input values by an exact zero, which adds nothing
-//! unless an input value is infinite or NaN; the caller checks the result
-//! and recomputes it on the reference path when it is not finite.
+//! Padding values are exact zeros and add nothing unless a grad_output
+//! value is infinite or NaN; the caller checks the result and recomputes
+//! it on the reference path when it is not finite.
 //!
 //! Measured with the bench_conv_bwd example on the 2-core AVX-512 box
-//! (see the commit message for the table).
+//! (figures at its call in conv.rs): faster than im2col + gemm on every
+//! zoo conv (1.1-2.7x), equal on seed_cnn's 1->32 5x5. A first version
+//! vectorised over pixels (16-lane partial sums per (channel, tap),
+//! reduced per block) ran 0.6-1.5x of im2col: unaligned loads and
+//! register spills.
 
 use super::Geom;
 use std::cell::RefCell;
 
-/// Output channels per register block.
-const COB: usize = 4;
-/// Most taps per register block.
-const NT: usize = 3;
+/// Vectors of output channels per register block.
+const MV: usize = 2;
+/// Most im2col rows per register block.
+const NR: usize = 12;
 /// Lanes of one vector.
 const L: usize = 16;
-/// Scratch floats per block of images (padded input + pitched
-/// grad_output), sized to stay in a 1-2 MiB L2 next to the output.
+/// Scratch floats per block of images (padded input + transposed
+/// grad_output): 1 MiB, half a core's L2.
 const BLOCK_FLOATS: usize = 1 << 18;
 
-/// Whether this path applies: stride 1 and AVX-512 (f32 is checked by the
-/// caller).
+/// Whether this path applies: stride 1, one group and AVX-512 (f32 is
+/// checked by the caller).
 pub(super) fn applies(g: &Geom) -> bool {
-    g.p.stride == (1, 1) && g.howo() > 0 && g.c > 0 && g.cout > 0 && g.n > 0 && avx512()
+    g.p.stride == (1, 1)
+        && g.p.groups == 1
+        && g.howo() > 0
+        && g.c > 0
+        && g.cout > 0
+        && g.n > 0
+        && avx512()
 }
 
 fn avx512() -> bool {
@@ -47,34 +58,29 @@ fn avx512() -> bool {
     }
 }
 
-/// Sizes of the padded per-image layout.
+/// Sizes of the per-image scratch layout.
 #[derive(Clone, Copy)]
 struct Lay {
     wp: usize,
-    /// Elements of one pitched grad_output plane (`Ho*Wp` rounded up to
-    /// whole vectors).
-    q: usize,
-    /// Elements of one padded input plane, with slack for the reads of the
-    /// last vector's junk columns.
+    /// Elements of one padded input plane.
     px: usize,
-    /// Floats of one image in the scratch (input planes, then grad_output
-    /// planes plus one zero plane for channel blocks past `cout`).
+    /// Output channels rounded up to whole vectors.
+    cop: usize,
+    /// Floats of one image in the scratch (input planes, then the
+    /// transposed grad_output).
     per_image: usize,
 }
 
 fn lay(g: &Geom) -> Lay {
     let (ph, pw) = g.p.padding;
-    let hp = g.h + 2 * ph;
     let wp = g.w + 2 * pw;
-    let q = (g.ho * wp).div_ceil(L) * L;
-    // Largest read: (q - 1) + (kh-1)*dh*wp + (kw-1)*dw, and
-    // ho*wp + (kh-1)*dh*wp = hp*wp.
-    let px = hp * wp + (q - g.ho * wp) + (g.kw - 1) * g.p.dilation.1;
+    let px = (g.h + 2 * ph) * wp;
+    let cop = g.cout.div_ceil(L) * L;
     Lay {
         wp,
-        q,
         px,
-        per_image: g.c * px + (g.cout + 1) * q,
+        cop,
+        per_image: g.c * px + g.howo() * cop,
     }
 }
 
@@ -82,23 +88,24 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `dw` (`[cout, cg, kh, kw]`, overwritten) from x and gy.
+/// `dw` (`[cout, c, kh, kw]`, overwritten) from x and gy.
 pub(super) fn weight_grad(x: &[f32], gy: &[f32], g: &Geom, dw: &mut [f32]) {
     let l = lay(g);
+    let kg = g.kg();
     let nb = (BLOCK_FLOATS / l.per_image).clamp(1, g.n);
     let parts = crate::par::parts(g.n, 2 * nb);
-    // Chunks of images, each with its own partial sum (added in chunk
-    // order, so the result does not depend on which thread ran what); a few
-    // per thread so an idle thread can take over a descheduled one's.
+    // Chunks of images, each with its own partial sum `[kg, cop]` (added
+    // in chunk order, so the result does not depend on which thread ran
+    // what); a few per thread so an idle thread can take over a
+    // descheduled one's.
     let grain = if parts > 1 { 4 } else { 1 };
     let chunks = (parts * grain).min(g.n.div_ceil(nb)).max(1);
     let partials: Vec<std::sync::Mutex<Vec<f32>>> = (0..chunks)
         .map(|_| std::sync::Mutex::new(Vec::new()))
         .collect();
-    let wlen = dw.len();
     let run_chunk = |t: usize| {
         let imgs = crate::par::range(g.n, chunks, t, 1);
-        let mut acc = vec![0.0f32; wlen];
+        let mut acc = vec![0.0f32; kg * l.cop];
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             if s.len() < nb * l.per_image {
@@ -122,18 +129,22 @@ pub(super) fn weight_grad(x: &[f32], gy: &[f32], g: &Geom, dw: &mut [f32]) {
     } else {
         crate::par::for_each_part_grained(chunks, parts, grain, 1, |r| r.for_each(&run_chunk));
     }
-    dw.fill(0.0);
+    let mut sum = vec![0.0f32; kg * l.cop];
     for p in partials {
         let p = p.into_inner().expect("partial");
-        for (d, v) in dw.iter_mut().zip(&p) {
+        for (d, v) in sum.iter_mut().zip(&p) {
             *d += v;
+        }
+    }
+    for (co, row) in dw.chunks_exact_mut(kg).enumerate() {
+        for (r, d) in row.iter_mut().enumerate() {
+            *d = sum[r * l.cop + co];
         }
     }
 }
 
 /// Copies images `b0..b0+k` into `buf`: per image, the zero-padded input
-/// planes (pitch `wp`) then the grad_output planes at pitch `wp` with zero
-/// junk columns, then one zero plane.
+/// planes (pitch `wp`), then grad_output transposed to `[howo, cop]`.
 fn prepare(x: &[f32], gy: &[f32], g: &Geom, l: &Lay, b0: usize, k: usize, buf: &mut [f32]) {
     let (ph, pw) = g.p.padding;
     let (hw, howo) = (g.hw(), g.howo());
@@ -143,8 +154,7 @@ fn prepare(x: &[f32], gy: &[f32], g: &Geom, l: &Lay, b0: usize, k: usize, buf: &
         for (ci, dst) in xs.chunks_exact_mut(l.px).enumerate() {
             let src = &x[(b * g.c + ci) * hw..][..hw];
             if ph == 0 && pw == 0 {
-                dst[..hw].copy_from_slice(src);
-                dst[hw..].fill(0.0);
+                dst.copy_from_slice(src);
             } else {
                 dst.fill(0.0);
                 for (ih, row) in src.chunks_exact(g.w).enumerate() {
@@ -152,74 +162,68 @@ fn prepare(x: &[f32], gy: &[f32], g: &Geom, l: &Lay, b0: usize, k: usize, buf: &
                 }
             }
         }
-        for (co, dst) in gs.chunks_exact_mut(l.q).enumerate() {
-            if co == g.cout {
-                dst.fill(0.0);
-                continue;
-            }
-            let src = &gy[(b * g.cout + co) * howo..][..howo];
-            if l.wp == g.wo {
-                dst[..howo].copy_from_slice(src);
-                dst[howo..].fill(0.0);
-            } else {
-                for (oh, row) in src.chunks_exact(g.wo).enumerate() {
-                    let d = &mut dst[oh * l.wp..][..l.wp];
-                    d[..g.wo].copy_from_slice(row);
-                    d[g.wo..].fill(0.0);
+        let gsrc = &gy[b * g.cout * howo..][..g.cout * howo];
+        if l.cop > g.cout {
+            gs.fill(0.0);
+        }
+        // Transpose in tiles of 16 pixels so both sides stay in cache lines.
+        for p0 in (0..howo).step_by(L) {
+            let p1 = (p0 + L).min(howo);
+            for co in 0..g.cout {
+                let src = &gsrc[co * howo + p0..co * howo + p1];
+                for (i, &v) in src.iter().enumerate() {
+                    gs[(p0 + i) * l.cop + co] = v;
                 }
-                dst[g.ho * l.wp..].fill(0.0);
             }
         }
     }
 }
 
-/// Adds the block's contribution to `acc` (`[cout, cg, kh*kw]`).
+/// Adds the block's contribution to `acc` (`[kg, cop]`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn accumulate(buf: &[f32], g: &Geom, l: &Lay, k: usize, acc: &mut [f32]) {
-    let (cg, coutg, khw) = (g.cg(), g.coutg(), g.kh * g.kw);
-    let offs: Vec<usize> = (0..khw)
-        .map(|t| (t / g.kw) * g.p.dilation.0 * l.wp + (t % g.kw) * g.p.dilation.1)
+    let khw = g.kh * g.kw;
+    let kg = g.kg();
+    let roffs: Vec<usize> = (0..kg)
+        .map(|r| {
+            let (ci, t) = (r / khw, r % khw);
+            ci * l.px + (t / g.kw) * g.p.dilation.0 * l.wp + (t % g.kw) * g.p.dilation.1
+        })
         .collect();
     let base = buf.as_ptr();
-    let nv = l.q / L;
-    for gi in 0..g.p.groups {
-        for cil in 0..cg {
-            let ci = gi * cg + cil;
-            let xp = base.add(ci * l.px);
-            for cob in (0..coutg).step_by(COB) {
-                let mut gp = [base; COB];
-                for (c, p) in gp.iter_mut().enumerate() {
-                    let co = gi * coutg + cob + c;
-                    let plane = if cob + c < coutg { co } else { g.cout };
-                    *p = base.add(g.c * l.px + plane * l.q);
-                }
-                for t0 in (0..khw).step_by(NT) {
-                    let nt = NT.min(khw - t0);
-                    let mut out = [[0.0f32; NT]; COB];
-                    macro_rules! call {
-                        ($($n:literal)*) => {
-                            match nt {
-                                $($n => micro::<$n>(
-                                    xp, &offs[t0..t0 + $n], gp, l.per_image, k, nv, &mut out,
-                                ),)*
-                                _ => unreachable!("1 <= nt <= NT"),
-                            }
-                        };
+    let gbase = base.add(g.c * l.px);
+    let geo = Pix {
+        stride: l.per_image,
+        k,
+        ho: g.ho,
+        wo: g.wo,
+        wp: l.wp,
+        cop: l.cop,
+    };
+    let nvec = l.cop / L;
+    for r0 in (0..kg).step_by(NR) {
+        let nr = NR.min(kg - r0);
+        let ro = &roffs[r0..r0 + nr];
+        let mut v0 = 0;
+        while v0 < nvec {
+            let mv = MV.min(nvec - v0);
+            let gp = gbase.add(v0 * L);
+            let out = acc.as_mut_ptr().add(r0 * l.cop + v0 * L);
+            macro_rules! call {
+                ($m:literal; $($n:literal)*) => {
+                    match nr {
+                        $($n => micro::<$m, $n>(base, ro, gp, &geo, out),)*
+                        _ => unreachable!("1 <= nr <= NR"),
                     }
-                    call!(1 2 3);
-                    for (c, o) in out.iter().enumerate() {
-                        if cob + c >= coutg {
-                            break;
-                        }
-                        let co = gi * coutg + cob + c;
-                        let dst = &mut acc[(co * cg + cil) * khw + t0..][..nt];
-                        for (d, v) in dst.iter_mut().zip(o) {
-                            *d += v;
-                        }
-                    }
-                }
+                };
             }
+            if mv == 2 {
+                call!(2; 1 2 3 4 5 6 7 8 9 10 11 12);
+            } else {
+                call!(1; 1 2 3 4 5 6 7 8 9 10 11 12);
+            }
+            v0 += mv;
         }
     }
 }
@@ -229,41 +233,59 @@ unsafe fn accumulate(_: &[f32], _: &Geom, _: &Lay, _: usize, _: &mut [f32]) {
     unreachable!("applies() is false off x86_64")
 }
 
-/// `out[c][t] = sum over images b < k and pixels of g[c][b] * x[b][off t]`,
-/// with per-image strides `stride` (`x` and `g` point into image 0).
+/// The pixel walk of one block: `k` images `stride` floats apart, `ho` x
+/// `wo` output pixels, input pitch `wp`, grad_output rows of `cop`.
+struct Pix {
+    stride: usize,
+    k: usize,
+    ho: usize,
+    wo: usize,
+    wp: usize,
+    cop: usize,
+}
+
+/// `out[r*cop + m*L + lane] += sum over images and pixels of
+/// g[pixel][m*L + lane] * x[roffs[r] + (oh*wp + ow)]`, for `m < M`,
+/// `r < N`.
+///
+/// Safety: avx512f; the image block in the layout of `Lay`; `out` holds
+/// `N` rows of `cop` from its start.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline(never)]
-unsafe fn micro<const N: usize>(
+unsafe fn micro<const M: usize, const N: usize>(
     x: *const f32,
-    offs: &[usize],
-    g: [*const f32; COB],
-    stride: usize,
-    k: usize,
-    nv: usize,
-    out: &mut [[f32; NT]; COB],
+    roffs: &[usize],
+    g: *const f32,
+    pix: &Pix,
+    out: *mut f32,
 ) {
     use std::arch::x86_64::*;
-    let mut off = [0usize; N];
-    off.copy_from_slice(&offs[..N]);
-    let mut a = [[_mm512_setzero_ps(); N]; COB];
-    for b in 0..k {
-        let xb = x.add(b * stride);
-        let gb = g.map(|p| p.add(b * stride));
-        for v in 0..nv {
-            let gv = gb.map(|p| _mm512_loadu_ps(p.add(v * L)));
-            let xv0 = xb.add(v * L);
-            for t in 0..N {
-                let xv = _mm512_loadu_ps(xv0.add(off[t]));
-                for c in 0..COB {
-                    a[c][t] = _mm512_fmadd_ps(gv[c], xv, a[c][t]);
+    let mut ro = [0usize; N];
+    ro.copy_from_slice(&roffs[..N]);
+    let mut a = [[_mm512_setzero_ps(); M]; N];
+    for b in 0..pix.k {
+        let xb = x.add(b * pix.stride);
+        let mut gp = g.add(b * pix.stride);
+        for oh in 0..pix.ho {
+            let xr = xb.add(oh * pix.wp);
+            for ow in 0..pix.wo {
+                let xp = xr.add(ow);
+                let gv: [__m512; M] = std::array::from_fn(|m| _mm512_loadu_ps(gp.add(m * L)));
+                for r in 0..N {
+                    let xv = _mm512_set1_ps(*xp.add(ro[r]));
+                    for m in 0..M {
+                        a[r][m] = _mm512_fmadd_ps(gv[m], xv, a[r][m]);
+                    }
                 }
+                gp = gp.add(pix.cop);
             }
         }
     }
-    for c in 0..COB {
-        for t in 0..N {
-            out[c][t] = _mm512_reduce_add_ps(a[c][t]);
+    for (r, ar) in a.iter().enumerate() {
+        for (m, &v) in ar.iter().enumerate() {
+            let o = out.add(r * pix.cop + m * L);
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), v));
         }
     }
 }
