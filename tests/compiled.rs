@@ -178,3 +178,42 @@ fn max_pool_after_conv_is_fused_and_equals_eager() {
         }
     }
 }
+
+/// Batched matmuls on views whose batch dims do not merge into one stride
+/// (attention's q/k/v selected from one projection) run as
+/// one gemm per index of the first batch dim; the result equals eager,
+/// and no gather is left for those operands.
+#[test]
+fn batched_matmul_on_unmergeable_views_equals_eager() {
+    struct Attn {
+        core: ModuleCore,
+    }
+    impl Module for Attn {
+        fn core(&self) -> &ModuleCore {
+            &self.core
+        }
+        fn forward(&self, x: &Tensor) -> kiln::Result<Tensor> {
+            // x [3, 7, 3*2*5] -> [3 (qkv), 3 (b), 2 (heads), 7 (t), 5 (d)].
+            let qkv = x.reshape(&[3, 7, 3, 2, 5])?.permute(&[2, 0, 3, 1, 4])?;
+            let (q, k, v) = (qkv.select(0, 0)?, qkv.select(0, 1)?, qkv.select(0, 2)?);
+            let s = q.matmul(&k.transpose(-2, -1)?)?; // [3, 2, 7, 7]
+            let o = s.matmul(&v)?; // [3, 2, 7, 5]
+            o.reshape(&[3, 70])
+        }
+    }
+    let m: std::sync::Arc<dyn Module> = std::sync::Arc::new(Attn {
+        core: ModuleCore::new("Attn"),
+    });
+    let x = Tensor::randn(&[3, 7, 30], kiln::DType::F32);
+    let want = kiln::no_grad(|| m.call(&x)).unwrap();
+    let c = jit::compile(&m, &[x.clone()]).unwrap();
+    let got = kiln::no_grad(|| c.forward(&[x.clone()])).unwrap();
+    assert!(rel(&got[0], &want) <= 1e-5, "{}", rel(&got[0], &want));
+    let names = c.first().step_names();
+    let gathers = names.iter().filter(|s| **s == "gather").count();
+    let gemms = names.iter().filter(|s| **s == "gemm").count();
+    // Two products, 3 gemms each (one per index of the first batch dim);
+    // only the permuted output is gathered for the reshape.
+    assert_eq!(gemms, 6, "{names:?}");
+    assert!(gathers <= 1, "{names:?}");
+}

@@ -48,6 +48,7 @@ use std::mem::MaybeUninit;
 
 mod direct;
 mod wcache;
+mod wgrad;
 mod winograd;
 
 #[doc(hidden)]
@@ -1085,75 +1086,90 @@ fn conv_forward_into<T: Float>(
     );
 }
 
-/// The input gradient of a stride-1, dilation-1, one-group conv is a
-/// forward conv of `gy` with the weights transposed (`[cin, cout]`) and
-/// flipped, padded `k-1-p`: run on the Winograd or direct forward kernels
-/// where they apply (f32), instead of gemm + col2im. bench_ops `conv2d 3x3
-/// bwd input` (128x32x13x13, 64 out, 2 threads): 3.83 -> 2.20 ms (the
-/// transposed conv, 64 -> 32 channels, runs on Winograd). None where it
-/// does not apply.
-fn backward_input_as_forward<T: Float>(gy: &[T], w: &[T], g: &Geom) -> Option<Vec<T>> {
-    if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>()
-        || g.p.stride != (1, 1)
-        || g.p.dilation != (1, 1)
-        || g.p.groups != 1
-        || g.p.padding.0 >= g.kh
-        || g.p.padding.1 >= g.kw
-        || g.x_len() == 0
-    {
+/// The stride-1 input gradient as a forward convolution: `dx` is the
+/// "full" correlation of `gy` with the weight flipped in both spatial axes
+/// and with input/output channels swapped (per group), at padding
+/// `(k-1)*d - p`. Returns the geometry of that forward conv and fills `wt`
+/// with its weight `[C, Cout/groups, Kh, Kw]`, or None where it does not
+/// apply (stride > 1, or padding larger than `(k-1)*d`).
+fn backward_input_as_forward<T: Float>(g: &Geom, w: &[T], wt: &mut Vec<T>) -> Option<Geom> {
+    if g.p.stride != (1, 1) {
         return None;
     }
+    let (dh, dw) = g.p.dilation;
+    let ph = ((g.kh - 1) * dh).checked_sub(g.p.padding.0)?;
+    let pw = ((g.kw - 1) * dw).checked_sub(g.p.padding.1)?;
     let p2 = Conv2dParams {
-        padding: (g.kh - 1 - g.p.padding.0, g.kw - 1 - g.p.padding.1),
-        ..Default::default()
+        stride: (1, 1),
+        padding: (ph, pw),
+        dilation: (dh, dw),
+        groups: g.p.groups,
     };
     let g2 = Geom::new(
         [g.n, g.cout, g.ho, g.wo],
-        [g.c, g.cout, g.kh, g.kw],
+        [g.c, g.coutg(), g.kh, g.kw],
         g.h,
         g.w,
         &p2,
     );
-    if !(use_winograd::<T>(&g2) || use_direct::<T>(&g2)) {
-        return None;
-    }
-    let taps = g.kh * g.kw;
-    let mut w2 = crate::buffers::alloc_uninit::<T>(w.len());
-    for co in 0..g.cout {
-        for ci in 0..g.c {
-            let src = &w[(co * g.c + ci) * taps..][..taps];
-            let dst = &mut w2[(ci * g.cout + co) * taps..][..taps];
-            for (d, &v) in dst.iter_mut().rev().zip(src) {
-                *d = v;
+    let (cg, coutg, khw) = (g.cg(), g.coutg(), g.kh * g.kw);
+    wt.clear();
+    wt.resize(g.w_len(), T::zero());
+    for gi in 0..g.p.groups {
+        for col in 0..coutg {
+            for cil in 0..cg {
+                let src = &w[((gi * coutg + col) * cg + cil) * khw..][..khw];
+                let dst = &mut wt[((gi * cg + cil) * coutg + col) * khw..][..khw];
+                for (t, &v) in src.iter().enumerate() {
+                    dst[khw - 1 - t] = v;
+                }
             }
         }
     }
-    // Every element is written by the forward kernels.
-    let mut dx = crate::buffers::alloc_uninit::<T>(g.x_len());
-    conv_forward_into(gy, &w2, None, &g2, &mut dx, None);
-    crate::buffers::recycle(T::into_storage(w2));
-    Some(dx)
+    Some(g2)
 }
 
 fn conv_backward_input<T: Float>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
+    let mut dx = crate::buffers::alloc_uninit::<T>(g.x_len());
+    conv_backward_input_into(gy, w, g, &mut dx);
+    dx
+}
+
+fn conv_backward_input_into<T: Float>(gy: &[T], w: &[T], g: &Geom, dx: &mut [T]) {
     assert_eq!(
         gy.len(),
         g.y_len(),
         "conv2d_backward_input: grad_output length"
     );
     assert_eq!(w.len(), g.w_len(), "conv2d_backward_input: weight length");
-    if let Some(dx) = backward_input_as_forward(gy, w, g) {
-        return dx;
-    }
+    assert_eq!(dx.len(), g.x_len(), "conv2d_backward_input: output length");
     let (cg, coutg, kg, howo, groups) = (g.cg(), g.coutg(), g.kg(), g.howo(), g.p.groups);
-    let mut dx = crate::buffers::alloc_zeroed::<T>(g.x_len());
     if dx.is_empty() {
-        return dx;
+        return;
     }
+    if !g.is_pointwise() {
+        // Stride 1: a forward conv of gy on the direct kernel, when that
+        // applies. Measured with the bench_conv_bwd example (2-core
+        // AVX-512 box, old binary vs new in one run): complex_net 16->32
+        // 3x3 on 8x8, n=1024: 4.30 ms (im2col + gemm + col2im) -> 3.00;
+        // seed_cnn 3x3 p1 at n=128: 32->64 on 13x13 3.72 -> 3.38, 64->64
+        // 7.25 -> 6.48, 64->128 on 6x6 3.10 -> 2.95.
+        // With Winograd where the transposed conv qualifies for it
+        // (bench_ops `conv2d 3x3 bwd input`, 128x32x13x13 with 64 out, 2
+        // threads: 3.83 ms on im2col + gemm + col2im -> 2.20).
+        let mut wt = Vec::new();
+        if let Some(g2) = backward_input_as_forward(g, w, &mut wt) {
+            if use_winograd::<T>(&g2) || use_direct::<T>(&g2) {
+                conv_forward_into(gy, &wt, None, &g2, dx, None);
+                return;
+            }
+        }
+    }
+    dx.fill(T::zero());
     if g.is_pointwise() {
         for gi in 0..groups {
             matmul_into(
-                &mut dx,
+                dx,
                 MatLayout {
                     offset: gi * cg * howo,
                     row_stride: howo,
@@ -1180,13 +1196,13 @@ fn conv_backward_input<T: Float>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
                 howo,
             );
         }
-        return dx;
+        return;
     }
     let plan = g.plan();
     let per_image = g.c * g.hw();
     let mut outer = Cached::<T>::take();
     for_blocks(
-        &mut dx,
+        dx,
         per_image,
         g.n,
         plan,
@@ -1224,25 +1240,70 @@ fn conv_backward_input<T: Float>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
             col2im(cols, nb, g, out, par_inside);
         },
     );
-    dx
+}
+
+thread_local! {
+    static WGRAD_FORCE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// For benchmarks and tests: force (`Some(true)`, wherever it applies),
+/// forbid (`Some(false)`) or leave to the measured rule (`None`) the
+/// direct weight-gradient kernel (`wgrad.rs`) on the calling thread.
+#[doc(hidden)]
+pub fn force_wgrad_direct(v: Option<bool>) {
+    WGRAD_FORCE.with(|f| f.set(v));
 }
 
 fn conv_backward_weight<T: Float>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
+    let mut dw = crate::buffers::alloc_uninit::<T>(g.w_len());
+    conv_backward_weight_into(x, gy, g, &mut dw);
+    dw
+}
+
+fn conv_backward_weight_into<T: Float>(x: &[T], gy: &[T], g: &Geom, dw: &mut [T]) {
     assert_eq!(x.len(), g.x_len(), "conv2d_backward_weight: input length");
     assert_eq!(
         gy.len(),
         g.y_len(),
         "conv2d_backward_weight: grad_output length"
     );
+    assert_eq!(dw.len(), g.w_len(), "conv2d_backward_weight: output length");
     let (cg, coutg, kg, howo, groups) = (g.cg(), g.coutg(), g.kg(), g.howo(), g.p.groups);
-    let mut dw = crate::buffers::alloc_zeroed::<T>(g.w_len());
+    dw.fill(T::zero());
     if dw.is_empty() || g.n == 0 || howo == 0 {
-        return dw;
+        return;
+    }
+    // The direct kernel wherever it applies. Measured with the
+    // bench_conv_bwd example (2-core AVX-512 box, ms direct vs im2col +
+    // gemm in one run): complex_net 3->16 3x3 on 10x10 n=1024 0.54 vs
+    // 1.24, 16->32 on 8x8 1.57 vs 4.1; seed_cnn n=128 1->32 5x5 on 28x28
+    // 1.32 vs 1.33, 3x3 p1 32->64 and 64->64 on 13x13 3.0 vs 3.6 and 5.7
+    // vs 7.6, 64->128 on 6x6 3.17 vs 3.47.
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && !g.is_pointwise()
+        && wgrad::applies(g)
+        && WGRAD_FORCE.with(|f| f.get()).unwrap_or(true)
+    {
+        // SAFETY: T is f32 (checked above): identity casts.
+        let (xf, gf, dwf) = unsafe {
+            (
+                std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()),
+                std::slice::from_raw_parts(gy.as_ptr() as *const f32, gy.len()),
+                std::slice::from_raw_parts_mut(dw.as_mut_ptr() as *mut f32, dw.len()),
+            )
+        };
+        wgrad::weight_grad(xf, gf, g, dwf);
+        // Junk columns add exact zeros unless an input is inf/NaN (see
+        // wgrad.rs): a non-finite result is recomputed below.
+        if dwf.iter().all(|v| v.is_finite()) {
+            return;
+        }
+        dw.fill(T::zero());
     }
     if g.is_pointwise() {
         for gi in 0..groups {
             matmul_into(
-                &mut dw,
+                dw,
                 MatLayout::contiguous(coutg, cg)
                     .with_offset(gi * coutg * cg)
                     .broadcast(),
@@ -1268,7 +1329,7 @@ fn conv_backward_weight<T: Float>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
                 cg,
             );
         }
-        return dw;
+        return;
     }
     let (b, par_blocks) = g.plan();
     // dw += gy_block (channels-major [cout, ncols]) @ cols^T, per group.
@@ -1309,7 +1370,7 @@ fn conv_backward_weight<T: Float>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
     if par_blocks {
         // Per-task partial sums, added up at the end.
         let len = dw.len();
-        dw = starts
+        let sum = starts
             .par_iter()
             .fold(
                 || (vec![T::zero(); len], Scratch::new()),
@@ -1328,13 +1389,13 @@ fn conv_backward_weight<T: Float>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
                     a
                 },
             );
+        dw.copy_from_slice(&sum);
     } else {
         let mut s = Scratch::new();
         for &n0 in &starts {
-            block(n0, &mut dw, &mut s, true);
+            block(n0, dw, &mut s, true);
         }
     }
-    dw
 }
 
 /// conv2d forward: x `[N, Cin, H, W]`, weight `[Cout, Cin/groups, Kh, Kw]`,
@@ -1396,6 +1457,25 @@ pub fn conv2d_backward_input<T: Float>(
     conv_backward_input(grad_out, weight, &Geom::new(x_shape, w_shape, ho, wo, p))
 }
 
+/// As `conv2d_backward_input`, writing `[N, Cin, H, W]` into `out`
+/// (exactly that many elements; every one is overwritten).
+pub fn conv2d_backward_input_into<T: Float>(
+    grad_out: &[T],
+    weight: &[T],
+    w_shape: [usize; 4],
+    x_shape: [usize; 4],
+    p: &Conv2dParams,
+    out: &mut [T],
+) {
+    let (ho, wo) = conv2d_output_size((x_shape[2], x_shape[3]), (w_shape[2], w_shape[3]), p);
+    conv_backward_input_into(
+        grad_out,
+        weight,
+        &Geom::new(x_shape, w_shape, ho, wo, p),
+        out,
+    )
+}
+
 /// Gradient of conv2d wrt its weight: x `[N, Cin, H, W]`, grad_out
 /// `[N, Cout, Ho, Wo]`; returns `[Cout, Cin/groups, Kh, Kw]` = `w_shape`.
 pub fn conv2d_backward_weight<T: Float>(
@@ -1407,6 +1487,20 @@ pub fn conv2d_backward_weight<T: Float>(
 ) -> Vec<T> {
     let (ho, wo) = conv2d_output_size((x_shape[2], x_shape[3]), (w_shape[2], w_shape[3]), p);
     conv_backward_weight(x, grad_out, &Geom::new(x_shape, w_shape, ho, wo, p))
+}
+
+/// As `conv2d_backward_weight`, writing `[Cout, Cin/groups, Kh, Kw]` into
+/// `out` (exactly that many elements; every one is overwritten).
+pub fn conv2d_backward_weight_into<T: Float>(
+    x: &[T],
+    x_shape: [usize; 4],
+    grad_out: &[T],
+    w_shape: [usize; 4],
+    p: &Conv2dParams,
+    out: &mut [T],
+) {
+    let (ho, wo) = conv2d_output_size((x_shape[2], x_shape[3]), (w_shape[2], w_shape[3]), p);
+    conv_backward_weight_into(x, grad_out, &Geom::new(x_shape, w_shape, ho, wo, p), out)
 }
 
 /// Gradient of a per-channel bias: the sum of grad_out `[N, C, H, W]` over
@@ -1735,6 +1829,81 @@ mod tests {
                     }
                 }
                 assert_close(&dst, &want, 1e-6, &format!("unshuffle {nb}x{cout}x{howo}"));
+            }
+        }
+    }
+
+    /// The stride-1 fast paths (input gradient as a forward conv on the
+    /// direct kernel, weight gradient on `wgrad.rs`), each forced on and
+    /// off, against the naive loops and through the `_into` entry points
+    /// (outputs prefilled with NaN): odd sizes, channel counts that are
+    /// not multiples of the register blocks, 1xk / kx1 / 5x5 kernels,
+    /// dilation, groups, padding wider than the kernel (no fast input
+    /// path), and batches big enough for several parallel chunks.
+    #[test]
+    fn stride1_backward_fast_paths_match_naive() {
+        let extra = [
+            ([7, 3, 10, 10], [16, 3, 3, 3], p((1, 1), (0, 0), (1, 1), 1)),
+            ([5, 16, 8, 8], [32, 16, 3, 3], p((1, 1), (0, 0), (1, 1), 1)),
+            ([3, 5, 7, 9], [7, 5, 3, 3], p((1, 1), (1, 1), (1, 1), 1)),
+            ([2, 1, 13, 11], [5, 1, 5, 5], p((1, 1), (1, 2), (1, 1), 1)),
+            ([3, 2, 9, 6], [6, 2, 1, 3], p((1, 1), (0, 1), (1, 1), 1)),
+            ([2, 3, 6, 9], [4, 3, 3, 1], p((1, 1), (2, 0), (1, 1), 1)),
+            ([2, 4, 11, 12], [6, 2, 3, 3], p((1, 1), (2, 3), (2, 2), 2)),
+            ([2, 3, 5, 5], [5, 3, 2, 2], p((1, 1), (3, 2), (1, 1), 1)),
+            ([40, 3, 10, 10], [9, 3, 3, 3], p((1, 1), (0, 0), (1, 1), 1)),
+            ([300, 2, 6, 5], [5, 2, 3, 3], p((1, 1), (1, 1), (1, 1), 1)),
+        ];
+        for (ci, (xs, ws, prm)) in cases().into_iter().chain(extra).enumerate() {
+            if prm.stride != (1, 1) {
+                continue;
+            }
+            let x: Vec<f64> = rand_vec(xs.iter().product(), ci as u64 + 11);
+            let w: Vec<f64> = rand_vec(ws.iter().product(), ci as u64 + 110);
+            let (ho, wo) = conv2d_output_size((xs[2], xs[3]), (ws[2], ws[3]), &prm);
+            let gy: Vec<f64> = rand_vec(xs[0] * ws[0] * ho * wo, ci as u64 + 310);
+            let (dx, dw) = naive_conv_grads(&x, xs, &w, ws, &gy, &prm);
+            let (xf, wf, gf) = (to::<f32>(&x), to::<f32>(&w), to::<f32>(&gy));
+            for fast in [None, Some(true), Some(false)] {
+                let what = format!("case {ci} {xs:?} {ws:?} fast={fast:?}");
+                force_direct(fast);
+                force_wgrad_direct(fast);
+                let mut gx = vec![f32::NAN; dx.len()];
+                conv2d_backward_input_into(&gf, &wf, ws, xs, &prm, &mut gx);
+                assert_close(&gx, &dx, 2e-4, &format!("backward_input {what}"));
+                let mut gw = vec![f32::NAN; dw.len()];
+                conv2d_backward_weight_into(&xf, xs, &gf, ws, &prm, &mut gw);
+                assert_close(&gw, &dw, 2e-4, &format!("backward_weight {what}"));
+                let gx64 = conv2d_backward_input(&gy, &w, ws, xs, &prm);
+                assert_close(&gx64, &dx, 1e-10, &format!("backward_input f64 {what}"));
+                let gw64 = conv2d_backward_weight(&x, xs, &gy, ws, &prm);
+                assert_close(&gw64, &dw, 1e-10, &format!("backward_weight f64 {what}"));
+            }
+            force_direct(None);
+            force_wgrad_direct(None);
+        }
+    }
+
+    /// An infinite input: the direct weight gradient's junk columns would
+    /// turn it into NaN where the true gradient is finite or infinite, so
+    /// the result must equal the im2col path's exactly.
+    #[test]
+    fn wgrad_direct_with_infinite_input_matches_im2col() {
+        let (xs, ws) = ([3, 2, 6, 7], [4, 2, 3, 3]);
+        for prm in [p((1, 1), (0, 0), (1, 1), 1), p((1, 1), (1, 1), (1, 1), 1)] {
+            for pos in [0, 5, 6, 41, 83] {
+                let mut x: Vec<f32> = rand_vec(xs.iter().product(), 5);
+                x[pos] = f32::INFINITY;
+                let (ho, wo) = conv2d_output_size((xs[2], xs[3]), (ws[2], ws[3]), &prm);
+                let gy: Vec<f32> = rand_vec(xs[0] * ws[0] * ho * wo, 6);
+                force_wgrad_direct(Some(true));
+                let a = conv2d_backward_weight(&x, xs, &gy, ws, &prm);
+                force_wgrad_direct(Some(false));
+                let b = conv2d_backward_weight(&x, xs, &gy, ws, &prm);
+                force_wgrad_direct(None);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "inf at {pos}, {prm:?}");
+                assert!(a.iter().any(|v| !v.is_finite()), "inf at {pos}");
             }
         }
     }

@@ -12,6 +12,10 @@
 use crate::element::Float;
 use gemm::Parallelism;
 
+mod small_n;
+#[doc(hidden)]
+pub use small_n::force_small_n;
+
 /// Where the matrices of a batched operand sit in its slice: element
 /// `(b, i, j)` is at `offset + b*batch_stride + i*row_stride + j*col_stride`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -723,6 +727,47 @@ pub fn matmul_epilogue<T: Float>(
     };
     let threads = rayon::current_num_threads();
     let work = m * n * k;
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && small_n::applies(m, k, n, la, lb)
+    {
+        // A weight gradient `h^T @ g` with few output features: the
+        // outer-product kernel, then bias and epilogue over row blocks.
+        // SAFETY: T is f32 (checked above): identity casts.
+        unsafe {
+            let f = |s: &[T]| std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len());
+            let cf = std::slice::from_raw_parts_mut(c.as_mut_ptr() as *mut f32, c.len());
+            small_n::run(cf, f(a), la, f(b), lb, m, k, n);
+        }
+        if bias.is_some() || epi.is_some() {
+            let rows = m.div_ceil(threads).next_multiple_of(4);
+            if m * n >= 4 * crate::PAR_THRESHOLD && m > rows {
+                crate::par::chunks_mut_in(c, threads, rows * n, |s, cb| {
+                    if let Some(bias) = bias {
+                        for row in cb.chunks_exact_mut(n) {
+                            for (v, &bv) in row.iter_mut().zip(bias) {
+                                *v += bv;
+                            }
+                        }
+                    }
+                    if let Some(f) = epi {
+                        f(s / n, cb);
+                    }
+                });
+            } else {
+                if let Some(bias) = bias {
+                    for row in c.chunks_exact_mut(n) {
+                        for (v, &bv) in row.iter_mut().zip(bias) {
+                            *v += bv;
+                        }
+                    }
+                }
+                if let Some(f) = epi {
+                    f(0, c);
+                }
+            }
+        }
+        return;
+    }
     let finish = |r0: usize, cb: &mut [T]| {
         if let Some(bias) = bias {
             for row in cb.chunks_exact_mut(n) {
@@ -1130,6 +1175,100 @@ mod epilogue_tests {
             let plain = matmul(&a, la, &b, lb, 1, m, k, n);
             let plain: Vec<f64> = plain.iter().map(|&v| v as f64).collect();
             assert_close(&c2, &plain, 1e-5, &format!("plain {m}x{k}x{n}"));
+        }
+    }
+
+    /// The small-n outer-product kernel (`matmul/small_n.rs`), forced on
+    /// and off, against f64 loops: A stored transposed (a weight
+    /// gradient's `h^T`), with offsets and padded strides, rows that are
+    /// and are not multiples of its 32-row block (and fewer than 16),
+    /// every n it takes, long and short reductions, with and without bias
+    /// and epilogue (row blocks starting at multiples of 4, each row once).
+    #[test]
+    fn small_n_kernel_matches_loops() {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (5, 3, 2),
+            (17, 64, 12),
+            (32, 100, 10),
+            (33, 257, 7),
+            (1152, 1024, 10),
+            (256, 4096, 10),
+            (50, 8192, 4),
+            (95, 300, 1),
+            (64, 77, 3),
+            (300, 40, 11),
+        ] {
+            // A: [k, m] rows of pitch m + 3 after an offset of 2, read as
+            // [m, k]; B: [k, n] rows of pitch n + 1 after an offset of 5.
+            let (pa, pb) = (m + 3, n + 1);
+            let a: Vec<f32> = rand_vec(2 + k * pa, (m * 31 + k) as u64);
+            let b: Vec<f32> = rand_vec(5 + k * pb, (k * 7 + n) as u64);
+            let la = MatLayout {
+                offset: 2,
+                row_stride: 1,
+                col_stride: pa,
+                batch_stride: 0,
+            };
+            let lb = MatLayout {
+                offset: 5,
+                row_stride: pb,
+                col_stride: 1,
+                batch_stride: 0,
+            };
+            let bias: Vec<f32> = rand_vec(n, 9);
+            let prod: Vec<f64> = (0..m * n)
+                .map(|i| {
+                    let (r, j) = (i / n, i % n);
+                    (0..k)
+                        .map(|kk| a[2 + kk * pa + r] as f64 * b[5 + kk * pb + j] as f64)
+                        .sum()
+                })
+                .collect();
+            // f32 accumulation over k terms: error within a few
+            // sqrt(k) * eps * sum |a*b| (the usual random-rounding bound).
+            let bound: Vec<f64> = (0..m * n)
+                .map(|i| {
+                    let (r, j) = (i / n, i % n);
+                    let s: f64 = (0..k)
+                        .map(|kk| (a[2 + kk * pa + r] as f64 * b[5 + kk * pb + j] as f64).abs())
+                        .sum();
+                    4.0 * (k as f64).sqrt() * f32::EPSILON as f64 * s + 1e-7
+                })
+                .collect();
+            let check = |c: &[f32], want: &[f64], what: &str| {
+                for (i, (&g, &w)) in c.iter().zip(want).enumerate() {
+                    let err = (g as f64 - w).abs();
+                    assert!(err <= bound[i], "{what}: index {i}: got {g}, want {w}");
+                }
+            };
+            for force in [Some(true), Some(false), None] {
+                let what = format!("{m}x{k}x{n} force={force:?}");
+                force_small_n(force);
+                let mut c = vec![f32::NAN; m * n];
+                matmul_epilogue(&mut c, &a, la, &b, lb, m, k, n, None, None);
+                check(&c, &prod, &format!("small_n plain {what}"));
+                let seen = Mutex::new(vec![0usize; m]);
+                let epi = |r0: usize, rows: &mut [f32]| {
+                    assert_eq!(r0 % 4, 0, "row block start {r0}");
+                    for s in &mut seen.lock()[r0..r0 + rows.len() / n] {
+                        *s += 1;
+                    }
+                    for v in rows {
+                        *v = v.max(0.0);
+                    }
+                };
+                let want: Vec<f64> = prod
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (v + bias[i % n] as f64).max(0.0))
+                    .collect();
+                let mut c = vec![f32::NAN; m * n];
+                matmul_epilogue(&mut c, &a, la, &b, lb, m, k, n, Some(&bias), Some(&epi));
+                check(&c, &want, &format!("small_n bias+relu {what}"));
+                assert!(seen.lock().iter().all(|&s| s == 1), "{what}: rows");
+            }
+            force_small_n(None);
         }
     }
 
