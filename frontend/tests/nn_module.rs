@@ -786,3 +786,44 @@ fn losses_values_and_grads() {
     assert_eq!(x.grad().unwrap().to_vec_f32(), [0.5, -0.5]);
     assert_eq!(MSELoss::default().repr(), "MSELoss()");
 }
+
+/// mse_loss's one-pass path (contiguous f32 operands of one shape) equals
+/// the composite path (taken for a transposed view) in value and in both
+/// gradients, for mean and sum, with and without a target that needs grad.
+#[test]
+fn mse_loss_one_pass_equals_composite() {
+    use kiln_frontend::nn::functional::{mse_loss, Reduction};
+    let base = Tensor::randn(&[37, 53], DType::F32);
+    let tgt = Tensor::randn(&[37, 53], DType::F32);
+    for red in [Reduction::Mean, Reduction::Sum] {
+        for target_grad in [false, true] {
+            let run = |x: &Tensor, t: &Tensor| {
+                let x = x.detach().requires_grad_(true).unwrap();
+                let t = t.detach().requires_grad_(target_grad).unwrap();
+                let l = mse_loss(&x, &t, red).unwrap();
+                l.backward().unwrap();
+                let gt = t.grad().map(|g| g.to_vec_f32());
+                (l.item().unwrap(), x.grad().unwrap().to_vec_f32(), gt)
+            };
+            // Contiguous: one pass. Transposed twice: same values, strided.
+            let (l1, gx1, gt1) = run(&base, &tgt);
+            let xs = base.t().unwrap().contiguous().unwrap().t().unwrap();
+            let ts = tgt.t().unwrap().contiguous().unwrap().t().unwrap();
+            assert!(!xs.is_contiguous());
+            let (l2, gx2, gt2) = run(&xs, &ts);
+            assert!((l1 - l2).abs() <= 1e-5 * l2.abs(), "{red:?}: {l1} vs {l2}");
+            for (a, b) in gx1.iter().zip(&gx2) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                    "{red:?}: {a} vs {b}"
+                );
+            }
+            assert_eq!(gt1.is_some(), target_grad);
+            if let (Some(a), Some(b)) = (gt1, gt2) {
+                for (a, b) in a.iter().zip(&b) {
+                    assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()));
+                }
+            }
+        }
+    }
+}

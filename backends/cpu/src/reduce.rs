@@ -575,3 +575,90 @@ mod outer_inner_tests {
         }
     }
 }
+
+/// `sum((a - b)^2)` in one pass (the MSE loss's forward): f32 lanes summed
+/// in blocks of 1024 elements, blocks added in f64; parts over the static
+/// pool. `a` and `b` have the same length.
+pub fn sq_diff_sum(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "sq_diff_sum: lengths");
+    const BLOCK: usize = 1024;
+    let n = a.len();
+    let parts = crate::par::parts(n, crate::PAR_THRESHOLD / 2);
+    let sums = parking_lot::Mutex::new(0.0f64);
+    crate::par::for_each_part(n, parts, BLOCK, |r| {
+        let s = crate::simd::dispatch!(sq_diff_sum_body(&a[r.clone()], &b[r.clone()], BLOCK));
+        *sums.lock() += s;
+    });
+    sums.into_inner()
+}
+
+/// Blocks of `block` elements: 16 f32 partial sums each, then into f64.
+#[inline(always)]
+fn sq_diff_sum_body(a: &[f32], b: &[f32], block: usize) -> f64 {
+    let mut total = 0.0f64;
+    for (ab, bb) in a.chunks(block).zip(b.chunks(block)) {
+        let mut lanes = [0.0f32; 16];
+        let (ac, bc) = (ab.chunks_exact(16), bb.chunks_exact(16));
+        let (ar, br) = (ac.remainder(), bc.remainder());
+        for (x, y) in ac.zip(bc) {
+            for i in 0..16 {
+                let d = x[i] - y[i];
+                lanes[i] += d * d;
+            }
+        }
+        for (x, y) in ar.iter().zip(br) {
+            let d = x - y;
+            lanes[0] += d * d;
+        }
+        total += lanes.iter().map(|&v| v as f64).sum::<f64>();
+    }
+    total
+}
+
+/// `out = (a - b) * s` in one pass (the MSE loss's backward with a scalar
+/// output gradient folded into `s`), over the static pool.
+pub fn scaled_diff_into(a: &[f32], b: &[f32], s: f32, out: &mut [f32]) {
+    assert!(
+        a.len() == b.len() && a.len() == out.len(),
+        "scaled_diff_into: lengths"
+    );
+    crate::par::chunks_mut(out, crate::PAR_THRESHOLD / 2, 16, |start, o| {
+        let (a, b) = (&a[start..start + o.len()], &b[start..start + o.len()]);
+        crate::simd::dispatch!({
+            for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
+                *o = (x - y) * s;
+            }
+        })
+    });
+}
+
+#[cfg(test)]
+mod mse_tests {
+    /// Against f64 loops, lengths around the block and lane sizes.
+    #[test]
+    fn sq_diff_sum_and_scaled_diff_match_f64() {
+        for n in [0usize, 1, 15, 16, 17, 1023, 1024, 1025, 70001, 300_000] {
+            let a: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+                .collect();
+            let b: Vec<f32> = (0..n)
+                .map(|i| ((i * 11 % 53) as f32 - 26.0) / 9.0)
+                .collect();
+            let want: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(&x, &y)| ((x - y) as f64).powi(2))
+                .sum();
+            let got = super::sq_diff_sum(&a, &b);
+            assert!(
+                (got - want).abs() <= 1e-6 * (1.0 + want),
+                "n={n}: {got} vs {want}"
+            );
+            let mut o = vec![f32::NAN; n];
+            super::scaled_diff_into(&a, &b, 0.25, &mut o);
+            for i in 0..n {
+                assert_eq!(o[i], (a[i] - b[i]) * 0.25, "n={n} i={i}");
+            }
+        }
+    }
+}

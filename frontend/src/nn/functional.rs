@@ -78,11 +78,41 @@ fn check_float(op: &str, input: &Tensor, target: &Tensor) -> Result<()> {
 /// (`MseLossBackward0`). Shapes broadcast, as PyTorch (which warns).
 pub fn mse_loss(input: &Tensor, target: &Tensor, reduction: Reduction) -> Result<Tensor> {
     check_float("mse_loss", input, target)?;
-    let out = no_grad(|| -> Result<Tensor> {
-        let d = input.sub(target)?;
-        reduce(&d.mul(&d)?, reduction)
-    })
-    .map_err(|e| Error::op("mse_loss", e.to_string()))?;
+    // One pass for contiguous f32 operands of one shape with a reduction
+    // (PyTorch's fused mse_loss kernel); the composite ops otherwise, and
+    // while tracing (so the graph records them). The composite took five
+    // passes over memory forward and four backward: 10 ms of
+    // pointwise_chain's 28 ms compiled training step at 4096x1024.
+    let fused = reduction != Reduction::None
+        && !crate::trace::is_tracing()
+        && input.shape() == target.shape();
+    let fast = if fused {
+        Tensor::with_f32_slices(&[input, target], |s| {
+            kiln_cpu::reduce::sq_diff_sum(s[0], s[1])
+        })
+        .ok()
+    } else {
+        None
+    };
+    let out = match fast {
+        Some(sum) => {
+            let v = if reduction == Reduction::Mean {
+                sum / input.numel().max(1) as f64
+            } else {
+                sum
+            };
+            Tensor::scalar(if input.numel() == 0 && reduction == Reduction::Mean {
+                f32::NAN
+            } else {
+                v as f32
+            })
+        }
+        None => no_grad(|| -> Result<Tensor> {
+            let d = input.sub(target)?;
+            reduce(&d.mul(&d)?, reduction)
+        })
+        .map_err(|e| Error::op("mse_loss", e.to_string()))?,
+    };
     let (a, b) = (input.detach(), target.detach());
     let (sa, sb) = (input.shape(), target.shape());
     record(
@@ -93,6 +123,29 @@ pub fn mse_loss(input: &Tensor, target: &Tensor, reduction: Reduction) -> Result
             let Some(g) = &g[0] else {
                 return Ok(vec![None, None]);
             };
+            if reduction != Reduction::None
+                && sa == sb
+                && g.numel() == 1
+                && !needs[1]
+                && g.dtype() == kiln_ir::DType::F32
+                && a.dtype() == kiln_ir::DType::F32
+            {
+                // One pass: (a - b) * (norm * g).
+                let norm = if reduction == Reduction::Mean {
+                    2.0 / a.numel().max(1) as f64
+                } else {
+                    2.0
+                };
+                let gv = g.to_vec_f32().first().copied().unwrap_or(0.0) as f64;
+                let n = a.numel();
+                let mut gi = kiln_cpu::buffers::alloc_uninit::<f32>(n);
+                let done = Tensor::with_f32_slices(&[&a, &b], |s| {
+                    kiln_cpu::reduce::scaled_diff_into(s[0], s[1], (norm * gv) as f32, &mut gi)
+                });
+                if done.is_ok() {
+                    return Ok(vec![Some(Tensor::from_vec(gi, &sa)?), None]);
+                }
+            }
             let diff = a.sub(&b)?;
             // PyTorch: (input - target) * (2 / numel for mean, 2 for sum/none) * grad
             let norm = if reduction == Reduction::Mean {
