@@ -301,8 +301,12 @@ const COLS_PER_BLOCK: usize = 320;
 const PIXEL_MAJOR_MIN_COUT: usize = 48;
 /// Largest im2col buffer (elements) per block.
 const MAX_COLS_ELEMS: usize = 1 << 22;
-/// Total multiply-adds below which a conv runs on one thread.
-const PAR_MACS: usize = 1 << 18;
+/// Total multiply-adds below which a conv runs on one thread. 2^16, not
+/// 2^18: complex_net's batch-8 3->16 conv (221K MACs) on two threads took
+/// the compiled forward from 0.030-0.034 to 0.024-0.026 ms (kiln bench,
+/// old and new binary alternating, 2 threads); seed_cnn and test_net
+/// within noise.
+const PAR_MACS: usize = 1 << 16;
 
 /// Valid output range `[lo, hi)` along one axis for kernel tap `k`: the
 /// outputs `o` whose input `o*s + k*d - p` lies in `[0, len)`.
