@@ -3,39 +3,11 @@
 //! GFLOP/s (of the direct convolution's multiply-adds). Run with
 //! `cargo run --release -p kiln-cpu --example bench_conv_bwd [-- reps]`.
 
+mod common;
+use common::{data, time};
 use kiln_cpu::conv::{
     conv2d_backward_input, conv2d_backward_weight, force_wgrad_direct, Conv2dParams,
 };
-use std::hint::black_box;
-use std::time::Instant;
-
-fn data(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-/// Median seconds of `reps` runs after `reps / 4 + 2` warm-up runs.
-fn time<R>(reps: usize, mut f: impl FnMut() -> R) -> f64 {
-    for _ in 0..reps / 4 + 2 {
-        black_box(f());
-    }
-    let mut ts: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            black_box(f());
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    ts.sort_by(|a, b| a.total_cmp(b));
-    ts[ts.len() / 2]
-}
 
 fn main() {
     let reps: usize = std::env::args()

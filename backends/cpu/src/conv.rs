@@ -2076,6 +2076,32 @@ mod tests {
         check_conv_t::<f32>(2e-4);
     }
 
+    /// Random x, w, bias (seeds `seed`, `seed + 1`, `seed + 2`) of a conv
+    /// case, its output elements per image, and the f64 reference after the
+    /// test epilogue `y * 2 + n` (n = the image).
+    #[allow(clippy::type_complexity)]
+    fn epilogue_case(
+        xs: [usize; 4],
+        ws: [usize; 4],
+        prm: &Conv2dParams,
+        seed: u64,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f64>, usize) {
+        let x: Vec<f32> = rand_vec(xs.iter().product(), seed);
+        let w: Vec<f32> = rand_vec(ws.iter().product(), seed + 1);
+        let b: Vec<f32> = rand_vec(ws[0], seed + 2);
+        let (ho, wo) = conv2d_output_size((xs[2], xs[3]), (ws[2], ws[3]), prm);
+        let per = ws[0] * ho * wo;
+        let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let wd: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+        let bd: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+        let want: Vec<f64> = naive_conv(&xd, xs, &wd, ws, Some(&bd), prm)
+            .chunks(per)
+            .enumerate()
+            .flat_map(|(n, img)| img.iter().map(move |v| v * 2.0 + n as f64))
+            .collect();
+        (x, w, b, want, per)
+    }
+
     /// `conv2d_into` (direct kernel forced on and off, with an epilogue)
     /// against `conv2d` plus the same epilogue, which runs once per image.
     #[test]
@@ -2100,19 +2126,7 @@ mod tests {
             ),
         ];
         for (ci, &(xs, ws, prm)) in cases.iter().enumerate() {
-            let x: Vec<f32> = rand_vec(xs.iter().product(), 11 + ci as u64);
-            let w: Vec<f32> = rand_vec(ws.iter().product(), 12 + ci as u64);
-            let b: Vec<f32> = rand_vec(ws[0], 13);
-            let (ho, wo) = conv2d_output_size((xs[2], xs[3]), (ws[2], ws[3]), &prm);
-            let per = ws[0] * ho * wo;
-            let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-            let wd: Vec<f64> = w.iter().map(|&v| v as f64).collect();
-            let bd: Vec<f64> = b.iter().map(|&v| v as f64).collect();
-            let want: Vec<f64> = naive_conv(&xd, xs, &wd, ws, Some(&bd), &prm)
-                .chunks(per)
-                .enumerate()
-                .flat_map(|(n, img)| img.iter().map(move |v| v * 2.0 + n as f64))
-                .collect();
+            let (x, w, b, want, per) = epilogue_case(xs, ws, &prm, 11 + ci as u64);
             let calls = parking_lot::Mutex::new(vec![0usize; xs[0]]);
             let epi = |n: usize, y: &mut [f32]| {
                 assert_eq!(y.len(), per);
@@ -2184,19 +2198,7 @@ mod tests {
         let mut worst = 0.0f64;
         for (ci, &(xs, ws, pad)) in cases.iter().enumerate() {
             let prm = p((1, 1), (pad, pad), (1, 1), 1);
-            let x: Vec<f32> = rand_vec(xs.iter().product(), 21 + ci as u64);
-            let w: Vec<f32> = rand_vec(ws.iter().product(), 22 + ci as u64);
-            let b: Vec<f32> = rand_vec(ws[0], 23);
-            let (ho, wo) = conv2d_output_size((xs[2], xs[3]), (ws[2], ws[3]), &prm);
-            let per = ws[0] * ho * wo;
-            let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-            let wd: Vec<f64> = w.iter().map(|&v| v as f64).collect();
-            let bd: Vec<f64> = b.iter().map(|&v| v as f64).collect();
-            let want: Vec<f64> = naive_conv(&xd, xs, &wd, ws, Some(&bd), &prm)
-                .chunks(per)
-                .enumerate()
-                .flat_map(|(n, img)| img.iter().map(move |v| v * 2.0 + n as f64))
-                .collect();
+            let (x, w, b, want, per) = epilogue_case(xs, ws, &prm, 21 + ci as u64);
             let calls = parking_lot::Mutex::new(vec![0usize; xs[0]]);
             let epi = |n: usize, y: &mut [f32]| {
                 assert_eq!(y.len(), per);

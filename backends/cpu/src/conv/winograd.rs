@@ -47,15 +47,9 @@ pub(super) fn applies(g: &Geom) -> bool {
         && avx512()
 }
 
+/// AVX-512F (with FMA, as every AVX-512 CPU has), detected once.
 fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::simd::level() >= 3
 }
 
 /// Tile counts of one image.
