@@ -30,7 +30,60 @@ fn per_channel<U: Send>(c: usize, work: usize, f: impl Fn(usize) -> U + Sync + S
     }
 }
 
-/// Sum over every `(n, s)` of channel `ch` of `f(x, g)` (g = x if no g).
+/// Lanes of the per-channel sums: element `i` of each `S`-plane goes to
+/// accumulator `i % LANES`, planes in batch order, and the lanes are added
+/// in a fixed tree at the end. Every per-channel sum (`channel_sum`,
+/// `channel_moments`) uses this order, so the forward statistics and the
+/// backward's sums agree bit for bit however they are computed. One f64
+/// chain per sum (the previous order) was latency-bound: BatchNorm's
+/// statistics took 11% of seed_cnn's compiled training step.
+const LANES: usize = 8;
+
+/// Adds `f(x[i], g[i])` of one plane segment into the lane accumulators.
+#[inline(always)]
+fn lane_add<T: Float>(
+    xs: &[T],
+    gs: Option<&[T]>,
+    acc: &mut [f64; LANES],
+    f: &impl Fn(f64, f64) -> f64,
+) {
+    match gs {
+        Some(gs) => {
+            let (xc, gc) = (xs.chunks_exact(LANES), gs.chunks_exact(LANES));
+            let (xr, gr) = (xc.remainder(), gc.remainder());
+            for (xv, gv) in xc.zip(gc) {
+                for l in 0..LANES {
+                    acc[l] += f(xv[l].as_f64(), gv[l].as_f64());
+                }
+            }
+            for (l, (&x, &g)) in xr.iter().zip(gr).enumerate() {
+                acc[l] += f(x.as_f64(), g.as_f64());
+            }
+        }
+        None => {
+            let xc = xs.chunks_exact(LANES);
+            let xr = xc.remainder();
+            for xv in xc {
+                for l in 0..LANES {
+                    acc[l] += f(xv[l].as_f64(), 0.0);
+                }
+            }
+            for (l, &x) in xr.iter().enumerate() {
+                acc[l] += f(x.as_f64(), 0.0);
+            }
+        }
+    }
+}
+
+/// The lanes' total, in a fixed tree.
+#[inline(always)]
+fn lane_total(a: &[f64; LANES]) -> f64 {
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+}
+
+/// Sum over batch and plane of `f(x, g)` for channel `ch` of `[N, C, S]`
+/// tensors, in f64, in the lane order of `LANES`.
+#[inline(always)]
 fn channel_sum<T: Float>(
     x: &[T],
     g: Option<&[T]>,
@@ -39,24 +92,14 @@ fn channel_sum<T: Float>(
     f: impl Fn(f64, f64) -> f64,
 ) -> f64 {
     let [n, c, s] = shape;
-    let mut acc = 0.0f64;
-    for b in 0..n {
-        let off = (b * c + ch) * s;
-        let xs = &x[off..off + s];
-        match g {
-            Some(g) => {
-                for (&xv, &gv) in xs.iter().zip(&g[off..off + s]) {
-                    acc += f(xv.as_f64(), gv.as_f64());
-                }
-            }
-            None => {
-                for &xv in xs {
-                    acc += f(xv.as_f64(), 0.0);
-                }
-            }
+    crate::simd::dispatch!({
+        let mut acc = [0.0f64; LANES];
+        for b in 0..n {
+            let off = (b * c + ch) * s;
+            lane_add(&x[off..off + s], g.map(|g| &g[off..off + s]), &mut acc, &f);
         }
-    }
-    acc
+        lane_total(&acc)
+    })
 }
 
 /// `out[n, c, s] = f(c, x[n, c, s], g[n, c, s])` with per-channel
@@ -1028,17 +1071,35 @@ fn channel_moments<T: Float>(x: &[T], g: &[T], shape: [usize; 3], ch: usize) -> 
     let mean = channel_sum(x, None, shape, ch, |v, _| v) / count;
     // The backward centres on the mean rounded to T (`BatchNormStats`).
     let mt = T::from_f64(mean).as_f64();
-    let (mut ss, mut sg, mut sgx) = (0.0f64, 0.0f64, 0.0f64);
-    for b in 0..n {
-        let off = (b * c + ch) * s;
-        for (&xv, &gv) in x[off..off + s].iter().zip(&g[off..off + s]) {
-            let (v, gv) = (xv.as_f64(), gv.as_f64());
-            ss += (v - mean) * (v - mean);
-            sg += gv;
-            sgx += gv * (v - mt);
+    // Three sums in one read, each in `channel_sum`'s lane order.
+    crate::simd::dispatch!({
+        let (mut ss, mut sg, mut sgx) = ([0.0f64; LANES], [0.0f64; LANES], [0.0f64; LANES]);
+        for b in 0..n {
+            let off = (b * c + ch) * s;
+            let (xs, gs) = (&x[off..off + s], &g[off..off + s]);
+            let (xc, gc) = (xs.chunks_exact(LANES), gs.chunks_exact(LANES));
+            let (xr, gr) = (xc.remainder(), gc.remainder());
+            let mut one = |l: usize, v: f64, gv: f64| {
+                ss[l] += (v - mean) * (v - mean);
+                sg[l] += gv;
+                sgx[l] += gv * (v - mt);
+            };
+            for (xv, gv) in xc.zip(gc) {
+                for l in 0..LANES {
+                    one(l, xv[l].as_f64(), gv[l].as_f64());
+                }
+            }
+            for (l, (&v, &gv)) in xr.iter().zip(gr).enumerate() {
+                one(l, v.as_f64(), gv.as_f64());
+            }
         }
-    }
-    [mean, ss / count, sg, sgx]
+        [
+            mean,
+            lane_total(&ss) / count,
+            lane_total(&sg),
+            lane_total(&sgx),
+        ]
+    })
 }
 
 /// `channel_moments` of every channel of x and g `[N, C]` (S = 1), row by
