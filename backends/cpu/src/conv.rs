@@ -793,6 +793,75 @@ fn for_blocks<T: Float, U: Send>(
     }
 }
 
+/// One part of a forward kernel's work: images `n0..n0 + nimg`, output
+/// channel blocks `b0..b1` into `y` (`[nimg][channels of those blocks]
+/// [ho*wo]`), calling `done(i, y_i)` for each image `i` it finishes.
+type ForwardPart<'a> = dyn Fn(usize, usize, usize, usize, &mut [f32], &mut Scratch<f32>, &mut dyn FnMut(usize, &mut [f32]))
+    + Sync
+    + 'a;
+
+/// The thread split shared by the direct and Winograd forward kernels
+/// (`blocks` blocks of `block` output channels): with fewer images than
+/// threads each image's blocks are split too and `epi` runs once an
+/// image's parts are joined (n=1 64->64 3x3 on 112x112: one thread per
+/// image left the second core idle); else contiguous runs of images, one
+/// per thread of the static pool; below `PAR_MACS` on this thread.
+fn forward_parts(
+    g: &Geom,
+    y: &mut [f32],
+    blocks: usize,
+    block: usize,
+    epi: Option<ImageEpilogue<'_, f32>>,
+    part: &ForwardPart<'_>,
+) {
+    let per_image = g.cout * g.howo();
+    let threads = rayon::current_num_threads();
+    let parallel = threads > 1 && g.macs_per_image() * g.n >= PAR_MACS;
+    if parallel && g.n < threads && blocks > 1 {
+        // One image at a time, its blocks over the static pool (the same
+        // threads at every call, so their scratch stays allocated: rayon's
+        // pieces could land on a thread without one).
+        let parts = threads.min(blocks);
+        let bpp = blocks.div_ceil(parts);
+        let unit = bpp * block * g.howo();
+        for (n, yi) in y.chunks_mut(per_image).enumerate() {
+            crate::par::chunks_mut_in(yi, yi.len().div_ceil(unit), unit, |start, ys| {
+                let mut s = Cached::<f32>::take();
+                let b0 = start / unit * bpp;
+                part(n, 1, b0, (b0 + bpp).min(blocks), ys, s.s(), &mut |_, _| {});
+            });
+            if let Some(f) = epi {
+                f(n, yi);
+            }
+        }
+        return;
+    }
+    let run = |n0: usize, yp: &mut [f32]| {
+        let mut s = Cached::<f32>::take();
+        part(
+            n0,
+            yp.len() / per_image,
+            0,
+            blocks,
+            yp,
+            s.s(),
+            &mut |i, yi| {
+                if let Some(f) = epi {
+                    f(n0 + i, yi)
+                }
+            },
+        );
+    };
+    if parallel && g.n > 1 {
+        let parts = g.n.min(crate::par::threads());
+        crate::par::chunks_mut_in(y, parts, per_image, |start, piece| {
+            run(start / per_image, piece)
+        });
+    } else {
+        run(0, y);
+    }
+}
+
 /// An epilogue called on each finished image's output: `epi(n, y_n)`.
 pub type ImageEpilogue<'a, T> = &'a (dyn Fn(usize, &mut [T]) + Sync);
 

@@ -19,8 +19,7 @@
 //! Measured against the im2col + gemm path with the bench_ops example on
 //! the 2-core AVX-512 box (see `use_direct` for the rule it gave).
 
-use super::{Cached, Geom, Scratch};
-use rayon::prelude::*;
+use super::{Geom, Scratch};
 
 /// Output channels per register block.
 const CO: usize = 8;
@@ -139,50 +138,22 @@ pub(super) fn forward(
     let pd = pad_geom(g);
     let isa = isa().expect("checked by applies");
     let xlen = g.c * g.hw();
-    let image = |n: usize, yi: &mut [f32], s: &mut Scratch<f32>| {
-        image_forward(&x[n * xlen..][..xlen], &wp, bias, g, &pd, isa, 0, yi, s);
-        if let Some(f) = epi {
-            f(n, yi);
+    let howo = g.howo();
+    let part = |n0: usize,
+                nimg: usize,
+                b0: usize,
+                b1: usize,
+                yp: &mut [f32],
+                s: &mut Scratch<f32>,
+                done: &mut dyn FnMut(usize, &mut [f32])| {
+        let per = ((b1 * CO).min(g.cout) - b0 * CO) * howo;
+        for (i, yi) in yp.chunks_mut(per).take(nimg).enumerate() {
+            let xi = &x[(n0 + i) * xlen..][..xlen];
+            image_forward(xi, &wp, bias, g, &pd, isa, b0, yi, s);
+            done(i, yi);
         }
     };
-    let threads = rayon::current_num_threads();
-    let parallel = threads > 1 && g.macs_per_image() * g.n >= super::PAR_MACS;
-    let blocks = g.cout.div_ceil(CO);
-    if parallel && g.n < threads && blocks > 1 {
-        // Fewer images than threads: each image's channel blocks are also
-        // split (each part pads its own copy of the image); the epilogue
-        // runs once the image's parts are joined. n=1 64->64 3x3 on
-        // 112x112 (bench_ops --zoo-conv): one thread per image left the
-        // second core idle.
-        let parts = (threads / g.n).clamp(1, blocks);
-        let bpp = blocks.div_ceil(parts);
-        let howo = g.howo();
-        y.par_chunks_mut(per_image).enumerate().for_each(|(n, yi)| {
-            yi.par_chunks_mut(bpp * CO * howo)
-                .enumerate()
-                .for_each_init(Cached::take, |s, (pi, ys)| {
-                    let xi = &x[n * xlen..][..xlen];
-                    image_forward(xi, &wp, bias, g, &pd, isa, pi * bpp, ys, s.s());
-                });
-            if let Some(f) = epi {
-                f(n, yi);
-            }
-        });
-    } else if parallel && g.n > 1 {
-        // Contiguous runs of images, one per thread (the static pool).
-        let parts = g.n.min(crate::par::threads());
-        crate::par::chunks_mut_in(y, parts, per_image, |start, piece| {
-            let mut s = Cached::<f32>::take();
-            for (i, yi) in piece.chunks_mut(per_image).enumerate() {
-                image(start / per_image + i, yi, s.s());
-            }
-        });
-    } else {
-        let mut s = Cached::<f32>::take();
-        for (n, yi) in y.chunks_mut(per_image).enumerate() {
-            image(n, yi, s.s());
-        }
-    }
+    super::forward_parts(g, y, g.cout.div_ceil(CO), CO, epi, &part);
 }
 
 /// One image (or the channel blocks from `b0` on that `y` covers): pad,

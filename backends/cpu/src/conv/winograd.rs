@@ -23,8 +23,7 @@
 //! by `applies` and measured in `conv::use_winograd`.
 
 use super::direct::micro;
-use super::{Cached, Geom, ImageEpilogue, Scratch};
-use rayon::prelude::*;
+use super::{Geom, ImageEpilogue, Scratch};
 
 /// Output channels per weight block (the direct kernel's register block).
 const CO: usize = 8;
@@ -129,61 +128,21 @@ pub(super) fn forward(
     });
     let u = &ue[..];
     let xlen = g.c * g.hw();
-    let threads = rayon::current_num_threads();
-    let parallel = threads > 1 && g.macs_per_image() * g.n >= super::PAR_MACS;
-    let run =
-        |n0: usize, nimg: usize, b0: usize, b1: usize, yp: &mut [f32], s: &mut Scratch<f32>| {
-            let xs = &x[n0 * xlen..][..nimg * xlen];
-            // SAFETY: applies() checked AVX-512; the slices are sized above.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                part(xs, nimg, u, bias, g, tl, (b0, b1), yp, s, &mut |i, yi| {
-                    if let Some(f) = epi {
-                        f(n0 + i, yi)
-                    }
-                });
-            }
-        };
-    if parallel && g.n < threads && tl.nblk > 1 {
-        // Fewer images than threads: each image's channel blocks are split
-        // too (each part transforms the image's input itself).
-        let parts = (threads / g.n).clamp(1, tl.nblk);
-        let bpp = tl.nblk.div_ceil(parts);
-        let howo = g.howo();
-        y.par_chunks_mut(per_image).enumerate().for_each(|(n, yi)| {
-            yi.par_chunks_mut(bpp * CO * howo)
-                .enumerate()
-                .for_each_init(Cached::take, |s, (pi, ys)| {
-                    let b0 = pi * bpp;
-                    let b1 = (b0 + bpp).min(tl.nblk);
-                    let xs = &x[n * xlen..][..xlen];
-                    // SAFETY: as above.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        part(xs, 1, u, bias, g, tl, (b0, b1), ys, s.s(), &mut |_, _| {});
-                    }
-                });
-            if let Some(f) = epi {
-                f(n, yi);
-            }
-        });
-    } else if parallel && g.n > 1 {
-        let parts = g.n.min(crate::par::threads());
-        crate::par::chunks_mut_in(y, parts, per_image, |start, piece| {
-            let mut s = Cached::<f32>::take();
-            run(
-                start / per_image,
-                piece.len() / per_image,
-                0,
-                tl.nblk,
-                piece,
-                s.s(),
-            );
-        });
-    } else {
-        let mut s = Cached::<f32>::take();
-        run(0, g.n, 0, tl.nblk, y, s.s());
-    }
+    let part = |n0: usize,
+                nimg: usize,
+                b0: usize,
+                b1: usize,
+                yp: &mut [f32],
+                s: &mut Scratch<f32>,
+                done: &mut dyn FnMut(usize, &mut [f32])| {
+        let xs = &x[n0 * xlen..][..nimg * xlen];
+        // SAFETY: applies() checked AVX-512; the slices are sized above.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            part(xs, nimg, u, bias, g, tl, (b0, b1), yp, s, done);
+        }
+    };
+    super::forward_parts(g, y, tl.nblk, CO, epi, &part);
 }
 
 /// Images `0..nimg` of `x` and output channel blocks `b0..b1` into `y`
