@@ -78,6 +78,9 @@ fn check_float(op: &str, input: &Tensor, target: &Tensor) -> Result<()> {
 /// (`MseLossBackward0`). Shapes broadcast, as PyTorch (which warns).
 pub fn mse_loss(input: &Tensor, target: &Tensor, reduction: Reduction) -> Result<Tensor> {
     check_float("mse_loss", input, target)?;
+    // Device tensors are refused by name, as by every eager op (the one-pass
+    // path below reads host memory).
+    crate::device::check_cpu("mse_loss", &[input, target])?;
     // One pass for contiguous f32 operands of one shape with a reduction
     // (PyTorch's fused mse_loss kernel); the composite ops otherwise, and
     // while tracing (so the graph records them). The composite took five
