@@ -126,6 +126,15 @@ pub fn mse_loss(input: &Tensor, target: &Tensor, reduction: Reduction) -> Result
             let Some(g) = &g[0] else {
                 return Ok(vec![None, None]);
             };
+            // PyTorch: (input - target) * (2 / numel for mean, 2 for
+            // sum/none) * grad, numel of the broadcast difference.
+            let norm = |numel: usize| {
+                if reduction == Reduction::Mean {
+                    2.0 / numel.max(1) as f64
+                } else {
+                    2.0
+                }
+            };
             if reduction != Reduction::None
                 && sa == sb
                 && g.numel() == 1
@@ -134,34 +143,23 @@ pub fn mse_loss(input: &Tensor, target: &Tensor, reduction: Reduction) -> Result
                 && a.dtype() == kiln_ir::DType::F32
             {
                 // One pass: (a - b) * (norm * g).
-                let norm = if reduction == Reduction::Mean {
-                    2.0 / a.numel().max(1) as f64
-                } else {
-                    2.0
-                };
                 let gv = g.to_vec_f32().first().copied().unwrap_or(0.0) as f64;
                 let n = a.numel();
                 let mut gi = kiln_cpu::buffers::alloc_uninit::<f32>(n);
                 let done = Tensor::with_f32_slices(&[&a, &b], |s| {
-                    kiln_cpu::reduce::scaled_diff_into(s[0], s[1], (norm * gv) as f32, &mut gi)
+                    kiln_cpu::reduce::scaled_diff_into(s[0], s[1], (norm(n) * gv) as f32, &mut gi)
                 });
                 if done.is_ok() {
                     return Ok(vec![Some(Tensor::from_vec(gi, &sa)?), None]);
                 }
             }
             let diff = a.sub(&b)?;
-            // PyTorch: (input - target) * (2 / numel for mean, 2 for sum/none) * grad
-            let norm = if reduction == Reduction::Mean {
-                2.0 / diff.numel().max(1) as f64
-            } else {
-                2.0
-            };
             let gg = if reduction == Reduction::None {
                 g.clone()
             } else {
                 g.expand_to(&diff.shape())?
             };
-            let gi = diff.mul_scalar(norm)?.mul(&gg)?;
+            let gi = diff.mul_scalar(norm(diff.numel()))?.mul(&gg)?;
             Ok(vec![
                 if needs[0] {
                     Some(gi.sum_to_size(&sa)?)
