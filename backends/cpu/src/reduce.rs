@@ -584,12 +584,16 @@ pub fn sq_diff_sum(a: &[f32], b: &[f32]) -> f64 {
     const BLOCK: usize = 1024;
     let n = a.len();
     let parts = crate::par::parts(n, crate::PAR_THRESHOLD / 2);
-    let sums = parking_lot::Mutex::new(0.0f64);
+    // Part sums added in part order, not in the order the threads finish,
+    // so the loss is the same at every call.
+    let sums = parking_lot::Mutex::new(Vec::with_capacity(parts));
     crate::par::for_each_part(n, parts, BLOCK, |r| {
         let s = crate::simd::dispatch!(sq_diff_sum_body(&a[r.clone()], &b[r.clone()], BLOCK));
-        *sums.lock() += s;
+        sums.lock().push((r.start, s));
     });
-    sums.into_inner()
+    let mut sums = sums.into_inner();
+    sums.sort_by_key(|&(start, _)| start);
+    sums.iter().map(|&(_, s)| s).sum()
 }
 
 /// Blocks of `block` elements: 16 f32 partial sums each, then into f64.
